@@ -1,0 +1,417 @@
+"""The typed config tree.
+
+Every knob lives in a dataclass below with a docstring-style comment. A YAML file and
+`key=value` overrides on the command line only *override* these defaults; unknown keys
+fail with the closest valid key. Derived values are computed in `Config.validate`, the one
+place that checks cross-field constraints. The resolved config is written to the run
+directory as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from longrl.errors import UserError
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the built-in tiny Qwen2-architecture model (used when `model.path` is empty)."""
+
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 2
+    """Number of decoder layers."""
+    num_heads: int = 4
+    """Attention (query) heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention when fewer than `num_heads`)."""
+    intermediate_size: int = 384
+    """Width of the MLP."""
+    max_position_embeddings: int = 1024
+    """Longest sequence the rotary embedding is configured for."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Local Hugging Face model directory. Empty: build the tiny default from `model.tiny`."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the tiny default model."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    device: str = "auto"
+    """'auto' (cuda when available, else cpu), 'cpu' or 'cuda'."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "addition"
+    """Task: a built-in family ('addition', 'sort'), 'rg:<name>' for a reasoning-gym task,
+    or 'jsonl' for `task.train_file`/`task.eval_file`."""
+    train_file: str = ""
+    """JSONL of {"prompt": ..., "answer": ...} per line (with task.name=jsonl)."""
+    eval_file: str = ""
+    """JSONL for held-out evaluation (with task.name=jsonl); empty: split off the train file."""
+    n_train: int = 4000
+    """Number of generated training examples (generated tasks)."""
+    n_eval: int = 200
+    """Number of held-out examples used for accuracy."""
+    seed: int = 1234
+    """Seed of the task generator; the eval split uses a disjoint seed."""
+    kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments for the task generator (e.g. reasoning-gym config)."""
+
+
+@dataclass
+class RewardConfig:
+    correctness: str = "auto"
+    """Answer check: 'auto' (the task's own verifier), 'exact', 'normalized', 'math', 'mcq'."""
+    correctness_weight: float = 1.0
+    """Weight of the correctness reward."""
+    format_weight: float = 0.1
+    """Weight of the format reward (<think>...</think><answer>...</answer>)."""
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 600
+    """Optimizer steps of chain-of-thought SFT before RL (0 skips SFT)."""
+    batch_size: int = 32
+    """Demonstrations per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 30
+    """Linear LR warm-up steps."""
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"
+    """Generation engine: 'hf' (built-in, KV cache) or 'vllm' (GPU extra, not built yet)."""
+    max_new_tokens: int = 48
+    """Longest response in tokens; longer ones are truncated (and counted)."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    partial: bool = False
+    """APRIL partial rollouts: over-provision, stop at the target, park the unfinished."""
+    over_provision: float = 2.0
+    """APRIL: launch this many times the target number of groups (with rollout.partial)."""
+    max_staleness: int = 4
+    """APRIL: drop parked samples older than this many policy versions."""
+    offpolicy: str = "recompute"
+    """APRIL off-policy handling: 'recompute', 'mask' or 'tis'."""
+    tis_clip: float = 2.0
+    """Truncated importance-sampling cap (rollout.offpolicy=tis)."""
+
+
+@dataclass
+class RLConfig:
+    steps: int = 100
+    """GRPO steps (each: rollout, reward, advantages, PPO epochs, weight sync)."""
+    prompts_per_step: int = 16
+    """Prompts (groups) per step."""
+    group_size: int = 8
+    """Samples per prompt (G)."""
+    advantage: str = "grpo"
+    """'grpo' (mean/std within group), 'drgrpo' (no std division) or 'rloo'."""
+    loss: str = "ppo"
+    """Policy loss: 'ppo' (token-level clipped ratio) or 'gspo' (sequence-level ratio)."""
+    clip_low: float = 0.2
+    """Lower clip: ratio >= 1 - clip_low."""
+    clip_high: float = 0.28
+    """Upper clip: ratio <= 1 + clip_high (DAPO clip-higher)."""
+    loss_agg: str = "token-mean"
+    """'token-mean', 'seq-mean-token-mean' or 'seq-mean-token-sum'."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the frozen reference (0 = off, no reference model)."""
+    kl_estimator: str = "k3"
+    """KL estimator: 'k1', 'k2' or 'k3'."""
+    ppo_epochs: int = 1
+    """Passes over each step's rollouts."""
+    micro_batch_size: int = 64
+    """Sequences per forward/backward; gradients accumulate to one optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 5
+    """Linear LR warm-up steps."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal and refill."""
+    max_refill_rounds: int = 3
+    """Dynamic sampling: extra rollout rounds before training on what there is."""
+    overlong: str = "none"
+    """Overlong handling: 'none', 'filter' (mask truncated) or 'soft' (DAPO soft punishment)."""
+    overlong_buffer: int = 8
+    """Soft punishment ramps over the last this-many tokens before max_new_tokens."""
+    eval_every: int = 25
+    """Held-out accuracy every this many RL steps (0 = only at the end)."""
+
+
+@dataclass
+class TrainConfig:
+    backprop: str = "streambp"
+    """'standard' (full logits), 'checkpoint' (activation checkpointing) or 'streambp'
+    (chunked log-probs; no [B, T, V] logits)."""
+    stream_chunk: int = 256
+    """Sequence chunk for chunked log-probs (StreamBP)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = off)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed for model init, sampling and data order."""
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 48
+    """Generation budget for evaluation (greedy)."""
+    batch_size: int = 100
+    """Prompts per generation batch."""
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    """Run directory name under run.out_dir (empty: a timestamp)."""
+    out_dir: str = "runs"
+    """Parent directory of run directories."""
+    save_every: int = 50
+    """Checkpoint every this many RL steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Keep only the newest this-many checkpoints."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    resume: str = ""
+    """Run directory to continue from its last checkpoint (model, optimizer, RNG, data, step)."""
+
+    def validate(self) -> "Config":
+        """Check choices and cross-field constraints; raise UserError naming the key."""
+        _choice("model.dtype", self.model.dtype, ["float32", "bfloat16", "float16"])
+        _choice("rl.advantage", self.rl.advantage, ["grpo", "drgrpo", "rloo"])
+        _choice("rl.loss", self.rl.loss, ["ppo", "gspo"])
+        _choice("rl.loss_agg", self.rl.loss_agg, ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+        _choice("rl.kl_estimator", self.rl.kl_estimator, ["k1", "k2", "k3"])
+        _choice("rl.overlong", self.rl.overlong, ["none", "filter", "soft"])
+        _choice("rollout.offpolicy", self.rollout.offpolicy, ["recompute", "mask", "tis"])
+        _choice("rollout.backend", self.rollout.backend, ["hf", "vllm"])
+        _choice("train.backprop", self.train.backprop, ["standard", "checkpoint", "streambp"])
+        _choice("reward.correctness", self.reward.correctness, ["auto", "exact", "normalized", "math", "mcq"])
+        for key, value in [
+            ("rl.group_size", self.rl.group_size),
+            ("rl.prompts_per_step", self.rl.prompts_per_step),
+            ("rl.micro_batch_size", self.rl.micro_batch_size),
+            ("rl.ppo_epochs", self.rl.ppo_epochs),
+            ("rollout.max_new_tokens", self.rollout.max_new_tokens),
+            ("train.stream_chunk", self.train.stream_chunk),
+            ("task.n_eval", self.task.n_eval),
+            ("eval.batch_size", self.eval.batch_size),
+            ("sft.batch_size", self.sft.batch_size),
+        ]:
+            if value < 1:
+                raise UserError(f"{key}={value} must be at least 1")
+        if self.rl.group_size < 2 and self.rl.steps > 0:
+            raise UserError(f"rl.group_size={self.rl.group_size}: group-relative advantages need at least 2 samples per prompt")
+        if self.rollout.over_provision < 1.0:
+            raise UserError(f"rollout.over_provision={self.rollout.over_provision} must be >= 1.0")
+        if not 0.0 < self.rollout.top_p <= 1.0:
+            raise UserError(f"rollout.top_p={self.rollout.top_p} must be in (0, 1]")
+        if self.rollout.temperature < 0:
+            raise UserError(f"rollout.temperature={self.rollout.temperature} must be >= 0")
+        if self.rollout.backend == "vllm":
+            raise UserError("rollout.backend=vllm is not built yet; use rollout.backend=hf")
+        if self.task.name == "jsonl" and not self.task.train_file:
+            raise UserError("task.name=jsonl needs task.train_file=PATH (a JSONL of {\"prompt\", \"answer\"} lines)")
+        return self
+
+
+def _choice(key: str, value: str, options: list[str]) -> None:
+    if value not in options:
+        near = difflib.get_close_matches(str(value), options, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise UserError(f"{key}={value!r} is not one of {options}{hint}")
+
+
+# ----------------------------------------------------------------------------------------
+# Plumbing: YAML + key=value overrides onto the dataclass tree.
+# ----------------------------------------------------------------------------------------
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], key + "."))
+    return keys
+
+
+def _unknown_key(key: str) -> UserError:
+    near = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else "; `longrl train --help` lists the keys"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise UserError."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typ is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        return value
+    else:
+        return value
+    name = getattr(typ, "__name__", str(typ))
+    raise UserError(f"config key '{key}' expects {name}, got {value!r}")
+
+
+def _apply(obj: Any, key: str, value: Any, prefix: str = "") -> None:
+    """Set dotted `key` on the dataclass tree `obj`."""
+    head, _, rest = key.partition(".")
+    full = f"{prefix}{head}"
+    hints = typing.get_type_hints(type(obj))
+    if head not in hints or head not in {f.name for f in dataclasses.fields(obj)}:
+        raise _unknown_key(prefix + key)
+    typ = hints[head]
+    if rest:
+        if not dataclasses.is_dataclass(typ):
+            if typ is dict or typing.get_origin(typ) is dict:
+                getattr(obj, head)[rest] = value
+                return
+            raise _unknown_key(prefix + key)
+        _apply(getattr(obj, head), rest, value, full + ".")
+    elif dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{full}' is a section; give its fields (e.g. {full}.<field>=...)")
+        for k, v in value.items():
+            _apply(getattr(obj, head), str(k), v, full + ".")
+    else:
+        setattr(obj, head, _coerce(full, value, typ))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides, then validate."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file '{path}' not found; pass an existing YAML file to --config")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file '{path}' is not valid YAML: {e}".splitlines()[0])
+        if not isinstance(data, dict):
+            raise UserError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}")
+        for k, v in data.items():
+            _apply(cfg, str(k), v)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not key=value (e.g. rl.group_size=8)")
+        k, _, v = item.partition("=")
+        _apply(cfg, k.strip(), _parse_value(v.strip()))
+    return cfg.validate()
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    for k, v in data.items():
+        _apply(cfg, k, v)
+    return cfg.validate()
+
+
+def describe_keys() -> str:
+    """Every key with its default and doc line, for --help."""
+    lines = []
+
+    def walk(cls, obj, prefix):
+        hints = typing.get_type_hints(cls)
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            val = getattr(obj, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], val, f"{prefix}{f.name}.")
+            else:
+                doc = docs.get(f.name, "")
+                lines.append(f"  {prefix}{f.name}={val!r}  {doc}")
+
+    walk(Config, Config(), "")
+    return "\n".join(lines)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Read the string literal after each field (the attribute docstring) from source."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs, last = {}, None
+    for node in tree.body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            last = node.target.id
+        elif last and isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant):
+            docs[last] = " ".join(str(node.value.value).split())
+            last = None
+    return docs
