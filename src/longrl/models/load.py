@@ -1,0 +1,60 @@
+"""Load a policy (model + tokenizer) from a local Hugging Face directory or build the tiny default.
+
+No code path here downloads anything: `local_files_only=True` everywhere, and a missing
+directory is a `UserError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from longrl.config import ModelConfig
+from longrl.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_policy(cfg: ModelConfig, device: torch.device):
+    """Return (model, tokenizer). The model is in train mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not cfg.path:
+        from longrl.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(cfg.tiny, tokenizer)
+    else:
+        path = Path(cfg.path)
+        if not path.is_dir():
+            raise UserError(f"model.path '{cfg.path}' is not a directory; give a local Hugging Face model directory (config.json + weights), or leave model.path empty for the tiny default")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.path '{cfg.path}' has no config.json; it must be a Hugging Face model directory saved with save_pretrained")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[cfg.dtype])
+        except (OSError, ValueError) as e:
+            raise UserError(f"could not load model.path '{cfg.path}': {str(e).splitlines()[0]}")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+    model = model.to(device=device, dtype=DTYPES[cfg.dtype])
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """Wrap a raw prompt in the tokenizer's chat template when it has one (real instruct
+    checkpoints); the tiny tokenizer has none and gets the raw prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+def save_policy(model, tokenizer, out_dir: Path) -> None:
+    """Hugging Face format: safetensors weights + config + tokenizer files."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,39 @@
+"""Next-token sampling: temperature, top-p, and the behaviour log-prob of the chosen token.
+
+Shapes: B = batch rows, V = vocabulary.
+
+The behaviour log-prob is taken under `logits / temperature` (the distribution the token was
+drawn from, before top-p truncation), and the trainer computes its log-probs with the same
+temperature, so the two agree exactly when the weights agree. With temperature 0 (greedy)
+the log-prob is under the plain logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (tokens [B], logprobs [B])."""
+    logits = logits.float()
+    if temperature == 0.0:
+        logp = torch.log_softmax(logits, dim=-1)  # [B, V]
+        tokens = logits.argmax(dim=-1)  # [B]
+        return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, V]
+    probs = logp.exp()
+    if top_p < 1.0:
+        probs = _top_p_filter(probs, top_p)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the tail outside the smallest set of tokens whose mass reaches top_p."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # [B, V]
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    sorted_p = torch.where(mass_before < top_p, sorted_p, torch.zeros_like(sorted_p))
+    out = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return out / out.sum(-1, keepdim=True)

@@ -1,0 +1,195 @@
+"""Chunked log-probs and exact backprop through the LM head (StreamBP, arXiv 2506.03077, §3.1).
+
+Shapes: B = sequences, T = sequence length, D = hidden size, V = vocabulary,
+N = positions that need a log-prob (response tokens), C = chunk of N.
+
+Full `[B, T, V]` logits dominate memory for long sequences (V ~ 150k for Qwen). Here the
+body runs once; its final hidden states are *detached*, and log-probs are computed for only
+the positions that need them, C at a time, so at most `[C, V]` logits exist at once:
+
+  1. no grad: logp[n] = log_softmax(h[n] @ W.T / temperature)[target[n]], chunk by chunk;
+  2. the loss is any function of the per-token log-probs `[B, T]` (SFT, PPO, GSPO, DPO...):
+     evaluate it on a leaf copy and take g = dL/dlogp `[B, T]` (cheap: no vocabulary);
+  3. per chunk, recompute logp with grad and back-propagate sum(logp * g): this accumulates
+     W.grad and dL/dh for the chunk;
+  4. one backward through the body with dL/dh.
+
+The gradient is exact (the chain rule through logp, split along N). Departures from the
+paper: the head is evaluated twice (once without grad) instead of storing chunk logits,
+trading one extra `[C, V]` matmul per chunk for not keeping any logits; and only positions
+with a non-zero loss mask are evaluated, so prompt and padding tokens cost nothing.
+The sequence-chunked backward *through the decoder layers* lives in `streambp/layers.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+LossFn = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, dict]"]
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded sequences for teacher-forced passes.
+
+    `targets[b, t]` is the token that position t predicts (input_ids[b, t+1]); `mask[b, t]`
+    is 1.0 where that target is a trained token (a response token), else 0.0. Trailing
+    padding needs no attention mask under causal attention: real tokens never see it.
+    """
+
+    input_ids: torch.Tensor  # [B, T]
+    targets: torch.Tensor  # [B, T]
+    mask: torch.Tensor  # [B, T] float
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(self.input_ids.to(device), self.targets.to(device), self.mask.to(device))
+
+    def __getitem__(self, rows) -> "TokenBatch":
+        ids, tg, m = self.input_ids[rows], self.targets[rows], self.mask[rows]
+        # Trim columns that are padding in every selected row.
+        width = int(m.nonzero()[:, 1].max()) + 2 if m.any() else 1
+        width = min(width, ids.shape[1])
+        return TokenBatch(ids[:, :width], tg[:, :width], m[:, :width])
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> TokenBatch:
+    """Concatenate prompt + response per row, right-pad; mask the response targets."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    B, T = len(seqs), max(len(s) for s in seqs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T))
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        mask[i, len(p) - 1 : len(s) - 1] = 1.0  # positions predicting response tokens
+    targets = torch.full_like(input_ids, pad_id)
+    targets[:, :-1] = input_ids[:, 1:]
+    return TokenBatch(input_ids, targets, mask)
+
+
+def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Body forward (after the final norm): [B, T] -> [B, T, D]."""
+    T = input_ids.shape[1]
+    positions = torch.arange(T, device=input_ids.device)[None].expand_as(input_ids)
+    return model.base_model(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are softmaxed in float32; float32/float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def _chunk_logprobs(h, weight, bias, targets, temperature):
+    """h [C, D], targets [C] -> logp [C]; the only place [C, V] logits exist."""
+    logits = _upcast(torch.nn.functional.linear(h, weight, bias))  # [C, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _chunk_entropy(h, weight, bias, temperature):
+    logits = _upcast(torch.nn.functional.linear(h, weight, bias))  # [C, V]
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)  # [C]
+
+
+@torch.no_grad()
+def chunked_logprobs(hidden, weight, bias, targets, mask, chunk: int, temperature: float = 1.0,
+                     with_entropy: bool = False):
+    """Log-probs at masked positions, zeros elsewhere: -> [B, T] (and entropy [B, T])."""
+    B, T, D = hidden.shape
+    flat_h = hidden.reshape(B * T, D)
+    sel = mask.reshape(-1).nonzero().squeeze(-1)  # [N]
+    flat_t = targets.reshape(-1)
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.zeros(B * T, device=hidden.device, dtype=dtype)
+    ent = torch.zeros(B * T, device=hidden.device, dtype=dtype) if with_entropy else None
+    for s in range(0, sel.numel(), chunk):
+        idx = sel[s : s + chunk]  # [C]
+        out[idx] = _chunk_logprobs(flat_h[idx], weight, bias, flat_t[idx], temperature)
+        if with_entropy:
+            ent[idx] = _chunk_entropy(flat_h[idx], weight, bias, temperature)
+    out = out.reshape(B, T)
+    return (out, ent.reshape(B, T)) if with_entropy else out
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch: TokenBatch, chunk: int, temperature: float = 1.0) -> torch.Tensor:
+    """Teacher-forced log-probs of the masked targets (no grad): -> [B, T], 0 where unmasked."""
+    hidden = final_hidden(model, batch.input_ids)  # [B, T, D]
+    weight, bias = _head(model)
+    return chunked_logprobs(hidden, weight, bias, batch.targets, batch.mask, chunk, temperature)
+
+
+def backward_chunked_head(hidden, weight, bias, targets, mask, loss_fn: LossFn, chunk: int,
+                          temperature: float = 1.0):
+    """Steps 1-3 of the module docstring. Accumulates W.grad (and bias.grad) and returns
+    (loss, metrics, dL/dhidden [B, T, D], logprobs [B, T])."""
+    B, T, D = hidden.shape
+    logp = chunked_logprobs(hidden.detach(), weight, bias, targets, mask, chunk, temperature)
+    leaf = logp.clone().requires_grad_(True)  # [B, T]
+    out = loss_fn(leaf)
+    loss, metrics = out if isinstance(out, tuple) else (out, {})
+    (g,) = torch.autograd.grad(loss, leaf)  # [B, T]
+    flat_h = hidden.detach().reshape(B * T, D)
+    flat_t, flat_g = targets.reshape(-1), g.reshape(-1)
+    sel = (mask.reshape(-1) != 0).nonzero().squeeze(-1)  # [N]
+    grad_h = torch.zeros_like(flat_h)  # [B*T, D]
+    for s in range(0, sel.numel(), chunk):
+        idx = sel[s : s + chunk]
+        h_c = flat_h[idx].requires_grad_(True)  # [C, D]
+        lp = _chunk_logprobs(h_c, weight, bias, flat_t[idx], temperature)  # [C]
+        lp.backward((flat_g[idx]).to(lp.dtype))
+        grad_h[idx] = h_c.grad
+    return loss.detach(), metrics, grad_h.reshape(B, T, D), logp
+
+
+def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = "streambp",
+                      chunk: int = 256, temperature: float = 1.0):
+    """Forward, loss and backward for one micro-batch; gradients accumulate in `.grad`.
+
+    mode: 'standard' builds full [B, T, V] logits (reference / comparison only);
+    'checkpoint' recomputes layer activations (HF gradient checkpointing) and uses the
+    chunked head; 'streambp' uses the chunked head, and the sequence-chunked layer backward
+    when `streambp.layers` supports the model. Returns (loss, metrics, logprobs [B, T]).
+    """
+    weight, bias = _head(model)
+    if mode == "standard":
+        logits = _upcast(model(input_ids=batch.input_ids, use_cache=False).logits)  # [B, T, V]
+        logp = torch.log_softmax(logits / temperature, -1).gather(-1, batch.targets[..., None]).squeeze(-1)
+        logp = torch.where(batch.mask != 0, logp, torch.zeros_like(logp))
+        out = loss_fn(logp)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        loss.backward()
+        return loss.detach(), metrics, logp.detach()
+    if mode == "streambp":
+        layered = _layered_backward()
+        if layered is not None and layered.supports(model):
+            return layered.loss_and_backward(model, batch, loss_fn, chunk=chunk, temperature=temperature)
+    if mode == "checkpoint" and not model.is_gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hidden = final_hidden(model, batch.input_ids)  # [B, T, D]
+    loss, metrics, grad_h, logp = backward_chunked_head(
+        hidden, weight, bias, batch.targets, batch.mask, loss_fn, chunk, temperature
+    )
+    hidden.backward(grad_h)
+    return loss, metrics, logp
+
+
+def _layered_backward():
+    """The sequence-chunked layer backward, when built (streambp/layers.py)."""
+    try:
+        from longrl.streambp import layers
+    except ImportError:
+        return None
+    return layers if hasattr(layers, "loss_and_backward") and hasattr(layers, "supports") else None
