@@ -1,0 +1,92 @@
+"""Decoding: round trips through three containers, seeking, and every kind of bad file."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from longrl.errors import UserError
+from longrl.media import decode
+from longrl.media.decode import decode_frames, probe
+from longrl.media.encode import write_video
+
+
+def gray_frames(n: int, size: int = 32) -> list[np.ndarray]:
+    """Frame i is uniform grey level 4*i + 8, so a decoded frame names its own index."""
+    return [np.full((size, size, 3), 4 * i + 8, np.uint8) for i in range(n)]
+
+
+def frame_index(rgb: np.ndarray) -> int:
+    return int(round((rgb.mean() - 8) / 4))
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".webm", ".mkv"])
+def test_probe_and_decode_round_trip(tmp_path, ext):
+    path = write_video(tmp_path / f"v{ext}", gray_frames(20), fps=4)
+    info = probe(path)
+    assert info.n_frames == 20
+    assert info.fps == pytest.approx(4.0)
+    assert info.duration_s == pytest.approx(5.0)  # 20 frames of 0.25 s
+    np.testing.assert_allclose(info.frame_times, np.arange(20) * 0.25, atol=1e-3)
+    assert (info.width, info.height) == (32, 32)
+    out = decode_frames(info, np.array([0, 7, 19]))
+    assert out.shape == (3, 32, 32, 3) and out.dtype == np.uint8
+    assert [frame_index(f) for f in out] == [0, 7, 19]
+
+
+def test_seek_gives_the_same_frames_as_decoding_forward(tmp_path, monkeypatch):
+    path = write_video(tmp_path / "long.mp4", gray_frames(60), fps=2, gop=6)  # 30 s, keyframe every 3 s
+    monkeypatch.setattr(decode, "SEEK_GAP_S", 2.0)  # seek on every jump below
+    info = probe(path)
+    idx = np.array([1, 2, 13, 30, 31, 47, 59])
+    seeked = decode_frames(info, idx, seek=True)
+    forward = decode_frames(info, idx, seek=False)
+    np.testing.assert_array_equal(seeked, forward)
+    assert [frame_index(f) for f in seeked] == idx.tolist()
+
+
+def test_bad_indices_are_a_programming_error(tmp_path):
+    info = probe(write_video(tmp_path / "v.mkv", gray_frames(4), fps=2))
+    for idx in ([], [2, 1], [0, 4], [1, 1]):
+        with pytest.raises(ValueError):
+            decode_frames(info, np.array(idx, dtype=np.int64))
+
+
+def test_missing_file_names_the_file(tmp_path):
+    with pytest.raises(UserError, match="not found: .*nope.mp4"):
+        probe(tmp_path / "nope.mp4")
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a video at all" * 50])
+def test_garbage_file_is_a_user_error(tmp_path, content):
+    path = tmp_path / "bad.mp4"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="bad.mp4"):
+        probe(path)
+
+
+def test_truncated_mp4_is_a_user_error(tmp_path):
+    path = write_video(tmp_path / "cut.mp4", gray_frames(40), fps=4)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # mp4 keeps its index at the end: now missing
+    with pytest.raises(UserError, match="cut.mp4"):
+        probe(path)
+
+
+def test_audio_only_file_has_no_video_stream(tmp_path):
+    av = pytest.importorskip("av")
+    path = tmp_path / "sound.mkv"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    with pytest.raises(UserError, match="no video stream in .*sound.mkv"):
+        probe(path)
+
+
+def test_missing_pyav_explains_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "av", None)  # makes `import av` raise ImportError
+    with pytest.raises(UserError, match=r"longrl\[video\]"):
+        probe(tmp_path / "x.mp4")
