@@ -51,6 +51,7 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: int, crf: i
             if not started:
                 raise ValueError(f"no frames to write to {path}")
             out.mux(stream.encode(None))  # flush the encoder
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; a video is an ordinary output
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

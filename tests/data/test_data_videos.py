@@ -1,0 +1,153 @@
+"""Synthetic long-video QA: files, format, determinism, atomicity, and that answers are true."""
+
+import json
+
+import numpy as np
+import pytest
+
+from longrl.data import videos
+from longrl.data.jsonl import load_jsonl_examples
+from longrl.errors import UserError
+from longrl.media.decode import decode_frames, probe
+
+ARGS = ["--n", "8", "--seed", "3", "--min-seconds", "6", "--max-seconds", "40", "--eval-frac", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "vids"
+    assert videos.main(["--out", str(out), *ARGS]) == 0
+    return out
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_layout_and_record_format(generated):
+    train, evals = read(generated / "train.jsonl"), read(generated / "eval.jsonl")
+    assert len(train) == 6 and len(evals) == 2
+    assert sorted(p.name for p in generated.iterdir()) == ["eval.jsonl", "summary.json", "train.jsonl", "videos"]
+    for r in train + evals:
+        assert r["answer"] in "ABCD"
+        assert r["solution"].startswith("<think>") and r["solution"].endswith(f"<answer>{r['answer']}</answer>")
+        for letter, option in zip("ABCD", r["options"]):
+            assert f"\n{letter}. {option}\n" in r["prompt"]
+        info = probe(generated / r["media"][0])
+        assert info.duration_s == pytest.approx(r["duration_s"], abs=1e-3)
+        assert 6 <= r["duration_s"] <= 40 + 1
+        assert (info.width, info.height) == (64, 64)
+    assert [r["kind"] for r in train + evals] == list(videos.KINDS) * 2
+    # the repository's JSONL loader reads it, resolving media next to the file
+    examples = load_jsonl_examples(generated / "train.jsonl")
+    assert examples[0].meta["kind"] == "temporal" and examples[0].media[0].endswith("vid-000000.mp4")
+
+
+def test_same_seed_same_data_and_items_do_not_depend_on_n(generated, tmp_path):
+    again = tmp_path / "again"
+    videos.main(["--out", str(again), *ARGS])
+    assert (again / "train.jsonl").read_text() == (generated / "train.jsonl").read_text()
+    a, b = probe(generated / "videos/vid-000003.mp4"), probe(again / "videos/vid-000003.mp4")
+    idx = np.arange(a.n_frames)
+    np.testing.assert_array_equal(decode_frames(a, idx), decode_frames(b, idx))
+    # item i depends only on (seed, i): a shorter run is a prefix
+    short = tmp_path / "short"
+    videos.main(["--out", str(short), "--n", "3", "--eval-frac", "0", *ARGS[2:8]])
+    assert read(short / "train.jsonl") == read(generated / "train.jsonl")[:3]
+    other = tmp_path / "other"
+    videos.main(["--out", str(other), "--n", "3", "--eval-frac", "0", "--seed", "4", *ARGS[4:8]])
+    assert read(other / "train.jsonl") != read(short / "train.jsonl")
+
+
+# ---- the answer is what the video shows -------------------------------------------------
+
+
+def colour_mask(frames, colour):
+    """[F, H, W] True where a pixel is close to `colour` (after lossy compression)."""
+    ref = np.array(videos.COLOURS.get(colour, (255, 255, 255)), dtype=float)
+    return np.linalg.norm(frames.astype(float) - ref, axis=-1) < 70
+
+
+def runs(present):
+    """Number of separate stretches of True in a 1-D bool array."""
+    present = np.asarray(present, dtype=int)
+    return int(np.sum(np.diff(np.concatenate([[0], present])) == 1))
+
+
+def all_frames(path):
+    info = probe(path)
+    return decode_frames(info, np.arange(info.n_frames))  # [F, 64, 64, 3]
+
+
+def check_answer(r, frames):
+    """Assert that record `r`'s answer is what `frames` [F, 64, 64, 3] show."""
+    answer = r["options"]["ABCD".index(r["answer"])]
+    if r["kind"] == "temporal":
+        firsts = {o: np.argmax(colour_mask(frames, o.split()[0]).sum((1, 2)) > 20) for o in r["options"]}
+        order = sorted(r["options"], key=firsts.get)
+        assert answer == (order[-1] if "last" in r["prompt"] else order[0])
+    elif r["kind"] == "counting":
+        colour = r["prompt"].split("did the ")[1].split()[0]
+        assert runs(colour_mask(frames, colour).sum((1, 2)) > 20) == int(answer)
+    elif r["kind"] == "spatial":
+        ys, xs = np.nonzero(colour_mask(frames, "red").sum(0))
+        cx, cy = xs.mean(), ys.mean()
+        side = {"left": cx < 24, "right": cx > 40, "top": cy < 24, "bottom": cy > 40}
+        assert [k for k, v in side.items() if v] == [answer]
+    else:  # goal: the dot ends closest to the answer's box
+        ys, xs = np.nonzero(np.linalg.norm(frames[-1].astype(float) - 255, axis=-1) < 60)
+        dot = np.array([xs.mean(), ys.mean()])
+        colours = [o.split()[1] for o in r["options"]]
+        boxes = {}
+        for c in colours:
+            by, bx = np.nonzero(colour_mask(frames[:1], c)[0])
+            boxes[c] = np.array([bx.mean(), by.mean()])
+        nearest = min(colours, key=lambda c: np.linalg.norm(boxes[c] - dot))
+        assert answer == f"the {nearest} box"
+
+
+def test_answers_match_the_decoded_video(generated):
+    for r in read(generated / "train.jsonl") + read(generated / "eval.jsonl"):
+        check_answer(r, all_frames(generated / r["media"][0]))
+
+
+def test_answers_match_the_rendered_scene_over_many_items():
+    for i in range(48):
+        record, sprites, n_frames = videos.make_item(11, i, 6.0, 30.0, 2)
+        check_answer(record, np.stack(list(videos.render(sprites, n_frames))))
+
+
+def test_answer_letters_are_balanced():
+    letters = [videos.make_item(0, i, 6.0, 30.0, 2)[0]["answer"] for i in range(200)]
+    counts = [letters.count(x) for x in "ABCD"]
+    assert min(counts) >= 30, counts  # 50 expected each
+
+
+# ---- bad input and atomicity ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["--n", "0"], ["--min-seconds", "30", "--max-seconds", "10"], ["--kinds", "temporal,plot"], ["--fps", "0"]],
+)
+def test_bad_arguments_are_user_errors_and_write_nothing(tmp_path, bad):
+    with pytest.raises(UserError):
+        videos.main(["--out", str(tmp_path / "o"), *bad])
+    assert not (tmp_path / "o").exists()
+
+
+def test_crash_midway_leaves_no_output(tmp_path, monkeypatch):
+    import longrl.media.encode as encode
+
+    real, calls = encode.write_video, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real(*a, **k)
+
+    monkeypatch.setattr(encode, "write_video", flaky)
+    with pytest.raises(RuntimeError):
+        videos.main(["--out", str(tmp_path / "o"), "--n", "3", "--min-seconds", "6", "--max-seconds", "8"])
+    assert list(tmp_path.iterdir()) == []
