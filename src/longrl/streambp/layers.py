@@ -1,0 +1,326 @@
+"""Sequence-chunked backward through a decoder body (StreamBP, arXiv 2506.03077).
+
+A standard backward keeps every layer's activations for the whole sequence alive at
+once: memory grows as L * T * (many hidden-sized tensors). StreamBP runs the forward
+without a graph, keeping only each layer's input, and then back-propagates layer by
+layer, last to first, one sequence chunk at a time:
+
+    for layer l = L-1 .. 0:                      x = input of layer l        # [B, T, D]
+        K, V = kv(x) with a graph, once           # [B, Hkv, T, d]; leaves Kd, Vd detached
+        for chunk [s, e):
+            y = layer(x[:, s:e]) with queries of the chunk against Kd[:, :, :e], Vd[:, :, :e]
+            backward(y, dL/dy[:, s:e])            # -> dL/dx[:, s:e], Kd.grad, Vd.grad, params
+        backward((K, V), (Kd.grad, Vd.grad))      # -> the K/V share of dL/dx, k/v params
+
+Every token's output of a causal layer depends only on its own input and on K/V of
+earlier tokens, so the chunk graphs together with the K/V graph are exactly the layer's
+graph split into pieces: gradients equal those of full backprop up to float rounding.
+Live memory is the stored layer inputs (L * B * T * D), one layer's K/V graph
+(a few B * T * D tensors) and one chunk's graph (B * c * (D + intermediate) plus
+attention scores B * H * c * T).
+
+Shapes: B batch, T sequence, D hidden, H query heads, Hkv key/value heads, d head dim,
+c chunk length.
+
+Departures from the paper:
+- The paper's implementation also chunks the language-model head; here the head is a
+  callback (`head_backward`) so that `streambp/logprobs.py` owns it.
+- K and V are computed once per layer for the whole sequence and kept with a graph
+  (`[B, Hkv, T, d]` each, small under GQA) rather than recomputed per chunk.
+- The forward pass runs the same chunked layer code without a graph, so no `[T, T]`
+  mask is ever built; each chunk builds a boolean `[B, 1, c, e]` mask.
+- Only Qwen2 / Qwen2.5, Qwen3 and Llama decoder layers are supported (pre-norm, RoPE,
+  GQA, gated MLP). Sliding-window attention and attention dropout raise `UserError`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longrl.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+
+HeadBackward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""`head_backward(final_hidden [B, T, D]) -> (loss, dloss/dfinal_hidden [B, T, D])`.
+
+It receives the final-norm output without a graph, must accumulate the head's own
+parameter gradients itself, and returns the loss (detached) and the gradient w.r.t. its
+input."""
+
+
+@dataclass
+class AttentionInputs:
+    """Per-batch tensors shared by every layer: rotary tables and what a key may see."""
+
+    cos: torch.Tensor  # [B or 1, T, d]
+    sin: torch.Tensor  # [B or 1, T, d]
+    key_keep: torch.Tensor | None  # [B, T] bool; False for padding keys
+    segment: torch.Tensor | None  # [B, T] int; packed-sequence id (keys attend within one id)
+
+
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The decoder stack (`Qwen2Model`, `LlamaModel`, ...) of a causal LM or of itself."""
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and hasattr(inner, "layers") else model
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise `UserError` unless StreamBP reproduces this model's layers exactly."""
+    body = decoder_body(model)
+    config = body.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"train.backprop=streambp supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
+            f"this model is {model_type!r}. Use train.backprop=checkpoint instead."
+        )
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        raise UserError(
+            "train.backprop=streambp does not support sliding-window attention "
+            f"({model_type} with use_sliding_window=True). Use train.backprop=checkpoint."
+        )
+    if getattr(config, "attention_dropout", 0.0) and body.training:
+        raise UserError(
+            f"train.backprop=streambp needs attention_dropout=0 in training mode "
+            f"(got {config.attention_dropout}): recomputed chunks must see the same dropout."
+        )
+
+
+def _rope_fn(layer: nn.Module) -> Callable:
+    """The `apply_rotary_pos_emb` of the module that defines this layer's attention."""
+    return sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
+
+
+def _rotate(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # apply_rotary_pos_emb rotates a (query, key) pair; the two are needed at different
+    # lengths here (chunk queries, full-sequence keys), so each is rotated on its own.
+    return _rope_fn(layer)(x, x, cos, sin)[0]
+
+
+def _heads(proj: nn.Linear, norm: nn.Module | None, x: torch.Tensor, d: int) -> torch.Tensor:
+    """Project `[B, n, D]` to heads `[B, heads, n, d]`, with Qwen3's per-head norm."""
+    h = proj(x).view(*x.shape[:-1], -1, d)  # [B, n, heads, d]
+    if norm is not None:
+        h = norm(h)
+    return h.transpose(1, 2)  # [B, heads, n, d]
+
+
+def layer_kv(layer: nn.Module, n: torch.Tensor, att: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated keys and values of a whole sequence from the normed input:
+    n [B, T, D] -> 2 x [B, Hkv, T, d]."""
+    attn = layer.self_attn
+    k = _heads(attn.k_proj, getattr(attn, "k_norm", None), n, attn.head_dim)  # [B, Hkv, T, d]
+    v = _heads(attn.v_proj, None, n, attn.head_dim)  # [B, Hkv, T, d]
+    return _rotate(layer, k, att.cos, att.sin), v
+
+
+def chunk_mask(att: AttentionInputs, s: int, e: int, batch: int) -> torch.Tensor:
+    """Boolean mask `[B, 1, e-s, e]` for queries s..e-1 against keys 0..e-1 (True = attend).
+
+    Causality is by index, as in Hugging Face's `create_causal_mask`."""
+    device = att.cos.device
+    q_idx = torch.arange(s, e, device=device)  # [c]
+    k_idx = torch.arange(e, device=device)  # [e]
+    mask = (k_idx[None, :] <= q_idx[:, None]).expand(batch, -1, -1)  # [B, c, e]
+    if att.key_keep is not None:
+        mask = mask & att.key_keep[:, None, :e]
+    if att.segment is not None:
+        mask = mask & (att.segment[:, s:e, None] == att.segment[:, None, :e])
+    return mask[:, None]  # [B, 1, c, e]
+
+
+def layer_chunk(
+    layer: nn.Module,
+    x: torch.Tensor,
+    n: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    att: AttentionInputs,
+    s: int,
+) -> torch.Tensor:
+    """One decoder layer for the tokens s..s+c-1 -> [B, c, D].
+
+    x: layer input [B, c, D]; n: `input_layernorm(x)` [B, c, D]; k, v: [B, Hkv, s+c, d].
+    Mirrors `Qwen2DecoderLayer` / `Qwen3DecoderLayer` / `LlamaDecoderLayer.forward`."""
+    attn = layer.self_attn
+    b, c, _ = x.shape
+    e = s + c
+    q = _heads(attn.q_proj, getattr(attn, "q_norm", None), n, attn.head_dim)  # [B, H, c, d]
+    q = _rotate(layer, q, att.cos[:, s:e], att.sin[:, s:e])
+    o = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=chunk_mask(att, s, e, b), scale=attn.scaling, enable_gqa=True
+    )  # [B, H, c, d]
+    h = x + attn.o_proj(o.transpose(1, 2).reshape(b, c, -1))  # [B, c, D]
+    return h + layer.mlp(layer.post_attention_layernorm(h))  # [B, c, D]
+
+
+def _spans(t: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk, t)) for s in range(0, t, chunk)]
+
+
+@torch.no_grad()
+def layer_forward(layer: nn.Module, x: torch.Tensor, att: AttentionInputs, chunk: int) -> torch.Tensor:
+    """Graph-free forward of one layer, chunk by chunk: [B, T, D] -> [B, T, D]."""
+    n = layer.input_layernorm(x)  # [B, T, D]
+    k, v = layer_kv(layer, n, att)  # [B, Hkv, T, d] each
+    out = torch.empty_like(x)  # [B, T, D]
+    for s, e in _spans(x.shape[1], chunk):
+        out[:, s:e] = layer_chunk(layer, x[:, s:e], n[:, s:e], k[:, :, :e], v[:, :, :e], att, s)
+    return out
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+def layer_backward(
+    layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, att: AttentionInputs, chunk: int
+) -> torch.Tensor:
+    """Back-propagate dL/d(output) [B, T, D] through one layer chunk by chunk.
+
+    Accumulates the layer's parameter gradients into `.grad`; returns dL/dx [B, T, D].
+    The input norm, K and V are computed once for the whole sequence with a graph; the
+    chunks' gradients w.r.t. them are gathered in buffers and pushed through those graphs
+    once at the end, so every gradient is summed in the same order as in full backprop
+    (this matters because the RMSNorm upcasts to float32: two separate passes through its
+    backward would round twice)."""
+    x_full = _leaf(x)
+    with torch.enable_grad():
+        n = layer.input_layernorm(x_full)  # [B, T, D]
+        n_kv = _leaf(n)
+        k, v = layer_kv(layer, n_kv, att)  # [B, Hkv, T, d] each
+    grad_x = torch.empty_like(x)  # [B, T, D]  residual share
+    grad_n = torch.empty_like(n)  # [B, T, D]  query share
+    grad_k = torch.zeros_like(k)  # [B, Hkv, T, d]
+    grad_v = torch.zeros_like(v)  # [B, Hkv, T, d]
+    for s, e in _spans(x.shape[1], chunk):
+        x_c, n_c = _leaf(x[:, s:e]), _leaf(n[:, s:e])  # [B, c, D]
+        k_c, v_c = _leaf(k[:, :, :e]), _leaf(v[:, :, :e])  # [B, Hkv, e, d]
+        with torch.enable_grad():
+            y = layer_chunk(layer, x_c, n_c, k_c, v_c, att, s)  # [B, c, D]
+        torch.autograd.backward(y, grad_out[:, s:e])
+        grad_x[:, s:e] = x_c.grad
+        grad_n[:, s:e] = n_c.grad
+        grad_k[:, :, :e] += k_c.grad
+        grad_v[:, :, :e] += v_c.grad
+        del y, x_c, n_c, k_c, v_c
+    torch.autograd.backward((k, v), (grad_k, grad_v))
+    del k, v, grad_k, grad_v
+    torch.autograd.backward(n, grad_n.add_(n_kv.grad))
+    return grad_x.add_(x_full.grad)
+
+
+def attention_inputs(
+    body: nn.Module, h0: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+) -> AttentionInputs:
+    """Rotary tables and key masks, following `Qwen2Model.forward`'s defaults:
+    positions 0..T-1 unless given; packed sequences (positions restarting) are detected
+    only when there is no attention mask, as in `create_causal_mask`."""
+    b, t, _ = h0.shape
+    segment = None
+    if position_ids is None:
+        position_ids = torch.arange(t, device=h0.device)[None]  # [1, T]
+    elif attention_mask is None:
+        pos = position_ids.expand(b, -1)  # [B, T]
+        step = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1)  # [B, T]
+        segment = (step != 1).cumsum(-1)  # [B, T]
+        segment = segment if bool(segment[:, -1].any()) else None
+    cos, sin = body.rotary_emb(h0, position_ids)  # [B or 1, T, d]
+    keep = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        keep = attention_mask.to(device=h0.device, dtype=torch.bool)  # [B, T]
+    return AttentionInputs(cos=cos, sin=sin, key_keep=keep, segment=segment)
+
+
+def streambp_backward(
+    model: nn.Module,
+    head_backward: HeadBackward,
+    *,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward, loss and exact backward of a decoder LM without a full activation stack.
+
+    Give exactly one of `input_ids` [B, T] or `inputs_embeds` [B, T, D]. `head_backward`
+    maps the final hidden states to (loss, their gradient); `streambp/logprobs.py` builds
+    it from a `loss_fn(logprobs [B, T])`. Parameter gradients accumulate into `.grad`
+    (call `zero_grad` yourself). Returns `(loss, grad)` where `grad` is dL/d inputs_embeds
+    [B, T, D] when embeddings were given (e.g. with video features spliced in), else None
+    (the token-embedding gradient has then gone into `embed_tokens.weight.grad`).
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids or inputs_embeds")
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be at least 1")
+    check_supported(model)
+    body = decoder_body(model)
+    layers = list(body.layers)
+
+    # ---- forward without a graph, keeping each layer's input (the only O(L T) memory) ----
+    with torch.no_grad():
+        h = body.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.detach()  # [B, T, D]
+        att = attention_inputs(body, h, attention_mask, position_ids)
+        inputs = []
+        for layer in layers:
+            inputs.append(h)
+            h = layer_forward(layer, h, att, chunk)
+        final = body.norm(h)  # [B, T, D]
+    loss, grad = head_backward(final)  # grad: [B, T, D]
+    del final
+
+    # ---- backward: final norm, then layers last to first, then the embedding ----
+    h_leaf = h.detach().requires_grad_()
+    with torch.enable_grad():
+        torch.autograd.backward(body.norm(h_leaf), grad)
+    grad = h_leaf.grad  # [B, T, D]
+    del h, h_leaf
+    for layer in reversed(layers):
+        grad = layer_backward(layer, inputs.pop(), grad, att, chunk)
+    if inputs_embeds is not None:
+        return loss, grad
+    if body.embed_tokens.weight.requires_grad:
+        with torch.enable_grad():
+            torch.autograd.backward(body.embed_tokens(input_ids), grad)
+    return loss, None
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether `streambp_backward` handles this model (see `check_supported`)."""
+    try:
+        check_supported(model)
+    except UserError:
+        return False
+    return True
+
+
+def loss_and_backward(model: nn.Module, batch, loss_fn, *, chunk: int = 256, temperature: float = 1.0):
+    """`streambp_backward` with the chunked head of `streambp/logprobs.py`.
+
+    `batch` is a `logprobs.TokenBatch` (right-padded, no attention mask needed) and
+    `loss_fn(logprobs [B, T]) -> loss | (loss, metrics)`. Gradients accumulate in
+    `.grad`. Returns (loss, metrics, logprobs [B, T]) like `logprobs.loss_and_backward`.
+    """
+    from longrl.streambp.logprobs import backward_chunked_head  # logprobs imports this module lazily
+
+    head = model.get_output_embeddings()
+    seen = {}
+
+    def head_backward(final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, metrics, grad, logp = backward_chunked_head(
+            final, head.weight, getattr(head, "bias", None), batch.targets, batch.mask, loss_fn, chunk, temperature
+        )
+        seen.update(metrics=metrics, logp=logp)
+        return loss, grad
+
+    loss, _ = streambp_backward(model, head_backward, input_ids=batch.input_ids, chunk=chunk)
+    return loss, seen["metrics"], seen["logp"]
