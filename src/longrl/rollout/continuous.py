@@ -1,0 +1,405 @@
+"""Continuous batching over a Hugging Face causal LM: fixed decoding slots, per-request resume
+and abort, per-token behaviour log-probs and policy versions.
+
+Built for APRIL (Active Partial Rollouts, arXiv 2509.18521), which needs an engine that can
+stop any request at any step and hand back what it has, and later continue it from its token
+ids. Shapes: B = active requests (rows), C = cached key/value columns, P = longest prefill,
+V = vocabulary, H = key/value heads, D = head dim.
+
+How it works
+- `num_slots` requests decode at once. Each `step()` first admits waiting requests into free
+  slots and prefills them (one batched forward), then decodes one token for every active
+  request (one batched forward). A request that finishes frees its slot for the next step.
+- Prefill covers the context minus its last token; the last token is fed by the decode step.
+  So every step feeds exactly one token per row, whether the row is new or old.
+- One key/value cache (a `DynamicCache`) holds every active row, *right-aligned*: row b's
+  tokens occupy the last `cached[b]` columns. Rotary position is applied before keys are
+  cached, so a key's column does not matter, only the mask. We pass our own 4-D additive
+  mask (`[B, 1, q, C]`, never `[T, T]` per head) and explicit position ids, so a row computes
+  exactly what it would alone. Rows are added (left-padding the shorter side) and removed
+  (dropping rows, trimming columns no row needs) only when requests join or leave.
+- Sampling uses one `random.Random` per request, seeded by the request's `seed`: a request's
+  samples do not depend on which other requests share its batch or on the slot count.
+  Tokens are drawn by inverse CDF from one uniform per row.
+
+Behaviour log-prob: the log-prob of the sampled token under `logits / temperature` before
+top-p truncation (plain logits when temperature is 0), the same convention as
+`rollout/sampling.py`, so the trainer recomputes it with the same temperature. With the
+usual temperature 1 it is the policy's own `log_softmax(logits)[token]`.
+
+Policy version: every generated token is tagged with `engine.policy_version` at the step that
+produced it. The engine holds a reference to the policy model; the trainer updates the
+weights in place and bumps the version between calls (never while requests are active: keys
+cached under old weights would silently mix policies).
+
+Departures and limits
+- Not the paged-attention / flattened-batch design of vLLM or transformers'
+  `ContinuousBatchingManager` (5.x): that manager runs a background thread, reports log-probs
+  of the processed (temperature / top-p) scores, and drops a cancelled request's tokens,
+  while APRIL needs synchronous control, aborts that return partial work, and trainer
+  log-probs. A hand-written engine of this size does what is needed.
+- Needs `eager` or `sdpa` attention (we pass a 4-D mask) and no sliding-window layers.
+- Memory is `B * C` per layer with C = the longest active context: rows shorter than the
+  longest waste padded columns (no paging).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from longrl.rollout.sampling import _top_p_filter
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+def mix_seed(*parts: int) -> int:
+    """Fold integers into one 63-bit seed (splitmix64 steps), stable across runs and Pythons."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (p & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x >> 1
+
+
+@dataclass
+class Request:
+    """One generation request."""
+
+    request_id: Hashable
+    prompt_ids: list[int]
+    max_new_tokens: int
+    """New tokens to generate in this request (not counting `resume_ids`)."""
+    resume_ids: list[int] = field(default_factory=list)
+    """Response tokens already generated earlier; the request continues after them."""
+    seed: int | None = None
+    """Seed of this request's sampler; None: drawn from the engine's seed and a counter."""
+
+
+@dataclass
+class Result:
+    """What a request produced in this engine (tokens after `resume_ids` only)."""
+
+    request_id: Hashable
+    token_ids: list[int]
+    logprobs: list[float]
+    """Behaviour log-prob of each token in `token_ids` (see module docstring)."""
+    versions: list[int]
+    """`policy_version` of the engine when each token was sampled."""
+    finish_reason: str
+    """'stop' (EOS, which is the last token), 'length' (max_new_tokens) or 'abort'."""
+
+
+@dataclass
+class _Row:
+    request: Request
+    rng: random.Random
+    next_input: int  # token fed at the next decode step
+    cached: int  # tokens of this row in the key/value cache
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+    def result(self, finish_reason: str) -> Result:
+        return Result(self.request.request_id, self.token_ids, self.logprobs, self.versions, finish_reason)
+
+
+class ContinuousEngine:
+    """Fixed-slot continuous batching. `submit`, then `step` until `has_work` is False."""
+
+    def __init__(
+        self,
+        model,
+        num_slots: int,
+        eos_token_id: int | Iterable[int] | None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        pad_token_id: int = 0,
+    ):
+        attn = getattr(model.config, "_attn_implementation", None) or "eager"
+        if attn not in ("eager", "sdpa"):
+            raise ValueError(f"ContinuousEngine passes a 4-D attention mask; needs eager or sdpa attention, got {attn!r}")
+        if num_slots < 1:
+            raise ValueError(f"num_slots={num_slots} must be at least 1")
+        self.model = model
+        self.num_slots = num_slots
+        if eos_token_id is None:
+            self.eos_ids = frozenset()
+        elif isinstance(eos_token_id, int):
+            self.eos_ids = frozenset([eos_token_id])
+        else:
+            self.eos_ids = frozenset(eos_token_id)
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.pad_token_id = pad_token_id
+        self.policy_version = 0
+        self._n_seeded = 0
+        self._waiting: deque[Request] = deque()
+        self._rows: list[_Row] = []  # row i of the cache <-> self._rows[i]
+        self._cache: DynamicCache | None = None  # None: no cached columns yet
+        # Counters for throughput and slot utilisation; never reset by the engine.
+        self.steps = 0  # decode steps
+        self.busy_slot_steps = 0  # sum over decode steps of active rows
+        self.tokens_generated = 0
+        self.prefill_tokens = 0
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._rows or self._waiting)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, requests: Iterable[Request]) -> None:
+        """Queue requests (first in, first admitted)."""
+        for r in requests:
+            if r.max_new_tokens < 1:
+                raise ValueError(f"request {r.request_id!r}: max_new_tokens={r.max_new_tokens} must be at least 1")
+            if len(r.prompt_ids) + len(r.resume_ids) < 1:
+                raise ValueError(f"request {r.request_id!r}: empty prompt")
+            self._waiting.append(r)
+
+    @torch.no_grad()
+    def step(self) -> list[Result]:
+        """Admit waiting requests into free slots, decode one token per active request.
+
+        Returns the requests that finished at this step.
+        """
+        self._admit()
+        if not self._rows:
+            return []
+        B = len(self._rows)
+        C = self._columns()
+        dev = self.device
+        input_ids = torch.tensor([[r.next_input] for r in self._rows], device=dev)  # [B, 1]
+        cached = torch.tensor([r.cached for r in self._rows], device=dev)  # [B]
+        mask = _decode_mask(cached, C, self.model.dtype)  # [B, 1, 1, C+1]
+        cache = self._cache if self._cache is not None else DynamicCache()
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=cached[:, None],
+            past_key_values=cache, use_cache=True,
+        )
+        self._cache = out.past_key_values
+        logits = out.logits[:, -1].float()  # [B, V]
+        u = torch.tensor([r.rng.random() for r in self._rows], device=dev)  # [B]
+        tokens, logprobs = sample_with_uniforms(logits, u, self.temperature, self.top_p)  # [B], [B]
+        self.steps += 1
+        self.busy_slot_steps += B
+        self.tokens_generated += B
+        finished, keep = [], []
+        for i, (row, tok, lp) in enumerate(zip(self._rows, tokens.tolist(), logprobs.tolist())):
+            row.token_ids.append(tok)
+            row.logprobs.append(lp)
+            row.versions.append(self.policy_version)
+            row.cached += 1
+            row.next_input = tok
+            if tok in self.eos_ids:
+                finished.append(row.result("stop"))
+            elif len(row.token_ids) >= row.request.max_new_tokens:
+                finished.append(row.result("length"))
+            else:
+                keep.append(i)
+        if len(keep) < B:
+            self._keep_rows(keep)
+        return finished
+
+    def abort(self, request_id: Hashable) -> Result | None:
+        """Stop one request; returns what it generated so far (None if unknown or finished)."""
+        for i, row in enumerate(self._rows):
+            if row.request.request_id == request_id:
+                self._keep_rows([j for j in range(len(self._rows)) if j != i])
+                return row.result("abort")
+        for r in self._waiting:
+            if r.request_id == request_id:
+                self._waiting.remove(r)
+                return Result(r.request_id, [], [], [], "abort")
+        return None
+
+    def abort_all(self) -> list[Result]:
+        """Stop every active and waiting request; returns their partial results."""
+        results = [row.result("abort") for row in self._rows]
+        results += [Result(r.request_id, [], [], [], "abort") for r in self._waiting]
+        self._rows, self._cache = [], None
+        self._waiting.clear()
+        return results
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Run `requests` to completion; results in request order."""
+        self.submit(requests)
+        done = {}
+        while self.has_work:
+            for res in self.step():
+                done[res.request_id] = res
+        return [done[r.request_id] for r in requests]
+
+    # ------------------------------------------------------------------ slots and cache
+
+    def _new_row(self, req: Request) -> _Row:
+        seed = req.seed
+        if seed is None:
+            seed = mix_seed(self.seed, self._n_seeded)
+            self._n_seeded += 1
+        context = list(req.prompt_ids) + list(req.resume_ids)
+        return _Row(req, random.Random(seed), next_input=context[-1], cached=len(context) - 1)
+
+    def _admit(self) -> None:
+        new = []
+        while self._waiting and len(self._rows) + len(new) < self.num_slots:
+            new.append(self._new_row(self._waiting.popleft()))
+        if not new:
+            return
+        kv_new = self._prefill(new)
+        kv_old = None if self._cache is None else _cache_tensors(self._cache)
+        self._rows.extend(new)
+        merged = _concat_rows(kv_old, len(self._rows) - len(new), kv_new, len(new))
+        self._cache = None if merged is None else DynamicCache(ddp_cache_data=merged)
+
+    def _prefill(self, rows: list[_Row]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Cache each row's context minus its last token, right-aligned; None if all empty."""
+        contexts = [(list(r.request.prompt_ids) + list(r.request.resume_ids))[:-1] for r in rows]
+        lens = [len(c) for c in contexts]
+        P = max(lens)
+        if P == 0:
+            return None
+        dev = self.device
+        ids = torch.full((len(rows), P), self.pad_token_id, dtype=torch.long, device=dev)  # [n, P]
+        for i, c in enumerate(contexts):
+            if c:
+                ids[i, P - len(c):] = torch.tensor(c, device=dev)
+        start = P - torch.tensor(lens, device=dev)  # [n] first real column of each row
+        col = torch.arange(P, device=dev)  # [P]
+        positions = (col[None, :] - start[:, None]).clamp(min=0)  # [n, P]
+        mask = _prefill_mask(start, P, self.model.dtype)  # [n, 1, P, P]
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions,
+            past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1,
+        )
+        self.prefill_tokens += sum(lens)
+        return _cache_tensors(out.past_key_values)
+
+    def _columns(self) -> int:
+        return 0 if self._cache is None else self._cache.get_seq_length()
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Drop all rows not in `keep` and trim columns that no remaining row uses."""
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows or self._cache is None:
+            self._cache = None if not self._rows else self._cache
+            return
+        idx = torch.tensor(keep, device=self.device)
+        need = max(r.cached for r in self._rows)
+        kv = [(k.index_select(0, idx)[..., k.shape[-2] - need:, :], v.index_select(0, idx)[..., v.shape[-2] - need:, :])
+              for k, v in _cache_tensors(self._cache)]  # each [B', H, need, D]
+        self._cache = DynamicCache(ddp_cache_data=kv) if need > 0 else None
+
+
+# ---------------------------------------------------------------------- tensor helpers
+
+
+def sample_with_uniforms(
+    logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V], uniforms u [B] in [0, 1) -> (tokens [B], behaviour logprobs [B]).
+
+    Inverse-CDF sampling: row b takes the first token whose cumulative (top-p renormalised)
+    probability exceeds u[b], so each row's draw depends only on its own uniform.
+    Temperature 0 is greedy (u unused).
+    """
+    if temperature == 0.0:
+        logp = torch.log_softmax(logits, dim=-1)  # [B, V]
+        tokens = logits.argmax(dim=-1)  # [B]
+        return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, V]
+    probs = logp.exp()  # [B, V]
+    if top_p < 1.0:
+        probs = _top_p_filter(probs, top_p)
+    cdf = probs.cumsum(-1)  # [B, V]
+    target = (u * cdf[:, -1]).to(cdf.dtype)[:, None]  # [B, 1]
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # [B]
+    # Round-off can leave target >= cdf[-1]: take the last token with mass instead.
+    last = (probs > 0).long().cumsum(-1).argmax(-1)  # [B]
+    tokens = torch.minimum(tokens, last)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(item[0], item[1]) for item in cache]
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask -> additive float mask (0 where allowed, the dtype's minimum elsewhere).
+
+    A finite minimum (not -inf) keeps a fully masked row from producing NaN.
+    """
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def _decode_mask(cached: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
+    """cached [B] tokens per row, right-aligned in C columns -> mask [B, 1, 1, C+1]."""
+    col = torch.arange(C + 1, device=cached.device)  # [C+1]
+    allowed = col[None, :] >= (C - cached)[:, None]  # [B, C+1]
+    return _additive(allowed, dtype)[:, None, None, :]
+
+
+def _prefill_mask(start: torch.Tensor, P: int, dtype: torch.dtype) -> torch.Tensor:
+    """start [n] first real column per row -> causal padded mask [n, 1, P, P].
+
+    A padding query attends to itself only, so no query row is fully masked.
+    """
+    i = torch.arange(P, device=start.device)  # [P]
+    causal = i[None, :] <= i[:, None]  # [P(q), P(k)]
+    real_key = i[None, None, :] >= start[:, None, None]  # [n, 1, P(k)]
+    allowed = (causal[None] & real_key) | torch.eye(P, dtype=torch.bool, device=start.device)[None]  # [n, P, P]
+    return _additive(allowed, dtype)[:, None]
+
+
+def _concat_rows(old, n_old: int, new, n_new: int):
+    """Stack two right-aligned caches by row, left-padding the one with fewer columns.
+
+    Either side may be None (no columns); a side without tensors gets zero columns, which the
+    masks never let anyone attend to.
+    """
+    if old is None and new is None:
+        return None
+    ref = old if old is not None else new
+    C = max(0 if old is None else old[0][0].shape[-2], 0 if new is None else new[0][0].shape[-2])
+    out = []
+    for layer, (k_ref, v_ref) in enumerate(ref):
+        parts_k, parts_v = [], []
+        for side, n in ((old, n_old), (new, n_new)):
+            if n == 0:
+                continue
+            if side is None:
+                k = k_ref.new_zeros((n, k_ref.shape[1], C, k_ref.shape[3]))  # [n, H, C, D]
+                v = v_ref.new_zeros((n, v_ref.shape[1], C, v_ref.shape[3]))
+            else:
+                k, v = side[layer]
+                k = F.pad(k, (0, 0, C - k.shape[-2], 0))  # left-pad columns
+                v = F.pad(v, (0, 0, C - v.shape[-2], 0))
+            parts_k.append(k)
+            parts_v.append(v)
+        out.append((torch.cat(parts_k, 0), torch.cat(parts_v, 0)))
+    return out
