@@ -170,6 +170,9 @@ class TrainConfig:
     """AdamW weight decay."""
     seed: int = 0
     """Seed for model init, sampling and data order."""
+    threads: int = 1
+    """CPU threads for torch (0 = torch's default). Tiny models run fastest on one thread:
+    their matmuls are too small to split, and extra threads only add contention."""
 
 
 @dataclass

@@ -157,8 +157,7 @@ def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = 
 
     mode: 'standard' builds full [B, T, V] logits (reference / comparison only);
     'checkpoint' recomputes layer activations (HF gradient checkpointing) and uses the
-    chunked head; 'streambp' uses the chunked head, and the sequence-chunked layer backward
-    when `streambp.layers` supports the model. Returns (loss, metrics, logprobs [B, T]).
+    chunked head; 'streambp' uses the chunked head. Returns (loss, metrics, logprobs [B, T]).
     """
     weight, bias = _head(model)
     if mode == "standard":
@@ -169,10 +168,6 @@ def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = 
         loss, metrics = out if isinstance(out, tuple) else (out, {})
         loss.backward()
         return loss.detach(), metrics, logp.detach()
-    if mode == "streambp":
-        layered = _layered_backward()
-        if layered is not None and layered.supports(model):
-            return layered.loss_and_backward(model, batch, loss_fn, chunk=chunk, temperature=temperature)
     if mode == "checkpoint" and not model.is_gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -185,11 +180,3 @@ def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = 
     hidden.backward(grad_h)
     return loss, metrics, logp
 
-
-def _layered_backward():
-    """The sequence-chunked layer backward, when built (streambp/layers.py)."""
-    try:
-        from longrl.streambp import layers
-    except ImportError:
-        return None
-    return layers if hasattr(layers, "loss_and_backward") and hasattr(layers, "supports") else None

@@ -1,0 +1,5 @@
+import sys
+
+from longrl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,134 @@
+"""`longrl train | eval | bench | data`: parse arguments, call a recipe. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+from longrl.errors import UserError
+
+BENCHES = {
+    "grpo-step": "longrl.bench.grpo_step",
+    "rollout": "longrl.bench.rollout",
+    "streambp": "longrl.bench.streambp",
+    "allscan": "longrl.bench.allscan",
+    "video-cache": "longrl.bench.video_cache",
+}
+DATA = {"videos": "longrl.data.videos"}
+
+
+def _train_help() -> str:
+    from longrl.config import describe_keys
+
+    return textwrap.dedent("""\
+        Run CoT-SFT then GRPO. With no arguments: the built-in tiny model on the built-in
+        'addition' task, on the CPU, in minutes. Writes runs/<name>/: config.yaml,
+        metrics.jsonl, summary.json, curves.png, checkpoints/step_<N>/ (Hugging Face format).
+
+        examples:
+          longrl train
+          longrl train rl.group_size=4 rl.steps=50 run.name=mine
+          longrl train --config examples/grpo_tiny.yaml task.name=rg:chain_sum
+          longrl train resume=runs/mine
+
+        keys (key=default  meaning):
+        """) + describe_keys()
+
+
+def cmd_train(args) -> int:
+    from longrl.config import load_config
+    from longrl.recipes.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    rows = [("held-out accuracy, initial", s.get("accuracy_initial")),
+            ("held-out accuracy, after SFT", s["accuracy_after_sft"]),
+            ("held-out accuracy, after RL", s["accuracy_after_rl"]),
+            ("RL gain", s["rl_gain"]),
+            ("wall time (s)", s["wall_seconds"])]
+    print("\n" + "-" * 44)
+    for name, v in rows:
+        print(f"{name:<32}{'-' if v is None else f'{v:>10.3f}'}")
+    print("-" * 44)
+    run = s["run_dir"]
+    print(f"wrote {run}/config.yaml, metrics.jsonl, summary.json, curves.png")
+    print(f"      {s['checkpoint']}  (Hugging Face format)")
+
+
+def cmd_eval(args) -> int:
+    from longrl.recipes.evaluate import run_eval
+
+    result = run_eval(args.overrides, config=args.config, out=args.out)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import importlib
+
+    mod = importlib.import_module(BENCHES[args.name])
+    result = mod.run(args.rest)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_data(args) -> int:
+    import importlib
+
+    return importlib.import_module(DATA[args.generator]).main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longrl", description="RL post-training of language and video-language models on long sequences.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,bench,data}")
+
+    t = sub.add_parser("train", help="CoT-SFT then GRPO (default: tiny model, built-in task, CPU)",
+                       description=_train_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config", help="YAML file of config keys (overridden by key=value)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rl.group_size=8")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="held-out accuracy of a model on a task",
+                       description="Greedy accuracy of model=PATH (a Hugging Face directory or a run checkpoint) "
+                                   "on task=NAME; same keys as `longrl train` (model.path, task.*, eval.*). "
+                                   "Example: longrl eval model=runs/x/checkpoints/step_100 task=addition")
+    e.add_argument("--config", help="YAML file of config keys")
+    e.add_argument("--out", help="write per-item results to this JSONL file")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="model=PATH task=NAME or any config key")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="benchmarks printing JSON", description="Benchmarks: " + ", ".join(BENCHES))
+    b.add_argument("name", choices=sorted(BENCHES))
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="benchmark options (see `longrl bench NAME -h`)")
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("data", help="generate data sets", description="Generators: " + ", ".join(DATA))
+    d.add_argument("generator", choices=sorted(DATA))
+    d.add_argument("rest", nargs=argparse.REMAINDER, help="generator options (see `longrl data NAME -h`)")
+    d.set_defaults(func=cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"longrl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("longrl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Task registry: `task.name` -> train examples, held-out examples and a correctness scorer.
+
+- a built-in family (`addition`, `sort`): generated in code, CoT demonstrations included;
+- `rg:<name>`: a reasoning-gym dataset, scored by its own `score_answer`;
+- `jsonl`: the user's files, scored by `reward.correctness` (normalised match by default).
+
+Held-out examples use a different generator seed, and any training example whose prompt
+also appears in the held-out set is dropped, so accuracy is measured on unseen prompts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+from longrl.config import TaskConfig
+from longrl.data.builtin import GENERATORS
+from longrl.data.example import Example
+from longrl.errors import UserError
+
+Scorer = Callable[[str, Example], float]
+
+
+@dataclass
+class TaskData:
+    name: str
+    train: list[Example]
+    eval: list[Example]
+    score: Scorer
+    """correctness(response_text, example) in [0, 1]"""
+
+
+def load_task(cfg: TaskConfig, correctness: str = "auto") -> TaskData:
+    from longrl.rewards.verifiers import answer_scorer
+
+    name = cfg.name
+    if name in GENERATORS:
+        gen = GENERATORS[name]
+        try:
+            train = gen(cfg.n_train, cfg.seed, **cfg.kwargs)
+            held = gen(cfg.n_eval, cfg.seed + 7919, **cfg.kwargs)
+        except TypeError as e:
+            raise UserError(f"task '{name}': bad task.kwargs {cfg.kwargs} ({e})") from None
+        score = answer_scorer("normalized" if correctness == "auto" else correctness)
+    elif name.startswith("rg:"):
+        from longrl.data.reasoning_gym_task import ReasoningGymTask
+
+        task = ReasoningGymTask(name[3:], seed=cfg.seed, **cfg.kwargs)
+        train = task.examples(cfg.n_train, cfg.seed)
+        held = task.examples(cfg.n_eval, cfg.seed + 7919)
+        score = task.score if correctness == "auto" else answer_scorer(correctness)
+    elif name == "jsonl":
+        from longrl.data.jsonl import load_jsonl_examples
+
+        train = load_jsonl_examples(cfg.train_file)
+        if cfg.eval_file:
+            held = load_jsonl_examples(cfg.eval_file)[: cfg.n_eval]
+        else:
+            shuffled = train[:]
+            random.Random(cfg.seed).shuffle(shuffled)
+            n_eval = min(cfg.n_eval, len(shuffled) // 5)
+            if n_eval < 1:
+                raise UserError(f"task.train_file '{cfg.train_file}' has {len(train)} examples: too few to split off a held-out set; give task.eval_file")
+            held, train = shuffled[:n_eval], shuffled[n_eval:]
+        score = answer_scorer("normalized" if correctness == "auto" else correctness)
+    else:
+        options = list(GENERATORS) + ["jsonl", "rg:<reasoning-gym name>"]
+        near = difflib.get_close_matches(name, options, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise UserError(f"unknown task '{name}'{hint} Choose one of {options}")
+    held_prompts = {ex.prompt for ex in held}
+    train = [ex for ex in train if ex.prompt not in held_prompts]
+    if not train:
+        raise UserError(f"task '{name}' has no training examples (after removing held-out prompts); raise task.n_train or check the data")
+    if not held:
+        raise UserError(f"task '{name}' has no held-out examples; raise task.n_eval or give task.eval_file")
+    return TaskData(name=name, train=train, eval=held, score=score)
+
+
+def demonstration(ex: Example) -> str:
+    """The SFT target for an example: its CoT solution, or the bare answer in the format."""
+    return ex.solution or f"<answer>{ex.answer}</answer>"

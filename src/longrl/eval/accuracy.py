@@ -1,0 +1,48 @@
+"""Held-out accuracy: greedy generation on unseen prompts, scored by the task's verifier."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from longrl.data.example import Example
+from longrl.rewards.answer import format_reward
+from longrl.rollout.engine import generate
+
+
+def encode_prompts(tokenizer, examples: list[Example]) -> list[list[int]]:
+    from longrl.models.load import format_prompt
+
+    return [tokenizer(format_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in examples]
+
+
+def decode_response(tokenizer, ids: list[int]) -> str:
+    """Response text with format tags kept (they may be special tokens) and EOS dropped."""
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples: list[Example], score: Callable[[str, Example], float], *,
+             max_new_tokens: int, batch_size: int, return_items: bool = False) -> dict:
+    """Greedy accuracy over `examples`: {"eval/accuracy", "eval/format", "eval/response_len"}."""
+    prompts = encode_prompts(tokenizer, examples)
+    correct, fmt, lengths, items = [], [], [], []
+    for s in range(0, len(examples), batch_size):
+        gens = generate(model, prompts[s : s + batch_size], max_new_tokens=max_new_tokens,
+                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=0.0)
+        for ex, g in zip(examples[s : s + batch_size], gens):
+            text = decode_response(tokenizer, g.response_ids)
+            c = float(score(text, ex))
+            correct.append(c)
+            fmt.append(format_reward(text))
+            lengths.append(len(g.response_ids))
+            if return_items:
+                items.append({"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "response": text, "correct": c})
+    n = max(1, len(correct))
+    out = {"eval/accuracy": sum(correct) / n, "eval/format": sum(fmt) / n, "eval/response_len": sum(lengths) / n}
+    if return_items:
+        out["items"] = items
+    return out

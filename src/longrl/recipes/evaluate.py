@@ -1,0 +1,37 @@
+"""`longrl eval`: greedy held-out accuracy of a saved model on a task."""
+
+from __future__ import annotations
+
+import json
+
+from longrl.config import load_config
+from longrl.data.registry import load_task
+from longrl.errors import UserError
+from longrl.eval.accuracy import evaluate
+from longrl.models.load import load_policy
+from longrl.utils import atomic_write_text, pick_device, seed_everything
+
+ALIASES = {"model": "model.path", "task": "task.name"}
+
+
+def run_eval(overrides: list[str], config: str | None = None, out: str | None = None) -> dict:
+    overrides = [_alias(o) for o in overrides]
+    cfg = load_config(config, overrides)
+    if not cfg.model.path:
+        raise UserError("longrl eval needs model=PATH (a Hugging Face model directory or runs/<name>/checkpoints/step_<N>)")
+    seed_everything(cfg.train.seed)
+    task = load_task(cfg.task, cfg.reward.correctness)
+    model, tokenizer = load_policy(cfg.model, pick_device(cfg.model.device))
+    result = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
+                      batch_size=cfg.eval.batch_size, return_items=out is not None)
+    items = result.pop("items", None)
+    if out:
+        atomic_write_text(out, "".join(json.dumps(it) + "\n" for it in items))
+    return {"model": cfg.model.path, "task": task.name, "n": len(task.eval),
+            "accuracy": result["eval/accuracy"], "format": result["eval/format"],
+            "response_len": result["eval/response_len"]}
+
+
+def _alias(item: str) -> str:
+    key, sep, value = item.partition("=")
+    return f"{ALIASES.get(key.strip(), key.strip())}{sep}{value}" if sep else item

@@ -1,0 +1,238 @@
+"""GRPO (and its relatives: Dr. GRPO, RLOO, DAPO tricks, GSPO), one step read top to bottom.
+
+Letters: N prompts (groups) per step, G samples per prompt, B = N*G sequences, T tokens.
+
+    rollout -> reward -> advantage -> PPO epochs over micro-batches -> new weights
+
+Papers: GRPO (DeepSeekMath, arXiv 2402.03300); DAPO (arXiv 2503.14476) for clip-higher,
+dynamic sampling, token-mean loss and overlong shaping; Dr. GRPO (arXiv 2503.20783);
+GSPO (arXiv 2507.18071). Departures: KL (off by default) is a loss term against a frozen
+copy of the post-SFT policy; old log-probs are recomputed by the trainer before the update
+(not trusted from the engine), and the engine/trainer gap is logged; the rollout engine
+shares the policy's parameters, so "sending new weights" is free on one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from longrl.config import Config
+from longrl.data.example import Example
+from longrl.data.registry import TaskData
+from longrl.eval.accuracy import decode_response, encode_prompts
+from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler
+from longrl.rewards.combine import score_responses
+from longrl.rl.advantages import constant_groups, group_advantages, overlong_soft_penalty
+from longrl.rl.losses import loss_normalizer, policy_loss
+from longrl.rollout.engine import generate
+from longrl.streambp.logprobs import loss_and_backward, make_batch, sequence_logprobs
+
+
+@dataclass
+class DataCursor:
+    """Position in the shuffled prompt stream: epoch e uses permutation Random(seed + e)."""
+
+    seed: int
+    n: int
+    epoch: int = 0
+    index: int = 0
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            perm = list(range(self.n))
+            random.Random(self.seed + self.epoch).shuffle(perm)
+            out.append(perm[self.index])
+            self.index += 1
+            if self.index == self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+        return out
+
+
+@dataclass
+class GRPOState:
+    """Everything a resumed run needs besides the weights."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: torch.Generator
+    cursor: DataCursor
+    step: int = 0
+    reference: torch.nn.Module | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def init_state(model, cfg: Config, n_train: int) -> GRPOState:
+    optimizer = make_optimizer(model, cfg.rl.lr, cfg.train.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.rl.warmup_steps, cfg.rl.steps, decay=False)
+    sampler = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 1)
+    reference = None
+    if cfg.rl.kl_coef > 0:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    return GRPOState(optimizer, scheduler, sampler, DataCursor(cfg.train.seed, n_train), reference=reference)
+
+
+# ----------------------------------------------------------------------------------------
+# Rollout and reward
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollouts:
+    examples: list[Example]  # [B] the example each sample answers (repeated G times)
+    prompt_ids: list[list[int]]  # [B]
+    response_ids: list[list[int]]  # [B]
+    behaviour_logprobs: list[list[float]]  # [B]
+    truncated: torch.Tensor  # [B] bool
+    rewards: torch.Tensor  # [B]
+    components: dict  # name -> [B]
+
+
+def rollout(model, tokenizer, examples: list[Example], task: TaskData, cfg: Config,
+            sampler: torch.Generator) -> Rollouts:
+    G = cfg.rl.group_size
+    b_examples = [ex for ex in examples for _ in range(G)]  # groups contiguous
+    b_prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(G)]
+    gens = generate(model, b_prompts, max_new_tokens=cfg.rollout.max_new_tokens,
+                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, generator=sampler)
+    texts = [decode_response(tokenizer, g.response_ids) for g in gens]
+    rewards, components = score_responses(texts, b_examples, task.score,
+                                          cfg.reward.correctness_weight, cfg.reward.format_weight)
+    truncated = torch.tensor([g.finish_reason == "length" for g in gens])
+    if cfg.rl.overlong == "soft":
+        lengths = torch.tensor([len(g.response_ids) for g in gens])
+        # Truncated responses sit at max_new_tokens: the full -1 penalty.
+        penalty = overlong_soft_penalty(lengths, cfg.rollout.max_new_tokens, cfg.rl.overlong_buffer)
+        components["overlong"] = penalty
+        rewards = rewards + penalty
+    return Rollouts(b_examples, b_prompts, [g.response_ids for g in gens], [g.logprobs for g in gens],
+                    truncated, rewards, components)
+
+
+def _concat(parts: list[Rollouts]) -> Rollouts:
+    if len(parts) == 1:
+        return parts[0]
+    return Rollouts(
+        [x for p in parts for x in p.examples], [x for p in parts for x in p.prompt_ids],
+        [x for p in parts for x in p.response_ids], [x for p in parts for x in p.behaviour_logprobs],
+        torch.cat([p.truncated for p in parts]), torch.cat([p.rewards for p in parts]),
+        {k: torch.cat([p.components[k] for p in parts]) for k in parts[0].components},
+    )
+
+
+def _select_groups(r: Rollouts, keep: torch.Tensor, G: int) -> Rollouts:
+    rows = [i for i in range(len(r.examples)) if keep[i // G]]
+    idx = torch.tensor(rows, dtype=torch.long)
+    return Rollouts([r.examples[i] for i in rows], [r.prompt_ids[i] for i in rows],
+                    [r.response_ids[i] for i in rows], [r.behaviour_logprobs[i] for i in rows],
+                    r.truncated[idx], r.rewards[idx], {k: v[idx] for k, v in r.components.items()})
+
+
+def collect(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> tuple[Rollouts, dict]:
+    """Roll out N groups; with dynamic sampling, drop all-equal groups and refill."""
+    N, G = cfg.rl.prompts_per_step, cfg.rl.group_size
+    first = rollout(model, tokenizer, [task.train[i] for i in state.cursor.take(N)], task, cfg, state.sampler)
+    stats = {"reward/mean": float(first.rewards.mean()),
+             **{f"reward/{k}": float(v.mean()) for k, v in first.components.items()},
+             "rollout/truncated_frac": float(first.truncated.float().mean()),
+             "rollout/response_len": sum(map(len, first.response_ids)) / len(first.response_ids)}
+    if not cfg.rl.dynamic_sampling:
+        return first, stats
+    kept, n_kept, dropped = [], 0, 0
+    batch = first
+    for round_ in range(cfg.rl.max_refill_rounds + 1):
+        if round_ > 0:
+            batch = rollout(model, tokenizer, [task.train[i] for i in state.cursor.take(N)], task, cfg, state.sampler)
+        keep = ~constant_groups(batch.rewards, G)  # [N]
+        dropped += int((~keep).sum())
+        if keep.any():
+            kept.append(_select_groups(batch, keep, G))
+            n_kept += int(keep.sum())
+        if n_kept >= N:
+            break
+    stats["rollout/groups_dropped"] = dropped
+    if not kept:  # every group constant: nothing to learn from this step
+        return _select_groups(first, torch.zeros(N, dtype=torch.bool), G), stats
+    out = _concat(kept)
+    return _select_groups(out, torch.arange(n_kept) < N, G), stats
+
+
+# ----------------------------------------------------------------------------------------
+# The update
+# ----------------------------------------------------------------------------------------
+
+
+def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> dict:
+    """One RL step; returns its metrics."""
+    rcfg, G = cfg.rl, cfg.rl.group_size
+    t0 = time.time()
+    roll, metrics = collect(model, tokenizer, task, cfg, state)
+    t_rollout = time.time() - t0
+    B = len(roll.examples)
+    metrics["rollout/groups"] = B // G
+    if B == 0:
+        state.step += 1
+        return {**metrics, "time/rollout": t_rollout, "time/step": time.time() - t0}
+
+    b_adv = group_advantages(roll.rewards, G, rcfg.advantage)  # [B]
+    temperature = cfg.rollout.temperature or 1.0
+    device = next(model.parameters()).device
+    b_batch = make_batch(roll.prompt_ids, roll.response_ids, tokenizer.pad_token_id).to(device)
+    if rcfg.overlong == "filter":  # truncated responses carry no gradient
+        b_batch.mask[roll.truncated.to(device)] = 0.0
+    # Micro-batches of similar length (sorted), so padding stays small.
+    order = sorted(range(B), key=lambda i: len(roll.prompt_ids[i]) + len(roll.response_ids[i]))
+    micro = [torch.tensor(order[s : s + rcfg.micro_batch_size]) for s in range(0, B, rcfg.micro_batch_size)]
+    normalizer = loss_normalizer(b_batch.mask, rcfg.loss_agg)  # once per optimizer step
+
+    # Old (and reference) log-probs from the trainer, before any update.
+    chunk = cfg.train.stream_chunk
+    old, ref, gap_sum, gap_n = {}, {}, 0.0, 0
+    for k, rows in enumerate(micro):
+        mb = b_batch[rows]
+        old[k] = sequence_logprobs(model, mb, chunk, temperature)  # [b, T]
+        if state.reference is not None:
+            ref[k] = sequence_logprobs(state.reference, mb, chunk, temperature)
+        for j, i in enumerate(rows.tolist()):
+            engine_lp = torch.tensor(roll.behaviour_logprobs[i], device=device)
+            trainer_lp = old[k][j][mb.mask[j] != 0]
+            n = min(len(engine_lp), len(trainer_lp))
+            gap_sum += float((engine_lp[:n] - trainer_lp[:n]).abs().sum())
+            gap_n += n
+
+    t1 = time.time()
+    sums: dict[str, float] = {}
+    for _epoch in range(rcfg.ppo_epochs):
+        for k, rows in enumerate(micro):
+            mb = b_batch[rows]
+            adv = b_adv[rows].to(device)
+
+            def loss_fn(logp, mb=mb, adv=adv, k=k):
+                return policy_loss(logp, old[k], adv, mb.mask, normalizer=normalizer, loss_agg=rcfg.loss_agg,
+                                   kind=rcfg.loss, clip_low=rcfg.clip_low, clip_high=rcfg.clip_high,
+                                   ref_logprobs=ref.get(k), kl_coef=rcfg.kl_coef, kl_estimator=rcfg.kl_estimator)
+
+            _, m, _ = loss_and_backward(model, mb, loss_fn, mode=cfg.train.backprop, chunk=chunk,
+                                        temperature=temperature)
+            w = m.pop("tokens/valid", 0.0)
+            for key, v in m.items():  # loss/* sum over micro-batches; fractions are token-weighted
+                sums[key] = sums.get(key, 0.0) + (v if key.startswith("loss/") else v * w)
+            sums["_tokens"] = sums.get("_tokens", 0.0) + w
+        grad_norm = clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip)
+    state.step += 1
+    n_tok, n_ep = max(1.0, sums.pop("_tokens", 1.0)), rcfg.ppo_epochs
+    for key, v in sums.items():
+        metrics[key] = v / n_ep if key.startswith("loss/") else v / n_tok
+    metrics.update({
+        "advantage/abs_mean": float(b_adv.abs().mean()),
+        "logprob/engine_trainer_gap": gap_sum / max(1, gap_n),
+        "grad/norm": grad_norm, "lr": state.scheduler.get_last_lr()[0],
+        "time/rollout": t_rollout, "time/train": time.time() - t1, "time/step": time.time() - t0,
+    })
+    return metrics

@@ -1,0 +1,61 @@
+"""Chain-of-thought SFT: maximise the likelihood of demonstration responses.
+
+Each demonstration is `prompt + solution + EOS`; only the response tokens (solution and
+EOS) are trained, prompt tokens are masked. The loss is the token-mean NLL over all
+response tokens of the optimizer step (normaliser counted once per step), computed with
+the chunked log-prob path, so no `[B, T, V]` logits are built.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Callable
+
+from longrl.config import Config
+from longrl.data.example import Example
+from longrl.data.registry import demonstration
+from longrl.eval.accuracy import encode_prompts
+from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, progress
+from longrl.rl.losses import loss_normalizer, sft_loss
+from longrl.streambp.logprobs import loss_and_backward, make_batch
+
+
+def encode_demonstrations(tokenizer, examples: list[Example]) -> tuple[list[list[int]], list[list[int]]]:
+    prompts = encode_prompts(tokenizer, examples)
+    responses = [tokenizer(demonstration(ex), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                 for ex in examples]
+    return prompts, responses
+
+
+def run_sft(model, tokenizer, examples: list[Example], cfg: Config, device,
+            log: Callable[[dict], None]) -> None:
+    """`cfg.sft.steps` optimizer steps of `cfg.sft.batch_size` demonstrations each."""
+    scfg = cfg.sft
+    if scfg.steps == 0:
+        return
+    prompts, responses = encode_demonstrations(tokenizer, examples)
+    optimizer = make_optimizer(model, scfg.lr, cfg.train.weight_decay)
+    scheduler = make_scheduler(optimizer, scfg.warmup_steps, scfg.steps, decay=True)
+    rng = random.Random(cfg.train.seed)
+    order: list[int] = []
+    model.train()
+    bar = progress(scfg.steps, "sft", cfg.run.progress)
+    for step in range(1, scfg.steps + 1):
+        t0 = time.time()
+        if len(order) < scfg.batch_size:  # reshuffle each epoch
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+        b_idx, order = order[: scfg.batch_size], order[scfg.batch_size :]
+        batch = make_batch([prompts[i] for i in b_idx], [responses[i] for i in b_idx],
+                           tokenizer.pad_token_id).to(device)
+        norm = loss_normalizer(batch.mask, "token-mean")
+        loss, _, _ = loss_and_backward(model, batch, lambda lp: sft_loss(lp, batch.mask, norm),
+                                       mode=cfg.train.backprop, chunk=cfg.train.stream_chunk)
+        grad_norm = clip_and_step(model, optimizer, scheduler, cfg.train.grad_clip)
+        record = {"phase": "sft", "step": step, "loss/sft": float(loss), "grad/norm": grad_norm,
+                  "lr": scheduler.get_last_lr()[0], "time/step": time.time() - t0}
+        log(record)
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.update(1)
+    bar.close()

@@ -1,0 +1,167 @@
+"""The main job: CoT-SFT, then GRPO, with held-out accuracy after each phase.
+
+    load task -> build/load policy -> SFT -> eval -> checkpoint step_0
+             -> GRPO steps (eval every rl.eval_every, checkpoint every run.save_every)
+             -> eval -> final checkpoint -> summary.json, curves.png
+
+`resume=runs/<name>` reloads the newest `checkpoints/step_<N>/` (weights, optimizer,
+scheduler, RNG, data position, step) and continues; metrics after step N are discarded,
+so a stopped-and-resumed run logs the same metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from longrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from longrl.config import Config, config_from_dict, config_to_yaml
+from longrl.data.registry import load_task
+from longrl.errors import UserError
+from longrl.eval.accuracy import evaluate
+from longrl.metrics import MetricsLog, plot_curves
+from longrl.models.load import load_policy
+from longrl.recipes.common import progress
+from longrl.recipes.grpo import DataCursor, GRPOState, grpo_step, init_state
+from longrl.recipes.sft import run_sft
+from longrl.utils import (atomic_write_json, atomic_write_text, pick_device, quiet_libraries, seed_everything,
+                          set_rng_state)
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.out_dir) / name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to run directory '{run_dir}' ({e.strerror}); set run.out_dir to a writable directory")
+    return run_dir
+
+
+def _resume_config(resume: str, overrides: Config) -> tuple[Config, Path, Path]:
+    run_dir = Path(resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"resume='{resume}' is not a run directory (no config.yaml); give runs/<name>")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError(f"resume='{resume}' has no finished checkpoint under checkpoints/; start a new run instead")
+    import yaml
+
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg.run.progress = overrides.run.progress
+    return cfg, run_dir, ckpt
+
+
+def train(cfg: Config) -> dict:
+    t_start = time.time()
+    resume_ckpt = None
+    if cfg.resume:
+        cfg, run_dir, resume_ckpt = _resume_config(cfg.resume, cfg)
+    else:
+        run_dir = prepare_run_dir(cfg)
+        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+        for stale in ("metrics.jsonl", "summary.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+    device = pick_device(cfg.model.device)
+    quiet_libraries()
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    task = load_task(cfg.task, cfg.reward.correctness)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    say = print if cfg.run.progress else (lambda *a, **k: None)
+    say(f"longrl: task {task.name} ({len(task.train)} train / {len(task.eval)} held-out), run dir {run_dir}")
+
+    def held_out(model, tokenizer) -> dict:
+        return evaluate(model, tokenizer, task.eval, task.score,
+                        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+
+    if resume_ckpt is None:
+        model, tokenizer = load_policy(cfg.model, device)
+        results = {"accuracy_initial": held_out(model, tokenizer)["eval/accuracy"]}
+        t_sft = time.time()
+        run_sft(model, tokenizer, task.train, cfg, device, log)
+        results["sft_seconds"] = time.time() - t_sft
+        after_sft = held_out(model, tokenizer)
+        results["accuracy_after_sft"] = after_sft["eval/accuracy"]
+        log({"phase": "rl", "step": 0, **after_sft})
+        say(f"held-out accuracy: initial {results['accuracy_initial']:.3f}, after SFT {results['accuracy_after_sft']:.3f}")
+        state = init_state(model, cfg, len(task.train))
+        save_checkpoint(run_dir, 0, model, tokenizer, _trainer_state(state, results), cfg.run.keep_checkpoints)
+    else:
+        model, tokenizer, state, results = _restore(cfg, resume_ckpt, device, len(task.train))
+        log.truncate_after(state.step)
+        say(f"resumed from {resume_ckpt} at RL step {state.step}")
+
+    bar = progress(cfg.rl.steps, "grpo", cfg.run.progress, initial=state.step)
+    t_rl = time.time()
+    while state.step < cfg.rl.steps:
+        metrics = grpo_step(model, tokenizer, task, cfg, state)
+        step = state.step
+        if cfg.rl.eval_every and step % cfg.rl.eval_every == 0 and step < cfg.rl.steps:
+            metrics.update(held_out(model, tokenizer))
+        if step == cfg.rl.steps:
+            final = held_out(model, tokenizer)
+            metrics.update(final)
+            results["accuracy_after_rl"] = final["eval/accuracy"]
+        log({"phase": "rl", "step": step, **metrics})
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                        acc=f"{metrics['eval/accuracy']:.3f}" if "eval/accuracy" in metrics else "-")
+        bar.update(1)
+        if step % cfg.run.save_every == 0 or step == cfg.rl.steps:
+            save_checkpoint(run_dir, step, model, tokenizer, _trainer_state(state, results), cfg.run.keep_checkpoints)
+    bar.close()
+    if cfg.rl.steps == 0:
+        results["accuracy_after_rl"] = results["accuracy_after_sft"]
+    results["rl_seconds"] = results.get("rl_seconds", 0.0) + time.time() - t_rl
+
+    summary = {
+        "task": task.name,
+        "accuracy_initial": results.get("accuracy_initial"),
+        "accuracy_after_sft": results["accuracy_after_sft"],
+        "accuracy_after_rl": results["accuracy_after_rl"],
+        "rl_gain": results["accuracy_after_rl"] - results["accuracy_after_sft"],
+        "rl_steps": cfg.rl.steps,
+        "sft_steps": cfg.sft.steps,
+        "n_eval": len(task.eval),
+        "wall_seconds": results.get("wall_before_resume", 0.0) + time.time() - t_start,
+        "checkpoint": str(latest_checkpoint(run_dir)),
+        "run_dir": str(run_dir),
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    plot_curves(log.records, run_dir / "curves.png")
+    return summary
+
+
+def _trainer_state(state: GRPOState, results: dict) -> dict:
+    return {
+        "step": state.step,
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "sampler": state.sampler.get_state(),
+        "cursor": {"epoch": state.cursor.epoch, "index": state.cursor.index},
+        "results": dict(results),
+    }
+
+
+def _restore(cfg: Config, ckpt: Path, device, n_train: int):
+    """Weights from the checkpoint directory, then the trainer state on top."""
+    model, tokenizer = load_policy(replace(cfg.model, path=str(ckpt)), device)
+    saved = load_trainer_state(ckpt)
+    state = init_state(model, replace(cfg, rl=replace(cfg.rl, kl_coef=0.0)), n_train)
+    if cfg.rl.kl_coef > 0:  # the reference is the post-SFT policy, kept as step_0
+        ref, _ = load_policy(replace(cfg.model, path=str(ckpt.parent / "step_0")), device)
+        state.reference = ref.eval().requires_grad_(False)
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.sampler.set_state(saved["sampler"])
+    state.cursor = DataCursor(cfg.train.seed, n_train, **saved["cursor"])
+    state.step = saved["step"]
+    set_rng_state(saved["rng"])
+    return model, tokenizer, state, dict(saved["results"])
