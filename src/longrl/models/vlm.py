@@ -1,0 +1,363 @@
+"""A video-language policy: tiny Qwen2.5-VL, frames -> patches in torch, cached video embeddings.
+
+"Scaling RL to Long Videos" (LongVILA-R1, arXiv 2507.07966) trains with MR-SP, whose first
+stage encodes each video ONCE and reuses the embeddings for every rollout and every
+training pass of the step, instead of running the vision tower again inside every forward.
+This module is that stage for Qwen2.5-VL (arXiv 2502.13923):
+
+    frames [N, H, W, 3] --patchify--> pixel_values [L, C*t*p*p], grid (T, H/p, W/p)
+           --encode_video (vision tower, once)--> VideoEmbeds: embeds [Nv, D] (+ grid, timing)
+    prompt ids with Nv <|video_pad|> tokens --video_inputs_embeds--> inputs_embeds [B, T, D]
+    mrope_position_ids (the model's own get_rope_index) -> position_ids [3, B, T]
+    language model on (inputs_embeds, position_ids) -> hidden [B, T, D] -> chunked log-probs
+
+The numbers are the same as the model's ordinary forward with `pixel_values_videos`
+(tested: log-probs and gradients match). Rollouts use `sample_with_video`, which also
+prefills the prompt once and shares its KV cache across the G samples.
+
+Letters: N frames, L patches (= T*Hp*Wp), Nv video tokens (= L / merge^2), D hidden,
+B sequences, T sequence length, G samples per prompt.
+
+Departures:
+- The vision tower is frozen by default during RL (the embeddings are constants). If it
+  is trainable, `encode_video` under grad returns embeddings whose graph every pass of the
+  step shares; one backward then gives the vision tower the gradient summed over all
+  sequences, exactly what re-encoding per sequence gives.
+- Frame resizing happens before patchify (`media.frames`, torch bicubic), not in the
+  Hugging Face processor, which needs torchvision for videos. `patchify` matches the
+  processor's layout and normalisation exactly (tested against its PIL image path).
+- Sequence parallelism (MR-SP stage 2) is not here; `parallel/` shards long sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from longrl.errors import UserError
+
+VISION_START, VISION_END, VIDEO_PAD, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"
+VIDEO_MARK = VISION_START + VIDEO_PAD + VISION_END
+"""Where the video goes in a prompt; `video_prompt_ids` expands the pad to Nv tokens."""
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2
+
+
+# ----------------------------------------------------------------------------------------
+# Building the tiny model
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TinyVLMShape:
+    """Sizes of the tiny Qwen2.5-VL. Defaults keep a CPU step fast."""
+
+    hidden_size: int = 64
+    """Text model width (= vision merger output)."""
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 192
+    vision_hidden_size: int = 32
+    vision_depth: int = 2
+    vision_heads: int = 2
+    vision_intermediate_size: int = 64
+    max_position_embeddings: int = 32768
+
+
+def build_vlm_tokenizer():
+    """The tiny character tokenizer plus Qwen's vision tokens (one id each)."""
+    from longrl.models.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.add_tokens([VISION_START, VISION_END, VIDEO_PAD, IMAGE_PAD], special_tokens=True)
+    return tok
+
+
+def build_tiny_vlm(tokenizer, shape: TinyVLMShape = TinyVLMShape()):
+    """A randomly initialised Qwen2.5-VL sized by `shape` (weights from the torch seed)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    head_dim = shape.hidden_size // shape.num_heads
+    if shape.hidden_size % shape.num_heads or head_dim % 2:
+        raise UserError(f"hidden_size={shape.hidden_size} must split into an even head_dim over {shape.num_heads} heads")
+    half = head_dim // 2  # mrope splits the rotary frequencies into (time, height, width) sections
+    section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, VIDEO_PAD, IMAGE_PAD)}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+            num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+            num_key_value_heads=shape.num_kv_heads, max_position_embeddings=shape.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id,
+        ),
+        vision_config=dict(
+            depth=shape.vision_depth, hidden_size=shape.vision_hidden_size, num_heads=shape.vision_heads,
+            intermediate_size=shape.vision_intermediate_size, out_hidden_size=shape.hidden_size,
+            patch_size=PATCH, temporal_patch_size=TEMPORAL_PATCH, spatial_merge_size=MERGE,
+            tokens_per_second=2, window_size=112, fullatt_block_indexes=[shape.vision_depth - 1],
+        ),
+        image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
+        tie_word_embeddings=True,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.to(torch.float32)
+
+
+def load_vlm(path: str = "", shape: TinyVLMShape = TinyVLMShape()):
+    """(model, tokenizer) from a local Qwen2.5-VL directory, or the tiny one when `path` is empty."""
+    if not path:
+        tok = build_vlm_tokenizer()
+        return build_tiny_vlm(tok, shape), tok
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"model.path '{path}' is not a Hugging Face model directory (no config.json)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load a Qwen2.5-VL model from '{path}': {str(e).splitlines()[0]}") from e
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------------
+# Frames -> patches (the processor's job, in torch)
+# ----------------------------------------------------------------------------------------
+
+
+def patchify(frames: torch.Tensor, patch: int = PATCH, temporal: int = TEMPORAL_PATCH, merge: int = MERGE,
+             mean=CLIP_MEAN, std=CLIP_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 frames [N, H, W, 3] -> (pixel_values [L, 3*temporal*patch*patch] float32, grid_thw [3]).
+
+    H and W must be multiples of patch*merge (`media.frames` resizes to that). An odd frame
+    count is padded by repeating the last frame, as the Qwen2-VL processor does. Patches are
+    ordered (t, h-block, w-block, h-in-block, w-in-block) so each merge x merge group of
+    patches is contiguous; inside a patch the layout is (channel, time, y, x), which is
+    what the vision tower's Conv3d patch embedding unflattens.
+    """
+    N, H, W, C = frames.shape
+    if H % (patch * merge) or W % (patch * merge):
+        raise ValueError(f"frame size {H}x{W} is not a multiple of {patch * merge}; resize first")
+    x = frames.permute(0, 3, 1, 2).float().div_(255.0)  # [N, C, H, W]
+    m = torch.tensor(mean, dtype=x.dtype).view(1, C, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, C, 1, 1)
+    x = (x - m) / s
+    if pad := -N % temporal:
+        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])  # [N', C, H, W]
+    gt, gh, gw = x.shape[0] // temporal, H // patch, W // patch
+    x = x.view(gt, temporal, C, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [gt, bh, bw, mh, mw, C, t, py, px]
+    return x.reshape(gt * gh * gw, C * temporal * patch * patch), torch.tensor([gt, gh, gw])
+
+
+def seconds_per_grid(timestamps: np.ndarray, temporal: int = TEMPORAL_PATCH) -> float:
+    """Seconds one temporal grid step spans (Qwen2.5-VL's second_per_grid_ts): temporal / fps."""
+    ts = np.asarray(timestamps, dtype=np.float64)
+    step = float(np.mean(np.diff(ts))) if len(ts) > 1 else 1.0
+    return temporal * step
+
+
+# ----------------------------------------------------------------------------------------
+# MR-SP stage 1: encode once, reuse everywhere
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class VideoEmbeds:
+    """One video after the vision tower: what every rollout and training pass reuses."""
+
+    embeds: torch.Tensor
+    """Merged vision tokens in the text model's width. [Nv, D]"""
+    grid_thw: torch.Tensor
+    """Patch grid (T, H/patch, W/patch) before merging. [3] long"""
+    second_per_grid: float
+    """Seconds per temporal grid step, for the time axis of the rotary positions."""
+
+    @property
+    def n_tokens(self) -> int:
+        return self.embeds.shape[0]
+
+
+def encode_video(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, second_per_grid: float) -> VideoEmbeds:
+    """Run the vision tower once. Under `torch.no_grad` (frozen tower) the result is a constant."""
+    visual = model.model.visual
+    out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw.view(1, 3))
+    return VideoEmbeds(out.pooler_output, grid_thw.view(3), second_per_grid)  # [Nv, D]
+
+
+def video_prompt_ids(tokenizer, n_video_tokens: int, question: str) -> list[int]:
+    """Token ids of the prompt: the tokenizer's chat template (if any) around VIDEO_MARK + question,
+    with the one video pad token expanded to `n_video_tokens` copies."""
+    from longrl.models.load import format_prompt
+
+    ids = tokenizer(format_prompt(tokenizer, VIDEO_MARK + question), add_special_tokens=False)["input_ids"]
+    pad = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+    if ids.count(pad) != 1:
+        raise ValueError(f"prompt must hold exactly one {VIDEO_PAD}, found {ids.count(pad)}")
+    k = ids.index(pad)
+    return ids[:k] + [pad] * n_video_tokens + ids[k + 1 :]
+
+
+def video_token_mask(model, input_ids: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """[B, T] bool: the first `n_tokens` video pads of each row, which hold the video.
+
+    A policy can sample the pad token itself; such later pads are ordinary text tokens
+    here, so rollouts and training passes agree on every sequence.
+    """
+    is_pad = input_ids == model.config.video_token_id  # [B, T]
+    counts = is_pad.sum(1)
+    if not bool((counts >= n_tokens).all()):
+        raise ValueError(f"rows hold {counts.tolist()} video tokens, the video has {n_tokens}")
+    return is_pad & (is_pad.cumsum(1) <= n_tokens)
+
+
+def mrope_position_ids(model, input_ids: torch.Tensor, video: VideoEmbeds,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multimodal rotary positions [3, B, T] for rows that each hold `video` once.
+
+    Computed by the model's own `get_rope_index`, so they match its ordinary forward.
+    """
+    B = input_ids.shape[0]
+    mm_types = video_token_mask(model, input_ids, video.n_tokens).int() * 2  # [B, T]; 2 = video
+    positions, _ = model.model.get_rope_index(
+        input_ids,
+        mm_token_type_ids=mm_types,
+        video_grid_thw=video.grid_thw.view(1, 3).expand(B, 3),
+        second_per_grid_ts=torch.full((B,), video.second_per_grid),
+        attention_mask=attention_mask,
+    )
+    return positions  # [3, B, T]
+
+
+def video_inputs_embeds(model, input_ids: torch.Tensor, video: VideoEmbeds) -> torch.Tensor:
+    """Token embeddings [B, T, D] with every row's video pads replaced by `video.embeds`."""
+    emb = model.get_input_embeddings()(input_ids)  # [B, T, D]
+    is_video = video_token_mask(model, input_ids, video.n_tokens)  # [B, T]
+    fill = video.embeds.to(emb.dtype).repeat(input_ids.shape[0], 1)  # [B*Nv, D]
+    return emb.masked_scatter(is_video[..., None], fill)
+
+
+def lm_hidden(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Text model on precomputed embeddings -> final hidden states [B, T, D] (no logits)."""
+    out = model.model.language_model(
+        inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+    )
+    return out.last_hidden_state
+
+
+def video_hidden(model, video: VideoEmbeds, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Hidden states [B, T, D] for rows that share one cached video."""
+    positions = mrope_position_ids(model, input_ids, video, attention_mask)  # [3, B, T]
+    return lm_hidden(model, video_inputs_embeds(model, input_ids, video), positions, attention_mask)
+
+
+def video_logprobs(model, video: VideoEmbeds, batch, chunk: int = 256, temperature: float = 1.0) -> torch.Tensor:
+    """Teacher-forced log-probs of `batch` (a streambp TokenBatch) given `video`, no grad. -> [B, T]"""
+    from longrl.streambp.logprobs import chunked_logprobs
+
+    with torch.no_grad():
+        hidden = video_hidden(model, video, batch.input_ids)  # [B, T, D]
+        head = model.get_output_embeddings()
+        return chunked_logprobs(hidden, head.weight, head.bias, batch.targets, batch.mask, chunk, temperature)
+
+
+def video_loss_and_backward(model, video: VideoEmbeds, batch, loss_fn, chunk: int = 256, temperature: float = 1.0):
+    """Forward + loss + backward for `batch` given `video`; gradients accumulate in `.grad`.
+
+    The LM head runs chunk by chunk (streambp: no [B, T, V] logits). With a trainable
+    vision tower pass `as_leaf(video)` here for every micro-batch, then call
+    `backward_vision` once: the tower's backward runs once per step, not once per batch.
+    -> (loss, metrics, logprobs [B, T])
+    """
+    from longrl.streambp.logprobs import backward_chunked_head
+
+    if video.embeds.requires_grad and video.embeds.grad_fn is not None:
+        raise ValueError("video.embeds carries the vision graph: pass as_leaf(video) and call backward_vision after")
+    hidden = video_hidden(model, video, batch.input_ids)  # [B, T, D]
+    head = model.get_output_embeddings()
+    loss, metrics, grad_h, logp = backward_chunked_head(
+        hidden, head.weight, head.bias, batch.targets, batch.mask, loss_fn, chunk, temperature
+    )
+    hidden.backward(grad_h)
+    return loss, metrics, logp
+
+
+def as_leaf(video: VideoEmbeds) -> VideoEmbeds:
+    """A copy whose embeds are a grad-collecting leaf: micro-batches add dL/dembeds into it."""
+    return VideoEmbeds(video.embeds.detach().requires_grad_(True), video.grid_thw, video.second_per_grid)
+
+
+def backward_vision(video: VideoEmbeds, leaf: VideoEmbeds) -> None:
+    """Send the gradient gathered in `leaf` through the vision tower once."""
+    if leaf.embeds.grad is not None:
+        video.embeds.backward(leaf.embeds.grad)
+
+
+# ----------------------------------------------------------------------------------------
+# Rollouts on a cached video
+# ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_with_video(model, video: VideoEmbeds, prompt_ids: list[int], n: int, max_new_tokens: int,
+                      eos_id: int, temperature: float = 1.0, generator: torch.Generator | None = None,
+                      share_prefill: bool = True) -> tuple[list[list[int]], list[list[float]]]:
+    """G = `n` samples for one video prompt with a KV cache. -> (responses, their log-probs)
+
+    The prompt (with the video's embeddings) is prefilled once and its KV cache copied to
+    the n rows (`share_prefill`); otherwise each row prefills it. Decode positions continue
+    from the prompt's last position, exactly as `mrope_position_ids` numbers a teacher-forced
+    prompt + response, so these log-probs equal `video_logprobs` on the same tokens.
+    temperature 0 is greedy. A response ends at (and includes) `eos_id`.
+    """
+    from transformers import DynamicCache
+
+    lm, head = model.model.language_model, model.get_output_embeddings()
+    ids = torch.tensor([prompt_ids])  # [1, P]
+    positions = mrope_position_ids(model, ids, video)  # [3, 1, P]
+    embeds = video_inputs_embeds(model, ids, video)  # [1, P, D]
+    cache = DynamicCache(config=model.config.text_config)
+    if share_prefill:
+        h = lm(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        cache.batch_repeat_interleave(n)
+        h = h[:, -1].expand(n, -1)  # [n, D]
+    else:
+        P = ids.shape[1]
+        h = lm(inputs_embeds=embeds.expand(n, -1, -1), position_ids=positions.expand(3, n, P),
+               past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # [n, D]
+    next_pos = int(positions[0, 0, -1]) + 1  # the prompt ends in text: all three axes agree
+    tokens, logps = [], []
+    done = torch.zeros(n, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        logits = head(h).float()  # [n, V]
+        if temperature == 0:
+            tok = logits.argmax(-1)  # [n]
+            logp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+        else:
+            lp_all = torch.log_softmax(logits / temperature, -1)  # [n, V]
+            tok = torch.multinomial(lp_all.exp(), 1, generator=generator).squeeze(-1)
+            logp = lp_all.gather(-1, tok[:, None]).squeeze(-1)
+        tokens.append(torch.where(done, torch.full_like(tok, -1), tok))
+        logps.append(logp)
+        done |= tok == eos_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        pos = torch.full((3, n, 1), next_pos + step)
+        h = lm(inputs_embeds=model.get_input_embeddings()(tok[:, None]), position_ids=pos,
+               past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    tok_mat, lp_mat = torch.stack(tokens, 1), torch.stack(logps, 1)  # [n, steps]
+    responses = [[t for t in row if t >= 0] for row in tok_mat.tolist()]
+    return responses, [lp_mat[i, : len(r)].tolist() for i, r in enumerate(responses)]
