@@ -63,17 +63,19 @@ def train(cfg: Config) -> dict:
     resume_ckpt = None
     if cfg.resume:
         cfg, run_dir, resume_ckpt = _resume_config(cfg.resume, cfg)
-    else:
-        run_dir = prepare_run_dir(cfg)
-        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-        for stale in ("metrics.jsonl", "summary.json"):
-            (run_dir / stale).unlink(missing_ok=True)
     device = pick_device(cfg.model.device)
     quiet_libraries()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
+    # Everything that can fail on bad input happens before the run directory is touched.
     task = load_task(cfg.task, cfg.reward.correctness)
+    if resume_ckpt is None:
+        model, tokenizer = load_policy(cfg.model, device)
+        run_dir = prepare_run_dir(cfg)
+        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+        for stale in ("metrics.jsonl", "summary.json"):
+            (run_dir / stale).unlink(missing_ok=True)
     log = MetricsLog(run_dir / "metrics.jsonl")
     say = print if cfg.run.progress else (lambda *a, **k: None)
     say(f"longrl: task {task.name} ({len(task.train)} train / {len(task.eval)} held-out), run dir {run_dir}")
@@ -83,7 +85,6 @@ def train(cfg: Config) -> dict:
                         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
 
     if resume_ckpt is None:
-        model, tokenizer = load_policy(cfg.model, device)
         results = {"accuracy_initial": held_out(model, tokenizer)["eval/accuracy"]}
         t_sft = time.time()
         run_sft(model, tokenizer, task.train, cfg, device, log)

@@ -1,0 +1,63 @@
+"""The command line: help texts, and one clear line + exit status 2 for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from longrl.cli import main
+
+
+def test_help_texts(capsys):
+    for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["bench", "--help"], ["data", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "rl.group_size=8" in out and "resume=runs/mine" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "rl.grup_size=3"], "did you mean 'rl.group_size'"),
+    (["train", "task.name=adition"], "unknown task 'adition'; did you mean 'addition'"),
+    (["train", "model.path=/nonexistent/model"], "is not a directory"),
+    (["train", "task.name=rg:chain_summ"], "unknown reasoning-gym task"),
+    (["train", "task.name=jsonl"], "needs task.train_file"),
+    (["train", "resume=/nonexistent/run"], "not a run directory"),
+    (["eval", "task=addition"], "needs model=PATH"),
+])
+def test_bad_input_exits_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_malformed_jsonl_names_the_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "oops"\n')
+    assert main(["train", "task.name=jsonl", f"task.train_file={data}", "run.progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "d.jsonl:2" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unwritable_run_dir(tmp_path, capsys):
+    if os.geteuid() == 0:  # root writes anywhere: use a path under a regular file instead
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        out_dir = blocker / "runs"
+    else:
+        out_dir = tmp_path / "ro"
+        out_dir.mkdir(mode=0o500)
+    assert main(["train", f"run.out_dir={out_dir}", "run.progress=false"]) == 2
+    assert "run.out_dir" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "longrl", "train", "rl.bad_key=1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown config key 'rl.bad_key'" in r.stderr
