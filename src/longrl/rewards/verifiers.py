@@ -1,0 +1,149 @@
+"""Answer checks: `(predicted, reference) -> float in [0, 1]`.
+
+`predicted` is what `extract_answer` pulled out of a response (None when the response
+has no answer block, which always scores 0). `reference` is the task's answer string.
+These are the rule-based verifiers of RLVR (Tulu 3, arXiv 2411.15124; DeepSeek-R1,
+arXiv 2501.12948); `math_match` delegates to Hugging Face `math_verify`.
+
+Departures: none of these give partial credit; tasks that want it (reasoning-gym
+scorers) bring their own scorer instead.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from decimal import Decimal, InvalidOperation
+from typing import Callable
+
+from longrl.data.example import Example
+from longrl.errors import UserError
+from longrl.rewards.answer import extract_answer, extract_choice_letter
+
+MATH_TIMEOUT_SECONDS = 3
+"""Per-call limit for math_verify's parse and verify, enforced only in the main thread."""
+
+MATH_MAX_CHARS = 1000
+"""Longer predictions score 0 without being parsed: sympy on model garbage can be slow."""
+
+_SPACES = re.compile(r"\s+")
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
+
+
+def exact_match(predicted: str | None, reference: str) -> float:
+    """1.0 when the two strings are equal after stripping surrounding whitespace."""
+    if predicted is None:
+        return 0.0
+    return float(predicted.strip() == reference.strip())
+
+
+def normalized_match(predicted: str | None, reference: str) -> float:
+    """1.0 when equal after `normalize_text`, or when both are the same finite number.
+
+    Numbers compare by value, so "7.0" == "7" == "+07" and "1,000" == "1000".
+    """
+    if predicted is None:
+        return 0.0
+    p, r = normalize_text(predicted), normalize_text(reference)
+    if not p:
+        return 0.0
+    if p == r:
+        return 1.0
+    p_num, r_num = _as_number(p), _as_number(r)
+    return float(p_num is not None and r_num is not None and p_num == r_num)
+
+
+def normalize_text(s: str) -> str:
+    """Lowercase, collapse whitespace, and peel (repeatedly) surrounding quotes, `$`
+    delimiters and one trailing period: `  "Paris". ` -> `paris`, `$7$` -> `7`."""
+    s = _SPACES.sub(" ", s.lower()).strip()
+    while True:
+        before = s
+        if s.endswith(".") and not s.endswith(".."):
+            s = s[:-1].rstrip()
+        if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'`$":
+            s = s[1:-1].strip()
+        if s == before:
+            return s
+
+
+def _as_number(s: str) -> Decimal | None:
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    try:
+        value = Decimal(s)
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None
+
+
+def math_match(predicted: str | None, reference: str) -> float:
+    """1.0 when math_verify finds the prediction equal to the reference, else 0.0.
+
+    Both sides are parsed as LaTeX math (wrapped in `$...$` unless they already carry
+    `$` or `\\boxed`), falling back to math_verify's plain parse, so "\\frac12",
+    "0.5" and "1/2" all match "\\frac{1}{2}". Any exception or timeout scores 0.
+
+    math_verify enforces its timeouts with `signal.alarm`, which only works in the main
+    thread; elsewhere (a reward worker thread) the timeouts are switched off
+    (`parsing_timeout=None`, `timeout_seconds=None`) and only `MATH_MAX_CHARS` guards
+    against slow inputs.
+    """
+    if predicted is None or not predicted.strip() or len(predicted) > MATH_MAX_CHARS:
+        return 0.0
+    from math_verify import verify  # lazy: sympy import costs seconds
+
+    limit = MATH_TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
+    try:
+        gold, pred = _math_parse(reference, limit), _math_parse(predicted, limit)
+        if not gold or not pred:
+            return 0.0
+        return float(verify(gold, pred, timeout_seconds=limit))
+    except Exception:  # math_verify and sympy raise many types on malformed input
+        return 0.0
+
+
+def _math_parse(s: str, limit: int | None) -> list:
+    from math_verify import parse
+
+    s = s.strip()
+    if "$" in s or "\\boxed" in s:
+        return parse(s, parsing_timeout=limit)
+    return parse(f"${s}$", parsing_timeout=limit) or parse(s, parsing_timeout=limit)
+
+
+def mcq_match(predicted: str | None, reference: str) -> float:
+    """1.0 when the letter read from the prediction equals the reference letter.
+
+    The prediction is read with `extract_choice_letter`; the reference may be "B",
+    "(B)" or "b". A reference that is not a single letter scores everything 0.
+    """
+    if predicted is None:
+        return 0.0
+    ref = reference.strip().strip("()[]. ").upper()
+    if len(ref) != 1 or not ref.isalpha():
+        return 0.0
+    letters = "ABCDE" if ref in "ABCDE" else "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: ord(ref) - ord("A") + 1]
+    return float(extract_choice_letter(predicted, letters) == ref)
+
+
+VERIFIERS: dict[str, Callable[[str | None, str], float]] = {
+    "exact": exact_match,
+    "normalized": normalized_match,
+    "math": math_match,
+    "mcq": mcq_match,
+}
+"""Verifier by the name used in `reward.correctness`."""
+
+
+def answer_scorer(name: str) -> Callable[[str, Example], float]:
+    """A `correctness_fn(response_text, example)` for `score_responses`: the named
+    verifier applied to the response's extracted answer and `example.answer`."""
+    if name not in VERIFIERS:
+        raise UserError(f"reward.correctness={name!r} is not one of {sorted(VERIFIERS)}")
+    verifier = VERIFIERS[name]
+
+    def score(response_text: str, example: Example) -> float:
+        return verifier(extract_answer(response_text), example.answer)
+
+    return score
