@@ -135,3 +135,13 @@ def test_duplicate_ids_and_missing_folder(tmp_path):
     qs = load_annotations_from([rec("1", "v", "s", "d", "t", "A")], tmp_path)
     with pytest.raises(UserError, match="video folder not found"):
         evaluate(qs, tmp_path / "nope", lambda *a: "A")
+
+
+def test_run_videomme_with_the_tiny_model(bench, tmp_path):
+    from longrl.eval.videomme import run_videomme
+
+    ann, vids = bench
+    report = run_videomme(ann, vids, "", tmp_path / "o", max_frames=4, max_new_tokens=4)
+    assert (report["n_questions"], report["n_asked"]) == (8, 6)
+    rows = [json.loads(x) for x in (tmp_path / "o/videomme_results.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["response"], str) for r in rows if r["status"] == "ok")

@@ -217,3 +217,41 @@ def test_sampling_logprobs_equal_teacher_forcing_and_prefill_sharing_changes_not
         np.testing.assert_allclose(tf[i][batch.mask[i] > 0].numpy(), lps[i], atol=1e-10)
     greedy, _ = sample_with_video(model, video, prompt, 2, 6, tok.eos_token_id, temperature=0.0)
     assert greedy[0] == greedy[1]
+
+
+# ---- files, the embedding cache, the predictor ------------------------------------------
+
+
+def test_embed_video_file_uses_the_cache(model, tmp_path, monkeypatch):
+    from longrl.media.cache import EmbeddingCache
+    from longrl.media.encode import write_video
+    from longrl.media.frames import FrameSampling
+
+    path = write_video(tmp_path / "v.mp4", list(frames(6, 64, 64).numpy()), fps=2)
+    s = FrameSampling(fps=None, max_frames=4)
+    calls = []
+    real = vlm.encode_video
+    monkeypatch.setattr(vlm, "encode_video", lambda *a: calls.append(1) or real(*a))
+    tag = vlm.vision_tag(model)
+    cache = EmbeddingCache(tmp_path / "cache")
+    first = vlm.embed_video_file(model, str(path), s, cache, tag)
+    again = vlm.embed_video_file(model, str(path), s, EmbeddingCache(tmp_path / "cache"), tag)  # from disk
+    assert len(calls) == 1
+    torch.testing.assert_close(again.embeds, first.embeds, atol=0, rtol=0)
+    # 4 uniform slots over 3 s land on the frames at 0, 1.0, 1.5, 2.5 s: mean step 2.5/3 s, x2 frames
+    assert again.grid_thw.tolist() == [2, 4, 4] and again.second_per_grid == pytest.approx(2 * 2.5 / 3, abs=1e-12)
+    vlm.embed_video_file(model, str(path), FrameSampling(fps=None, max_frames=2), cache, tag)  # new sampling
+    assert len(calls) == 2
+    with torch.no_grad():
+        model.model.visual.merger.mlp[0].weight.add_(1.0)
+    assert vlm.vision_tag(model) != tag  # new weights: a new key
+
+
+def test_predictor_encodes_each_video_once(model, tok, monkeypatch):
+    calls = []
+    real = vlm.encode_video
+    monkeypatch.setattr(vlm, "encode_video", lambda *a: calls.append(1) or real(*a))
+    predict = vlm.vlm_predictor(model, tok, max_new_tokens=5)
+    f, ts = frames(4, 56, 56).numpy(), np.arange(4) * 0.5
+    out = [predict(f, ts, "Q1?"), predict(f, ts, "Q2?"), predict(frames(4, 56, 56, seed=9).numpy(), ts, "Q1?")]
+    assert len(calls) == 2 and all(isinstance(o, str) for o in out)

@@ -202,11 +202,12 @@ def evaluate(
             except UserError as e:
                 status = "unreadable_video"
                 problems[video_id] = {"status": status, "error": str(e)}
+        frames = clip.frames.numpy() if clip is not None else None  # one array per video: predictors may memoise on it
         for q in qs:
             row = {**asdict(q), "status": status, "response": None, "predicted": None, "correct": False}
             del row["video_names"]
             if clip is not None:
-                row["response"] = predict(clip.frames.numpy(), clip.timestamps, question_text(q))
+                row["response"] = predict(frames, clip.timestamps, question_text(q))
                 row["predicted"], row["correct"] = score(q, row["response"])
             rows.append(row)
     report = summarize(rows, problems)
@@ -246,3 +247,20 @@ def summarize(rows: list[dict], problems: dict[str, dict]) -> dict:
 
 def _acc(rows: list[dict]) -> float | None:
     return sum(r["correct"] for r in rows) / len(rows) if rows else None
+
+
+def run_videomme(annotations: str | Path, videos_dir: str | Path, model_path: str = "",
+                 out_dir: str | Path | None = None, max_frames: int = 32, fps: float | None = None,
+                 max_pixels: int = 64 * 28 * 28, max_new_tokens: int = 64) -> dict:
+    """`longrl eval --videomme ANNOT --videos DIR`: a Qwen2.5-VL (local directory, or the tiny
+    default when `model_path` is empty) answers every question greedily. -> report"""
+    import torch
+
+    from longrl.models.vlm import load_vlm, vlm_predictor
+
+    questions = load_annotations(annotations)
+    model, tokenizer = load_vlm(model_path)
+    model.eval()
+    with torch.no_grad():
+        return evaluate(questions, videos_dir, vlm_predictor(model, tokenizer, max_new_tokens),
+                        FrameSampling(fps=fps, max_frames=max_frames, max_pixels=max_pixels), out_dir)

@@ -361,3 +361,64 @@ def sample_with_video(model, video: VideoEmbeds, prompt_ids: list[int], n: int, 
     tok_mat, lp_mat = torch.stack(tokens, 1), torch.stack(logps, 1)  # [n, steps]
     responses = [[t for t in row if t >= 0] for row in tok_mat.tolist()]
     return responses, [lp_mat[i, : len(r)].tolist() for i, r in enumerate(responses)]
+
+
+# ----------------------------------------------------------------------------------------
+# Files -> cached embeddings, and a predictor for evaluation
+# ----------------------------------------------------------------------------------------
+
+
+def vision_tag(model) -> str:
+    """A digest of the vision tower's weights: part of the disk-cache key, so embeddings
+    from other weights are never reused. Compute once per policy version (it reads every weight)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.model.visual.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def embed_video_file(model, path: str, sampling, cache=None, tag: str = "") -> VideoEmbeds:
+    """Decode, sample, patchify and encode (no grad) the video at `path`.
+
+    With an `media.cache.EmbeddingCache` the result is looked up by the file's content
+    hash, `sampling` and `tag` (use `vision_tag(model)`) and computed only on a miss.
+    """
+    from longrl.media.cache import cache_key
+    from longrl.media.frames import load_clip
+
+    def compute() -> dict[str, torch.Tensor]:
+        clip = load_clip(path, sampling)
+        pv, grid = patchify(clip.frames)
+        with torch.no_grad():
+            video = encode_video(model, pv, grid, seconds_per_grid(clip.timestamps))
+        return {"embeds": video.embeds, "grid_thw": video.grid_thw, "second_per_grid": torch.tensor(video.second_per_grid, dtype=torch.float64)}
+
+    found = compute() if cache is None else cache.get_or_compute(cache_key(path, sampling.key(), tag), compute)
+    return VideoEmbeds(found["embeds"], found["grid_thw"].long(), float(found["second_per_grid"]))
+
+
+def vlm_predictor(model, tokenizer, max_new_tokens: int = 64):
+    """`predict(frames, timestamps, question) -> response` for `eval.videomme`, greedy.
+
+    The video is encoded once and reused while the same frames array comes back (one video's
+    questions are asked in a row).
+    """
+    last: dict = {}
+
+    def predict(frames: np.ndarray, timestamps: np.ndarray, question: str) -> str:
+        if last.get("frames") is not frames:
+            pv, grid = patchify(torch.from_numpy(frames))
+            with torch.no_grad():
+                last["video"] = encode_video(model, pv, grid, seconds_per_grid(timestamps))
+            last["frames"] = frames
+        video = last["video"]
+        ids = video_prompt_ids(tokenizer, video.n_tokens, question)
+        (resp,), _ = sample_with_video(model, video, ids, 1, max_new_tokens, tokenizer.eos_token_id, temperature=0.0)
+        if resp and resp[-1] == tokenizer.eos_token_id:
+            resp = resp[:-1]
+        return tokenizer.decode(resp, skip_special_tokens=False)
+
+    return predict
