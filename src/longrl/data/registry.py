@@ -47,6 +47,8 @@ def load_task(cfg: TaskConfig, correctness: str = "auto") -> TaskData:
     elif name.startswith("rg:"):
         from longrl.data.reasoning_gym_task import ReasoningGymTask
 
+        if "seed" in cfg.kwargs:
+            raise UserError("task.kwargs.seed: set the generator seed with task.seed, not task.kwargs")
         task = ReasoningGymTask(name[3:], seed=cfg.seed, **cfg.kwargs)
         train = task.examples(cfg.n_train, cfg.seed)
         held = task.examples(cfg.n_eval, cfg.seed + 7919)
