@@ -9,7 +9,8 @@ from longrl.errors import UserError
 def test_overrides_layer_on_yaml(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("rl:\n  group_size: 4\n  lr: 0.01\ntask:\n  name: sort\n")
-    cfg = load_config(f, ["rl.group_size=6", "rollout.partial=true", "task.kwargs.max_len=4"])
+    cfg = load_config(f, ["rl.group_size=6", "rollout.partial=true", "task.kwargs.max_len=4", "sft.lr=5e-4"])
+    assert cfg.sft.lr == 5e-4
     assert cfg.rl.group_size == 6 and cfg.rl.lr == 0.01 and cfg.task.name == "sort"
     assert cfg.rollout.partial is True and cfg.task.kwargs == {"max_len": 4}
 
