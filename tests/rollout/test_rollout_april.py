@@ -187,7 +187,7 @@ def test_synchronous_mode_reproduces_plain_generation(tiny_qwen):
     prompts = _prompts(N, seed=1)
     # Greedy: every sample equals the no-cache, no-batching reference.
     engine = ContinuousEngine(model, num_slots=5, eos_token_id=11, temperature=0.0)
-    sched = AprilScheduler(engine, G, max_new, over_provision=1.0, partial=False)
+    sched = AprilScheduler(engine, G, over_provision=1.0, partial=False, max_new_tokens=max_new)
     groups, stats = sched.next_step(prompts, N)
     assert [g[0].prompt_id for g in groups] == [p for p, _ in prompts]
     for (pid, ids), group in zip(prompts, groups):
@@ -196,7 +196,7 @@ def test_synchronous_mode_reproduces_plain_generation(tiny_qwen):
     assert stats.discarded_tokens == 0 and not sched.buffer
     # Sampled: the same tokens and log-probs as generate() with the documented per-sample seeds.
     engine = ContinuousEngine(model, num_slots=5, eos_token_id=11, temperature=1.0, top_p=0.95)
-    sched = AprilScheduler(engine, G, max_new, over_provision=1.0, partial=False, seed=3)
+    sched = AprilScheduler(engine, G, over_provision=1.0, partial=False, max_new_tokens=max_new, seed=3)
     groups, _ = sched.next_step(prompts, N)
     plain = ContinuousEngine(model, num_slots=2, eos_token_id=11, temperature=1.0, top_p=0.95)
     reqs = [Request((gi, i), ids, max_new, seed=mix_seed(3, gi, i, 1)) for gi, (_, ids) in enumerate(prompts)
@@ -216,7 +216,7 @@ def test_partial_rollouts_resume_exactly_under_greedy(tiny_qwen):
     G, N, max_new, eos = 2, 2, 16, 11
     prompts = iter(_prompts(40, seed=2))
     engine = ContinuousEngine(model, num_slots=3, eos_token_id=eos, temperature=0.0)
-    sched = AprilScheduler(engine, G, max_new, over_provision=2.0, partial=True, max_staleness=None)
+    sched = AprilScheduler(engine, G, 2.0, None, True, max_new_tokens=max_new)
     parked = resumed = 0
     refs = {}
     for _ in range(6):
@@ -250,3 +250,27 @@ def test_tis_weights_values_and_detach():
     a, b = torch.randn(4, 9), torch.randn(4, 9)
     brute = torch.tensor([[min(float(torch.exp(x - y)), 1.5) for x, y in zip(ra, rb)] for ra, rb in zip(a, b)])
     torch.testing.assert_close(tis_weights(a, b, 1.5), brute)
+
+
+def test_rollout_benchmark_runs_small(capsys):
+    from longrl.bench.rollout import run
+
+    report = run(["--json", "--steps", "2", "--groups", "2", "--group-size", "2", "--slots", "4",
+                  "--max-new-tokens", "24", "--hidden", "32", "--device", "cpu", "--threads", "0"])
+    assert set(report) >= {"sync", "april", "speedup", "speedup_per_engine_step"}
+    assert report["sync"]["offpolicy_token_frac"] == 0.0 and report["sync"]["discarded_tokens"] == 0
+    assert report["sync"]["trained_tokens"] == report["sync"]["tokens_generated"] > 0
+    assert report["april"]["trained_tokens"] > 0 and 0 < report["april"]["slot_utilisation"] <= 1
+    assert '"speedup"' in capsys.readouterr().out
+
+
+def test_pareto_eos_sets_the_stop_probability(tiny_qwen):
+    from longrl.bench.rollout import ParetoEOS
+
+    model = ParetoEOS(tiny_qwen().eval(), eos_id=1, prompt_len=4, alpha=1.0, scale=8.0)
+    ids = torch.randint(2, 50, (2, 10))
+    with torch.no_grad():
+        logits = model(input_ids=ids, position_ids=torch.arange(10).expand(2, 10)).logits  # [2, 10, V]
+    p_eos = torch.softmax(logits, -1)[..., 1]
+    n = (torch.arange(10) + 1 - 4).clamp(min=0)  # response tokens before the predicted one
+    torch.testing.assert_close(p_eos, (1.0 / (8.0 + n.float())).expand(2, 10), atol=1e-6, rtol=0)

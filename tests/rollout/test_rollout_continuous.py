@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from longrl.rollout.continuous import ContinuousEngine, Request, mix_seed, sample_with_uniforms
+from longrl.rollout.continuous import ContinuousEngine, Request, _length_buckets, mix_seed, sample_with_uniforms
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +74,27 @@ def test_greedy_continuous_equals_one_by_one(tiny_qwen):
     assert engine.busy_slot_steps == engine.tokens_generated
     assert engine.steps * 3 >= engine.busy_slot_steps > engine.steps * 2  # mostly full slots
     assert not engine.has_work
+
+
+def test_admitting_very_different_lengths_together(tiny_qwen):
+    """Short prompts and long resumed contexts join in one step (prefilled in separate buckets)."""
+    model = tiny_qwen(seed=4).eval()
+    rng = random.Random(5)
+    reqs = [Request(i, [rng.randrange(50) for _ in range(n)], 6) for i, n in enumerate([1, 2, 30, 3, 45, 2, 60])]
+    engine = ContinuousEngine(model, num_slots=4, eos_token_id=None, temperature=0.0)
+    for req, res in zip(reqs, engine.generate(reqs)):
+        assert res.token_ids == _reference(model, req.prompt_ids, 6, set())
+        torch.testing.assert_close(torch.tensor(res.logprobs), _teacher_forced(model, req.prompt_ids, res.token_ids),
+                                   atol=1e-5, rtol=0)
+
+
+def test_length_buckets_hand_worked():
+    assert _length_buckets([16] * 30 + [500]) == [slice(0, 30), slice(30, 31)]
+    assert _length_buckets([1, 2, 3, 4]) == [slice(0, 4)]
+    assert _length_buckets([0, 0, 5]) == [slice(0, 2), slice(2, 3)]  # 3 rows * 5 > 2 * 5 tokens
+    assert _length_buckets([10, 10, 50]) == [slice(0, 2), slice(2, 3)]  # 3 * 50 > 2 * 70
+    assert _length_buckets([10, 10, 40]) == [slice(0, 3)]  # 3 * 40 <= 2 * 60
+    assert _length_buckets([10, 30, 40]) == [slice(0, 3)]  # 3 * 40 <= 2 * 80
 
 
 def test_resume_continues_like_an_uninterrupted_run(tiny_qwen):

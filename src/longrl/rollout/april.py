@@ -158,10 +158,11 @@ class AprilScheduler:
         self,
         engine: Engine,
         group_size: int,
-        max_new_tokens: int,
         over_provision: float = 2.0,
         max_staleness: int | None = 4,
         partial: bool = True,
+        *,
+        max_new_tokens: int,
         seed: int = 0,
     ):
         if group_size < 1 or max_new_tokens < 1:

@@ -270,10 +270,15 @@ class ContinuousEngine:
             new.append(self._new_row(self._waiting.popleft()))
         if not new:
             return
-        kv_new = self._prefill(new)
-        kv_old = None if self._cache is None else _cache_tensors(self._cache)
+        # Prefill in buckets of similar length: one long resumed context in a batch of short
+        # prompts would otherwise pad every row to its length.
+        new.sort(key=lambda r: r.cached)
+        parts = [(None if self._cache is None else _cache_tensors(self._cache), len(self._rows))]
+        for bucket in _length_buckets([r.cached for r in new]):
+            rows = new[bucket]
+            parts.append((self._prefill(rows), len(rows)))
         self._rows.extend(new)
-        merged = _concat_rows(kv_old, len(self._rows) - len(new), kv_new, len(new))
+        merged = _concat_rows(parts)
         self._cache = None if merged is None else DynamicCache(ddp_cache_data=merged)
 
     def _prefill(self, rows: list[_Row]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -376,30 +381,40 @@ def _prefill_mask(start: torch.Tensor, P: int, dtype: torch.dtype) -> torch.Tens
     return _additive(allowed, dtype)[:, None]
 
 
-def _concat_rows(old, n_old: int, new, n_new: int):
-    """Stack two right-aligned caches by row, left-padding the one with fewer columns.
+def _length_buckets(lens: list[int]) -> list[slice]:
+    """Split ascending lengths into runs whose padded size is at most twice their tokens."""
+    buckets, start, total = [], 0, 0
+    for j, n in enumerate(lens):
+        if j > start and (j - start + 1) * n > 2 * (total + n):
+            buckets.append(slice(start, j))
+            start, total = j, 0
+        total += n
+    buckets.append(slice(start, len(lens)))
+    return buckets
 
-    Either side may be None (no columns); a side without tensors gets zero columns, which the
-    masks never let anyone attend to.
+
+def _concat_rows(parts: list[tuple[list | None, int]]):
+    """Stack right-aligned caches `(kv or None, rows)` by row, left-padding to the most columns.
+
+    A part with None has no columns: it gets zero columns, which the masks never let anyone
+    attend to. Returns None when no part has columns.
     """
-    if old is None and new is None:
+    parts = [(kv, n) for kv, n in parts if n > 0]
+    with_kv = [kv for kv, _ in parts if kv is not None]
+    if not with_kv:
         return None
-    ref = old if old is not None else new
-    C = max(0 if old is None else old[0][0].shape[-2], 0 if new is None else new[0][0].shape[-2])
+    ref = with_kv[0]
+    C = max(kv[0][0].shape[-2] for kv in with_kv)
     out = []
     for layer, (k_ref, v_ref) in enumerate(ref):
-        parts_k, parts_v = [], []
-        for side, n in ((old, n_old), (new, n_new)):
-            if n == 0:
-                continue
-            if side is None:
-                k = k_ref.new_zeros((n, k_ref.shape[1], C, k_ref.shape[3]))  # [n, H, C, D]
-                v = v_ref.new_zeros((n, v_ref.shape[1], C, v_ref.shape[3]))
+        ks, vs = [], []
+        for kv, n in parts:
+            if kv is None:
+                ks.append(k_ref.new_zeros((n, k_ref.shape[1], C, k_ref.shape[3])))  # [n, H, C, D]
+                vs.append(v_ref.new_zeros((n, v_ref.shape[1], C, v_ref.shape[3])))
             else:
-                k, v = side[layer]
-                k = F.pad(k, (0, 0, C - k.shape[-2], 0))  # left-pad columns
-                v = F.pad(v, (0, 0, C - v.shape[-2], 0))
-            parts_k.append(k)
-            parts_v.append(v)
-        out.append((torch.cat(parts_k, 0), torch.cat(parts_v, 0)))
+                k, v = kv[layer]
+                ks.append(F.pad(k, (0, 0, C - k.shape[-2], 0)))  # left-pad columns
+                vs.append(F.pad(v, (0, 0, C - v.shape[-2], 0)))
+        out.append((torch.cat(ks, 0), torch.cat(vs, 0)))
     return out
