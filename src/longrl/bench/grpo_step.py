@@ -1,0 +1,400 @@
+"""Benchmark: one GRPO step of longrl vs the same step with TRL's `GRPOTrainer`.
+
+    longrl bench grpo-step --json [--prompts 8] [--group-size 8] [--max-new-tokens 32] [--steps 3]
+    python -m longrl.bench.grpo_step --json [...] [key=value ...]
+
+One GRPO step = sample G responses for each of N prompts, score them, group-normalise the
+rewards, one clipped policy-gradient update (PPO-clip, token-mean loss, no KL, no reference
+model), one AdamW step. Both sides get:
+- the same model and weights: each side builds the policy from the same config and seed
+  (`load_policy`, the tiny default unless `model.path=...`); a checksum of the initial
+  weights is reported per side and must match;
+- the same prompts in the same order: the exact prompts longrl's data cursor feeds each step
+  become TRL's dataset, read unshuffled, so step s sees the same N prompts on both sides;
+- the same reward: `score_responses` with the task's scorer and format weight (TRL's reward
+  function decodes the completion ids itself, keeping the format tags that TRL's
+  `skip_special_tokens=True` decoding would drop);
+- the same group size, response budget, temperature (1.0), top-p, learning rate, AdamW
+  betas, weight decay, grad clip, clip range (0.2 / 0.28) and token-mean loss (TRL's `dapo`);
+  one optimizer step per generation (TRL: steps_per_generation=1, num_iterations=1), one
+  micro-batch of N*G sequences unless `--micro-batch` says otherwise.
+
+What differs is the implementation: longrl's own KV-cache engine and chunked log-probs
+(StreamBP) vs TRL's `model.generate` and full-logit forward. TRL's own default of gradient
+checkpointing is kept (`--trl-gradient-checkpointing off` turns it off). longrl always
+recomputes the old log-probs with one extra no-grad forward (to measure the engine/trainer
+gap); TRL skips that forward when the step is exactly on-policy, as it is here. With the tiny
+default (vocabulary ~100, sequences ~60 tokens) logits are small, so StreamBP's memory saving
+barely shows; raise `model.tiny.*` or `--max-new-tokens`, or give `model.path=DIR`, to see it.
+
+Each side runs in its own subprocess so that peak memory (`ru_maxrss`; on CUDA also
+`torch.cuda.max_memory_allocated` over the steps) is not polluted by the other; the RSS
+includes each side's imports (TRL pulls in accelerate and datasets), so `rss_before_steps_mb`
+is reported too. Step time is the median over `--steps` steps after `--warmup` discarded
+steps; on TRL it is the time between consecutive `on_step_end` callbacks, which spans
+generation, reward, loss, backward and the optimizer step, like a longrl `grpo_step` call.
+The ratios are trl / longrl: above 1 means longrl is faster or lighter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+RESULT_TAG = "GRPO_STEP_RESULT "
+
+
+def _parse(args: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="longrl bench grpo-step", description=__doc__.split("\n")[0])
+    p.add_argument("--prompts", type=int, default=8, help="prompts (groups) per step, N")
+    p.add_argument("--group-size", type=int, default=8, help="samples per prompt, G")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="response budget in tokens")
+    p.add_argument("--micro-batch", type=int, default=0, help="sequences per forward/backward (0: all N*G)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per side (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (at least 1)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate, both sides")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads in each side (0: torch default)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trl-gradient-checkpointing", choices=["on", "off"], default="on",
+                   help="TRL's gradient checkpointing (on is GRPOConfig's default)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per side")
+    p.add_argument("--side", choices=["both", "longrl", "trl"], default="both", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print the JSON result (python -m)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="longrl config overrides for both sides, e.g. model.path=DIR task.name=sort")
+    opt = p.parse_args(args)
+    if opt.warmup < 1 or opt.steps < 1:
+        p.error("--warmup and --steps must be at least 1 (the first step pays one-off costs)")
+    return opt
+
+
+def _config(opt):
+    from longrl.config import load_config
+
+    n_seqs = opt.prompts * opt.group_size
+    micro = opt.micro_batch or n_seqs
+    if n_seqs % micro:
+        from longrl.errors import UserError
+
+        raise UserError(f"--micro-batch={micro} must divide prompts*group_size={n_seqs} (TRL needs whole micro-batches)")
+    base = [f"rl.prompts_per_step={opt.prompts}", f"rl.group_size={opt.group_size}",
+            f"rollout.max_new_tokens={opt.max_new_tokens}", "rollout.temperature=1.0",
+            f"rl.micro_batch_size={micro}", f"rl.lr={opt.lr}", "rl.warmup_steps=0", "rl.kl_coef=0",
+            "rl.ppo_epochs=1", "rl.loss=ppo", "rl.loss_agg=token-mean", "rl.advantage=grpo",
+            "rl.dynamic_sampling=false", "rl.overlong=none", f"train.seed={opt.seed}",
+            f"train.threads={opt.threads}", f"model.device={opt.device}", "run.progress=false",
+            f"task.n_train={max(64, opt.prompts * (opt.warmup + opt.steps))}", "task.n_eval=8"]
+    return load_config(None, base + list(opt.overrides))
+
+
+def _setup(opt):
+    """Config, task, freshly built policy and the per-step prompt order: identical on both sides."""
+    import torch
+
+    from longrl.data.registry import load_task
+    from longrl.models.load import load_policy
+    from longrl.recipes.grpo import DataCursor
+    from longrl.utils import pick_device, quiet_libraries, seed_everything
+
+    cfg = _config(opt)
+    if opt.threads > 0:
+        torch.set_num_threads(opt.threads)
+    quiet_libraries()
+    device = pick_device(cfg.model.device)
+    seed_everything(cfg.train.seed)
+    task = load_task(cfg.task, cfg.reward.correctness)
+    model, tokenizer = load_policy(cfg.model, device)
+    cursor = DataCursor(cfg.train.seed, len(task.train))  # what init_state builds
+    order = [cursor.take(opt.prompts) for _ in range(opt.warmup + opt.steps)]
+    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    return cfg, task, model, tokenizer, device, order, checksum
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MiB (Linux: ru_maxrss is KiB)."""
+    with open("/proc/self/statm") as f:
+        current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _summary(times: list[float], cpu: list[float], rollout: list[float], opt, device, rss_before: float,
+             checksum: float, extra: dict) -> dict:
+    """Medians over the timed steps (the first `opt.warmup` are dropped), memory, provenance."""
+    import torch
+
+    w = opt.warmup
+    peak = _rss_mb()[1]
+    out = {
+        "step_seconds": statistics.median(times[w:]),
+        "step_cpu_seconds": statistics.median(cpu[w:]),
+        "rollout_seconds": statistics.median(rollout[w:]),
+        "step_seconds_all": [round(t, 4) for t in times],
+        "warmup_steps": w,
+        "rss_before_steps_mb": round(rss_before, 1),
+        "peak_rss_mb": round(peak, 1),
+        # ru_maxrss never falls, so this is the growth only when the steps set the peak
+        "rss_growth_during_steps_mb": round(max(0.0, peak - rss_before), 1),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "initial_weights_checksum": checksum,
+        **extra,
+    }
+    if device.type == "cuda":
+        out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# The two sides (each runs in its own process)
+# ----------------------------------------------------------------------------------------
+
+
+def run_longrl_side(opt) -> dict:
+    import torch
+
+    from longrl.recipes.grpo import grpo_step, init_state
+
+    cfg, task, model, tokenizer, device, order, checksum = _setup(opt)
+    state = init_state(model, cfg, len(task.train))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = _rss_mb()[0]
+    times, cpu, rollout, lengths, rewards = [], [], [], [], []
+    for _ in order:
+        t0, c0 = time.perf_counter(), time.process_time()
+        m = grpo_step(model, tokenizer, task, cfg, state)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        rollout.append(m["time/rollout"])
+        lengths.append(m["rollout/response_len"])
+        rewards.append(m["reward/mean"])
+    return _summary(times, cpu, rollout, opt, device, rss_before, checksum, {
+        "response_len_mean": statistics.fmean(lengths), "reward_mean": statistics.fmean(rewards),
+        "backprop": cfg.train.backprop})
+
+
+def _trl_args(opt, cfg, device, out_dir: str):
+    """GRPOConfig for the same step: N*G sequences, one generation and one AdamW step per step."""
+    from trl import GRPOConfig
+
+    n_seqs, micro = opt.prompts * opt.group_size, cfg.rl.micro_batch_size
+    return GRPOConfig(
+        output_dir=out_dir, use_cpu=device.type == "cpu", bf16=False, fp16=False, use_vllm=False,
+        report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        seed=cfg.train.seed, max_steps=opt.warmup + opt.steps, shuffle_dataset=False, dataloader_pin_memory=False,
+        # per-device batch counts completions; generation batch = micro * accumulation = N*G
+        per_device_train_batch_size=micro, gradient_accumulation_steps=n_seqs // micro,
+        num_generations=opt.group_size, max_completion_length=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=0, generation_kwargs={"use_cache": True},
+        beta=0.0, num_iterations=1, epsilon=cfg.rl.clip_low, epsilon_high=cfg.rl.clip_high,
+        loss_type="dapo", scale_rewards="group", mask_truncated_completions=False,  # dapo = token-mean
+        learning_rate=cfg.rl.lr, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.99,
+        weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.grad_clip,
+        gradient_checkpointing=opt.trl_gradient_checkpointing == "on",
+    )
+
+
+def _trl_reward(tokenizer, task, cfg, lengths: list, seen: list):
+    """longrl's reward as a TRL reward function. It decodes the completion ids itself, since
+    TRL's `completions` text is decoded with skip_special_tokens=True and loses the format tags."""
+    from longrl.eval.accuracy import decode_response
+    from longrl.rewards.combine import score_responses
+
+    def reward_fn(prompts, completions, completion_ids, example_index, **_):
+        texts = [decode_response(tokenizer, list(ids)) for ids in completion_ids]
+        lengths.append(statistics.fmean(len(ids) for ids in completion_ids))
+        seen.append(sorted(example_index))
+        rewards, _parts = score_responses(texts, [task.train[i] for i in example_index], task.score,
+                                          cfg.reward.correctness_weight, cfg.reward.format_weight)
+        return rewards.tolist()
+
+    return reward_fn
+
+
+def run_trl_side(opt) -> dict:
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[var] = "1"  # no hub calls: model, tokenizer and data are all built here
+    os.environ.setdefault("WANDB_DISABLED", "true")
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    from longrl.eval.accuracy import encode_prompts
+    from longrl.models.load import format_prompt
+
+    cfg, task, model, tokenizer, device, order, checksum = _setup(opt)
+    model.config.use_cache = True  # load_policy turns it off for training; HF generate wants it
+    # The prompts longrl's cursor feeds each step, in order; TRL reads them unshuffled.
+    rows = [i for step in order for i in step]
+    dataset = Dataset.from_dict({"prompt": [format_prompt(tokenizer, task.train[i].prompt) for i in rows],
+                                 "example_index": rows})
+    # TRL tokenises the prompt text itself; it must give the ids longrl's engine gets.
+    same_ids = ([tokenizer(text=p)["input_ids"] for p in dataset["prompt"]]
+                == encode_prompts(tokenizer, [task.train[i] for i in rows]))
+    lengths: list[float] = []
+    seen: list[list[int]] = []  # example indices scored at each step
+    marks: list[tuple[float, float]] = []  # (wall, cpu) at the first step's start and every step's end
+    rollout_seconds: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if not marks:
+                marks.append((time.perf_counter(), time.process_time()))
+
+        def on_step_end(self, args, state, control, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            marks.append((time.perf_counter(), time.process_time()))
+
+    with tempfile.TemporaryDirectory(prefix="longrl-bench-trl-") as out_dir:
+        args = _trl_args(opt, cfg, device, out_dir)
+        trainer = GRPOTrainer(model=model, reward_funcs=_trl_reward(tokenizer, task, cfg, lengths, seen), args=args,
+                              train_dataset=dataset, processing_class=tokenizer, callbacks=[StepClock()])
+        # Sampling + reward + advantages: the counterpart of longrl's time/rollout.
+        generate_and_score = trainer._generate_and_score_completions
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            out = generate_and_score(*a, **k)
+            rollout_seconds.append(time.perf_counter() - t0)
+            return out
+
+        trainer._generate_and_score_completions = timed
+        if opt.threads > 0:
+            torch.set_num_threads(opt.threads)  # in case accelerate changed it
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rss_before = _rss_mb()[0]
+        trainer.train()
+    times = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(marks, marks[1:])]
+    if len(times) != len(order):
+        raise RuntimeError(f"TRL ran {len(times)} optimizer steps, expected {len(order)}")
+    same_prompts = seen == [sorted(i for i in step for _ in range(opt.group_size)) for step in order]
+    return _summary(times, cpu, rollout_seconds, opt, device, rss_before, checksum, {
+        "response_len_mean": statistics.fmean(lengths), "trl_version": trl.__version__,
+        "same_prompts_per_step_as_longrl": same_prompts, "same_prompt_ids_as_longrl": same_ids,
+        "gradient_checkpointing": args.gradient_checkpointing, "loss_type": args.loss_type,
+        "generations_per_step": args.generation_batch_size})
+
+
+# ----------------------------------------------------------------------------------------
+# Plumbing: one subprocess per side, then the report
+# ----------------------------------------------------------------------------------------
+
+
+def _child_args(opt, side: str) -> list[str]:
+    args = ["--side", side, "--prompts", str(opt.prompts), "--group-size", str(opt.group_size),
+            "--max-new-tokens", str(opt.max_new_tokens), "--micro-batch", str(opt.micro_batch),
+            "--steps", str(opt.steps), "--warmup", str(opt.warmup), "--lr", repr(opt.lr),
+            "--threads", str(opt.threads), "--device", opt.device, "--seed", str(opt.seed),
+            "--trl-gradient-checkpointing", opt.trl_gradient_checkpointing]
+    return args + list(opt.overrides)
+
+
+def _run_child(opt, side: str) -> dict:
+    cmd = [sys.executable, "-m", "longrl.bench.grpo_step", *_child_args(opt, side)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    if opt.threads > 0:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opt.threads)
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opt.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"{side} side did not finish within --timeout={opt.timeout}s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            result = json.loads(line[len(RESULT_TAG):])
+            result["process_seconds"] = round(time.time() - t0, 1)
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+    return {"error": f"{side} side exited with status {proc.returncode} and no result", "stderr_tail": tail}
+
+
+def _ratio(trl_side: dict, longrl_side: dict, key: str):
+    if key in trl_side and key in longrl_side and longrl_side[key] > 0:
+        return trl_side[key] / longrl_side[key]
+    return None
+
+
+def run(args: list[str]) -> dict:
+    opt = _parse(args)
+    if opt.side != "both":
+        return (run_longrl_side if opt.side == "longrl" else run_trl_side)(opt)
+    cfg = _config(opt)  # bad overrides fail here, before any subprocess
+    sides = {}
+    for side in ("longrl", "trl"):
+        print(f"grpo-step: running the {side} side ...", file=sys.stderr)
+        sides[side] = _run_child(opt, side)
+    ok = all("error" not in s for s in sides.values())
+    same_weights = ok and sides["longrl"]["initial_weights_checksum"] == sides["trl"]["initial_weights_checksum"]
+    report = {
+        "benchmark": "grpo-step",
+        "longrl": sides["longrl"],
+        "trl": sides["trl"],
+        "step_time_ratio": _ratio(sides["trl"], sides["longrl"], "step_seconds"),
+        "step_cpu_time_ratio": _ratio(sides["trl"], sides["longrl"], "step_cpu_seconds"),
+        "rollout_time_ratio": _ratio(sides["trl"], sides["longrl"], "rollout_seconds"),
+        "peak_rss_ratio": _ratio(sides["trl"], sides["longrl"], "peak_rss_mb"),
+        "rss_growth_ratio": _ratio(sides["trl"], sides["longrl"], "rss_growth_during_steps_mb"),
+        "config": {
+            "prompts": opt.prompts, "group_size": opt.group_size, "sequences_per_step": opt.prompts * opt.group_size,
+            "micro_batch": cfg.rl.micro_batch_size, "max_new_tokens": opt.max_new_tokens,
+            "timed_steps": opt.steps, "warmup_steps": opt.warmup, "lr": opt.lr, "threads": opt.threads,
+            "device": opt.device, "seed": opt.seed, "task": cfg.task.name,
+            "model": cfg.model.path or "tiny default", "overrides": list(opt.overrides),
+            "trl_gradient_checkpointing": opt.trl_gradient_checkpointing,
+        },
+        "same_initial_weights": same_weights,
+        "note": ("Ratios are trl / longrl (>1: longrl faster / lighter). Each side ran in its own process with "
+                 f"torch.set_num_threads({opt.threads}); step_seconds is the median of the timed steps after the "
+                 "warm-up; peak RSS includes each library's imports (see rss_before_steps_mb). Same model weights, "
+                 "prompts per step, reward, G, response budget and optimizer on both sides; responses are sampled, "
+                 "so response lengths (response_len_mean) can differ between sides."),
+    }
+    if "cuda" in str(sides["longrl"].get("device", "")):
+        report["peak_cuda_ratio"] = _ratio(sides["trl"], sides["longrl"], "peak_cuda_allocated_mb")
+    if not ok:
+        report["note"] += " One side failed: see its 'error'; no ratio is reported."
+    elif not same_weights:
+        report["note"] += " WARNING: the two sides started from different weights."
+    elif not (sides["trl"]["same_prompts_per_step_as_longrl"] and sides["trl"]["same_prompt_ids_as_longrl"]):
+        report["note"] += " WARNING: TRL did not see the same prompts per step as longrl."
+    for side in ("longrl", "trl"):
+        s = sides[side]
+        msg = s.get("error") or f"{s['step_seconds']:.3f} s/step, peak RSS {s['peak_rss_mb']:.0f} MiB"
+        print(f"grpo-step: {side}: {msg}", file=sys.stderr)
+    if opt.json:  # `longrl bench grpo-step --json` hands --json to us, not to the CLI
+        print(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str]) -> int:
+    from longrl.errors import UserError
+
+    opt = _parse(argv)
+    try:
+        result = run(argv)
+    except UserError as e:
+        print(f"longrl bench grpo-step: {e}", file=sys.stderr)
+        return 2
+    if opt.side != "both":
+        print(RESULT_TAG + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
