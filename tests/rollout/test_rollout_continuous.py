@@ -159,7 +159,7 @@ def test_abort_returns_partial_work_and_leaves_others_intact(tiny_qwen):
 
 
 def test_tokens_are_tagged_with_the_policy_version(tiny_qwen):
-    model = tiny_qwen().eval()
+    model = tiny_qwen().train()  # the trainer's mode: the engine samples in eval mode and restores it
     engine = ContinuousEngine(model, num_slots=1, eos_token_id=None, temperature=0.0)
     engine.submit([Request("x", [1, 2, 3], 6)])
     engine.step()
@@ -169,6 +169,10 @@ def test_tokens_are_tagged_with_the_policy_version(tiny_qwen):
     while engine.has_work:
         results += engine.step()
     assert results[0].versions == [0, 0, 5, 5, 5, 5]
+    assert model.training
+    with pytest.raises(RuntimeError):
+        engine.submit([Request("y", [1], 2)])
+        engine.generate([Request("z", [1], 2)])
 
 
 def test_sample_with_uniforms_hand_worked():

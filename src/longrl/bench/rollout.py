@@ -130,7 +130,7 @@ def _one_step(m, prompt_iter, opt, device):
     return groups
 
 
-def _summary(m) -> dict:
+def _summary(m, truncated: int) -> dict:
     s = m["steps"]
     trained = sum(x["trained_tokens"] for x in s)
     generated = sum(x["tokens_generated"] for x in s)
@@ -152,7 +152,7 @@ def _summary(m) -> dict:
         "stale_resets": sum(x["stale_resets"] for x in s),
         "tokens_parked_at_end": parked,
         "mean_response_len": trained / sum(x["groups"] for x in s) / m["sched"].group_size,
-        "truncated_frac": None,  # filled by run()
+        "truncated_frac": truncated / sum(x["groups"] for x in s) / m["sched"].group_size,
         "per_step_wall_s": [round(x["wall_s"], 4) for x in s],
     }
 
@@ -168,20 +168,17 @@ def run(args: list[str]) -> dict:
     modes = {"sync": _mode(model, opt, partial=False, over_provision=1.0),
              "april": _mode(model, opt, partial=True, over_provision=opt.over_provision)}
     iters = {name: iter(prompts) for name in modes}
-    truncated = {name: [0, 0] for name in modes}
+    truncated = {name: 0 for name in modes}  # returned samples that hit max_new_tokens
     with torch.no_grad():
         for step in range(opt.steps):
             for name, m in modes.items():  # interleaved: load drifts hit both modes
                 for group in _one_step(m, iters[name], opt, device):
-                    truncated[name][0] += sum(x.finish_reason == "length" for x in group)
-                    truncated[name][1] += len(group)
+                    truncated[name] += sum(x.finish_reason == "length" for x in group)
             if not opt.json:
                 print(f"step {step}: " + "  ".join(
                     f"{n} {m['steps'][-1]['wall_s']:.2f}s util={m['steps'][-1]['slot_utilisation']:.2f}"
                     for n, m in modes.items()), file=sys.stderr)
-    out = {name: _summary(m) for name, m in modes.items()}
-    for name in modes:
-        out[name]["truncated_frac"] = truncated[name][0] / truncated[name][1]
+    out = {name: _summary(m, truncated[name]) for name, m in modes.items()}
     report = {
         "benchmark": "rollout",
         "what": "APRIL partial rollouts (over-provision, stop at N groups, park and resume) vs synchronous "

@@ -187,6 +187,14 @@ class ContinuousEngine:
 
         Returns the requests that finished at this step.
         """
+        was_training = self.model.training
+        self.model.eval()  # no dropout while sampling; the trainer's mode is restored below
+        try:
+            return self._step()
+        finally:
+            self.model.train(was_training)
+
+    def _step(self) -> list[Result]:
         self._admit()
         if not self._rows:
             return []
@@ -246,7 +254,9 @@ class ContinuousEngine:
         return results
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        """Run `requests` to completion; results in request order."""
+        """Run `requests` to completion on an idle engine; results in request order."""
+        if self.has_work:
+            raise RuntimeError("generate() needs an idle engine; drive a busy one with submit() and step()")
         self.submit(requests)
         done = {}
         while self.has_work:
