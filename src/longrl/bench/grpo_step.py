@@ -57,7 +57,9 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=8, help="samples per prompt, G")
     p.add_argument("--max-new-tokens", type=int, default=32, help="response budget in tokens")
     p.add_argument("--micro-batch", type=int, default=0, help="sequences per forward/backward (0: all N*G)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per side (median reported)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per side and round (median reported)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="side processes per side, alternating which goes first (evens out machine-load drift)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones (at least 1)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate, both sides")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads in each side (0: torch default)")
@@ -71,8 +73,8 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="longrl config overrides for both sides, e.g. model.path=DIR task.name=sort")
     opt = p.parse_args(args)
-    if opt.warmup < 1 or opt.steps < 1:
-        p.error("--warmup and --steps must be at least 1 (the first step pays one-off costs)")
+    if opt.warmup < 1 or opt.steps < 1 or opt.rounds < 1:
+        p.error("--warmup, --steps and --rounds must be at least 1 (the first step pays one-off costs)")
     return opt
 
 
@@ -324,6 +326,28 @@ def _run_child(opt, side: str) -> dict:
     return {"error": f"{side} side exited with status {proc.returncode} and no result", "stderr_tail": tail}
 
 
+def _merge_rounds(results: list[dict]) -> dict:
+    """One side's rounds: median of times, max of memory; a failed round fails the side."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return failed[0]
+    out = dict(results[0])
+    for key in ("step_seconds", "step_cpu_seconds", "rollout_seconds"):
+        out[key] = statistics.median(r[key] for r in results)
+    for key in ("peak_rss_mb", "rss_before_steps_mb", "rss_growth_during_steps_mb", "peak_cuda_allocated_mb"):
+        if key in out:
+            out[key] = max(r[key] for r in results)
+    for key in ("same_prompts_per_step_as_longrl", "same_prompt_ids_as_longrl"):
+        if key in out:
+            out[key] = all(r[key] for r in results)
+    out["response_len_mean"] = statistics.fmean(r["response_len_mean"] for r in results)
+    out["step_seconds_all"] = [r["step_seconds_all"] for r in results]  # one list per round
+    out["process_seconds"] = round(sum(r["process_seconds"] for r in results), 1)
+    if len({r["initial_weights_checksum"] for r in results}) != 1:
+        out["initial_weights_checksum"] = None  # rounds disagree: flagged as different weights
+    return out
+
+
 def _ratio(trl_side: dict, longrl_side: dict, key: str):
     if key in trl_side and key in longrl_side and longrl_side[key] > 0:
         return trl_side[key] / longrl_side[key]
@@ -335,12 +359,15 @@ def run(args: list[str]) -> dict:
     if opt.side != "both":
         return (run_longrl_side if opt.side == "longrl" else run_trl_side)(opt)
     cfg = _config(opt)  # bad overrides fail here, before any subprocess
-    sides = {}
-    for side in ("longrl", "trl"):
-        print(f"grpo-step: running the {side} side ...", file=sys.stderr)
-        sides[side] = _run_child(opt, side)
+    per_round: dict[str, list[dict]] = {"longrl": [], "trl": []}
+    for r in range(opt.rounds):
+        for side in ("longrl", "trl") if r % 2 == 0 else ("trl", "longrl"):
+            print(f"grpo-step: round {r + 1}/{opt.rounds}: running the {side} side ...", file=sys.stderr)
+            per_round[side].append(_run_child(opt, side))
+    sides = {side: _merge_rounds(results) for side, results in per_round.items()}
     ok = all("error" not in s for s in sides.values())
-    same_weights = ok and sides["longrl"]["initial_weights_checksum"] == sides["trl"]["initial_weights_checksum"]
+    sums = [sides[side].get("initial_weights_checksum") for side in ("longrl", "trl")]
+    same_weights = ok and sums[0] is not None and sums[0] == sums[1]
     report = {
         "benchmark": "grpo-step",
         "longrl": sides["longrl"],
@@ -350,18 +377,19 @@ def run(args: list[str]) -> dict:
         "rollout_time_ratio": _ratio(sides["trl"], sides["longrl"], "rollout_seconds"),
         "peak_rss_ratio": _ratio(sides["trl"], sides["longrl"], "peak_rss_mb"),
         "rss_growth_ratio": _ratio(sides["trl"], sides["longrl"], "rss_growth_during_steps_mb"),
+        "step_time_ratio_per_round": [_ratio(t, lo, "step_seconds") for t, lo in zip(per_round["trl"], per_round["longrl"])],
         "config": {
             "prompts": opt.prompts, "group_size": opt.group_size, "sequences_per_step": opt.prompts * opt.group_size,
             "micro_batch": cfg.rl.micro_batch_size, "max_new_tokens": opt.max_new_tokens,
-            "timed_steps": opt.steps, "warmup_steps": opt.warmup, "lr": opt.lr, "threads": opt.threads,
+            "timed_steps": opt.steps, "warmup_steps": opt.warmup, "rounds": opt.rounds, "lr": opt.lr, "threads": opt.threads,
             "device": opt.device, "seed": opt.seed, "task": cfg.task.name,
             "model": cfg.model.path or "tiny default", "overrides": list(opt.overrides),
             "trl_gradient_checkpointing": opt.trl_gradient_checkpointing,
         },
         "same_initial_weights": same_weights,
         "note": ("Ratios are trl / longrl (>1: longrl faster / lighter). Each side ran in its own process with "
-                 f"torch.set_num_threads({opt.threads}); step_seconds is the median of the timed steps after the "
-                 "warm-up; peak RSS includes each library's imports (see rss_before_steps_mb). Same model weights, "
+                 f"torch.set_num_threads({opt.threads}), {opt.rounds} round(s) alternating which side goes first; "
+                 "step_seconds is the median over rounds of each round's median timed step (warm-up dropped); peak RSS includes each library's imports (see rss_before_steps_mb). Same model weights, "
                  "prompts per step, reward, G, response budget and optimizer on both sides; responses are sampled, "
                  "so response lengths (response_len_mean) can differ between sides."),
     }
