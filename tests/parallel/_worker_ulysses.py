@@ -1,0 +1,158 @@
+"""Multi-process checks of Ulysses sequence parallelism; run by test_parallel_ulysses.py.
+
+    python tests/parallel/_worker_ulysses.py OUT.json
+
+Starts 4 gloo processes. Each case runs on the whole group (P = 4) and, at the
+same time, on the sub-groups {0, 1} and {2, 3} (P = 2, group ranks differing
+from global ranks). Every rank also runs the single-process computation on the
+full sequence and records the largest differences; rank 0 writes all records
+to OUT.json for the test to judge. Errors are relative to the reference's
+largest magnitude (at least 1), so one tolerance fits values and gradients.
+"""
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from longrl.parallel.dist import all_reduce_gradients
+from longrl.parallel.local_spawn import spawn_local
+from longrl.parallel.ulysses import (ATTN_NAME, enable_ulysses, shard_for_sp, shard_positions, sp_final_hidden,
+                                     sp_loss_and_backward, sp_sequence_logprobs)
+from longrl.rl.losses import loss_normalizer, policy_loss
+from longrl.streambp.logprobs import final_hidden, loss_and_backward, make_batch, sequence_logprobs
+
+B, T, VOCAB = 2, 13, 40  # T = 13 is divisible by neither 2 nor 4
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=64)
+MODELS = {  # kv heads: 2 (< P = 4: repeated there), 1 (repeated at P = 2 and 4), 2 with q/k norms
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **COMMON)),
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(num_key_value_heads=1, **COMMON)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(num_key_value_heads=2, head_dim=8, **COMMON)),
+}
+
+
+def _err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
+
+
+def _twins(name, dtype):
+    torch.manual_seed(0)
+    ref = MODELS[name]().to(dtype)
+    model = MODELS[name]().to(dtype)
+    model.load_state_dict(ref.state_dict())
+    return model, ref
+
+
+def _grad_errs(model, ref, group):
+    """Sum the ranks' gradient shares (a rank whose shard has no trained token has no
+    LM-head gradient at all), then compare every parameter with the reference."""
+    all_reduce_gradients(model, group)
+    errs = {}
+    for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
+        if p_ref.grad is None:  # an untied LM head in a body-only loss
+            errs[f"grad_{name}"] = 0.0 if p.grad is None else float("inf")
+        else:
+            errs[f"grad_{name}"] = _err(p.grad, p_ref.grad)
+    return errs
+
+
+def body_case(group, name, dtype):
+    """Final hidden states and every parameter gradient of a random linear loss on them."""
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    model, ref = _twins(name, dtype)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (B, T), generator=gen)
+    w = torch.randn(B, T, 32, generator=gen, dtype=dtype)
+    h_ref = final_hidden(ref, ids)  # [B, T, D]
+    (h_ref * w).sum().backward()
+    h = sp_final_hidden(model, shard_for_sp(ids, rank, P), shard_positions(B, T, rank, P), group)  # [B, L, D]
+    (h * shard_for_sp(w, rank, P)).sum().backward()  # padded positions carry weight 0
+    L = h.shape[1]
+    real = (torch.arange(rank * L, (rank + 1) * L) < T)  # [L]
+    errs = {"hidden": _err(h.detach()[:, real], shard_for_sp(h_ref.detach(), rank, P)[:, real]) if real.any() else 0.0}
+    errs.update(_grad_errs(model, ref, group))
+    restored = model.config._attn_implementation == ref.config._attn_implementation != ATTN_NAME
+    return dict(kind="body", model=name, P=P, rank=rank, dtype=str(dtype), errs=errs, restored=restored,
+                n_real=int(real.sum()))
+
+
+def _rl_batch(dtype):
+    """Two rows of different lengths (13 and 9 tokens), response-only mask, old log-probs, advantages."""
+    gen = torch.Generator().manual_seed(2)
+    tok = lambda n: torch.randint(1, VOCAB, (n,), generator=gen).tolist()
+    batch = make_batch([tok(4), tok(3)], [tok(9), tok(6)], pad_id=0)  # [2, 13]
+    # old != current, and the sequence ratios of row 1 fall below 1 - clip_low: PPO and GSPO both clip
+    noise = 0.3 * torch.randn(batch.mask.shape, generator=gen, dtype=dtype) + torch.tensor([[0.0], [0.4]], dtype=dtype)
+    adv = torch.tensor([1.0, -0.7], dtype=dtype)
+    return batch, noise, adv
+
+
+def head_case(group, name, dtype, loss_agg, kind, checkpoint=False):
+    """sp_loss_and_backward (chunked head, loss on gathered log-probs) vs loss_and_backward."""
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    model, ref = _twins(name, dtype)
+    if checkpoint:  # attention is recomputed inside the backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    batch, noise, adv = _rl_batch(dtype)
+    old = (sequence_logprobs(ref, batch, chunk=5) + noise) * batch.mask  # [B, T]
+    norm = loss_normalizer(batch.mask, loss_agg)
+
+    def loss_fn(logp):
+        return policy_loss(logp, old, adv, batch.mask, normalizer=norm, loss_agg=loss_agg, kind=kind)
+
+    loss_ref, m_ref, logp_ref = loss_and_backward(ref, batch, loss_fn, mode="streambp", chunk=5)
+    loss, m, logp = sp_loss_and_backward(model, batch, loss_fn, group, chunk=3)
+    lp_nograd = sp_sequence_logprobs(model, batch, group, chunk=4)
+    clip, clip_ref = (x["clip/frac_low"] + x["clip/frac_high"] for x in (m, m_ref))
+    errs = {"loss": _err(loss, loss_ref), "logp": _err(logp, logp_ref), "logp_nograd": _err(lp_nograd, logp_ref),
+            "clip_frac": abs(clip - clip_ref)}
+    errs.update(_grad_errs(model, ref, group))
+    clipped = clip_ref > 0
+    return dict(kind="head", model=name, P=P, rank=rank, dtype=str(dtype), loss_agg=loss_agg, loss_kind=kind,
+                checkpoint=checkpoint, errs=errs, clipped=clipped)
+
+
+def refusals(group):
+    """Sliding-window layers and sizes that do not split are refused before any forward."""
+    out = {}
+    cfg = dict(COMMON, num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    try:
+        with enable_ulysses(Qwen2ForCausalLM(Qwen2Config(**cfg)), group):
+            pass
+        out["sliding"] = "accepted"
+    except NotImplementedError:
+        out["sliding"] = "refused"
+    two_heads = dict(COMMON, num_attention_heads=2, num_key_value_heads=2)
+    try:
+        with enable_ulysses(Qwen2ForCausalLM(Qwen2Config(**two_heads)), group):
+            pass
+        out["heads"] = "accepted"
+    except ValueError:
+        out["heads"] = "refused"
+    return dict(kind="refusals", P=dist.get_world_size(group), rank=dist.get_rank(group), **out)
+
+
+def run(rank, world, out_path):
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    records = []
+    for group in (None, pairs[rank // 2]):
+        for name in MODELS:
+            for dtype in (torch.float64, torch.float32):
+                records.append(body_case(group, name, dtype))
+            records.append(head_case(group, name, torch.float64, "seq-mean-token-mean", "gspo"))
+        records.append(head_case(group, "qwen2", torch.float64, "token-mean", "ppo"))
+        records.append(head_case(group, "qwen2", torch.float32, "token-mean", "ppo"))
+        records.append(head_case(group, "qwen2", torch.float64, "seq-mean-token-sum", "ppo", checkpoint=True))
+        records.append(refusals(group))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, records)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump([r for rs in gathered for r in rs], f)
+
+
+if __name__ == "__main__":
+    spawn_local(run, 4, sys.argv[1], start_method="fork")
