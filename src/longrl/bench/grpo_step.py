@@ -389,7 +389,8 @@ def run(args: list[str]) -> dict:
         "same_initial_weights": same_weights,
         "note": ("Ratios are trl / longrl (>1: longrl faster / lighter). Each side ran in its own process with "
                  f"torch.set_num_threads({opt.threads}), {opt.rounds} round(s) alternating which side goes first; "
-                 "step_seconds is the median over rounds of each round's median timed step (warm-up dropped); peak RSS includes each library's imports (see rss_before_steps_mb). Same model weights, "
+                 "step_seconds is the median over rounds of each round's median timed step (warm-up dropped); on a shared "
+                 "machine wall time swings with other load, step_cpu_seconds (this process's CPU time) much less; peak RSS includes each library's imports (see rss_before_steps_mb). Same model weights, "
                  "prompts per step, reward, G, response budget and optimizer on both sides; responses are sampled, "
                  "so response lengths (response_len_mean) can differ between sides."),
     }
