@@ -71,13 +71,28 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    """Every benchmark's `run(argv) -> dict`; its own output goes to stderr as progress, and
+    the JSON result is the only thing on stdout."""
+    import contextlib
     import importlib
 
     mod = importlib.import_module(BENCHES[args.name])
-    result = mod.run(args.rest)
-    if args.json:
-        print(json.dumps(result, indent=2))
+    rest = [a for a in args.rest if a != "--json"]
+    with contextlib.redirect_stdout(sys.stderr):
+        result = mod.run(rest)
+    print(json.dumps(result, indent=2) if args.json or "--json" in args.rest else _flat(result))
     return 0
+
+
+def _flat(result: dict, prefix: str = "") -> str:
+    """Human-readable key: value lines (nested keys joined with '.')."""
+    lines = []
+    for k, v in result.items():
+        if isinstance(v, dict):
+            lines.append(_flat(v, f"{prefix}{k}."))
+        else:
+            lines.append(f"{prefix}{k}: {v}")
+    return "\n".join(lines)
 
 
 def cmd_data(args) -> int:

@@ -103,6 +103,9 @@ class RolloutConfig:
     """Sampling temperature (0 = greedy)."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
+    slots: int = 0
+    """Decoding slots of the continuous-batching engine used by APRIL (0: prompts_per_step *
+    group_size)."""
     partial: bool = False
     """APRIL partial rollouts: over-provision, stop at the target, park the unfinished."""
     over_provision: float = 2.0

@@ -49,7 +49,9 @@ def test_train_writes_the_run_directory(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [[], ["rl.kl_coef=0.05", "rl.dynamic_sampling=true", "rl.loss=gspo",
-                                        "rl.advantage=rloo", "rl.ppo_epochs=2", "rl.overlong=soft"]])
+                                        "rl.advantage=rloo", "rl.ppo_epochs=2", "rl.overlong=soft"],
+                                   ["rollout.partial=true", "rollout.offpolicy=tis", "rl.overlong=filter"],
+                                   ["rollout.partial=true", "rollout.offpolicy=mask", "rollout.max_staleness=1"]])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     assert main(["train", f"run.out_dir={tmp_path}", "run.name=full", *TINY, *extra]) == 0
     full = tmp_path / "full"

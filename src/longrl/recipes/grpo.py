@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +29,8 @@ from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler
 from longrl.rewards.combine import score_responses
 from longrl.rl.advantages import constant_groups, group_advantages, overlong_soft_penalty
 from longrl.rl.losses import loss_normalizer, policy_loss
+from longrl.rollout.april import AprilScheduler, offpolicy_mask, tis_weights
+from longrl.rollout.continuous import ContinuousEngine
 from longrl.rollout.engine import generate
 from longrl.streambp.logprobs import loss_and_backward, make_batch, sequence_logprobs
 
@@ -64,7 +66,7 @@ class GRPOState:
     cursor: DataCursor
     step: int = 0
     reference: torch.nn.Module | None = None
-    extra: dict = field(default_factory=dict)
+    april: "AprilScheduler | None" = None
 
 
 def init_state(model, cfg: Config, n_train: int) -> GRPOState:
@@ -74,7 +76,15 @@ def init_state(model, cfg: Config, n_train: int) -> GRPOState:
     reference = None
     if cfg.rl.kl_coef > 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    return GRPOState(optimizer, scheduler, sampler, DataCursor(cfg.train.seed, n_train), reference=reference)
+    state = GRPOState(optimizer, scheduler, sampler, DataCursor(cfg.train.seed, n_train), reference=reference)
+    if cfg.rollout.partial:
+        engine = ContinuousEngine(model, cfg.rollout.slots or cfg.rl.prompts_per_step * cfg.rl.group_size,
+                                  eos_token_id=model.config.eos_token_id if model.config.eos_token_id is not None else 0,
+                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                  seed=cfg.train.seed, pad_token_id=model.config.pad_token_id or 0)
+        state.april = AprilScheduler(engine, cfg.rl.group_size, cfg.rollout.over_provision, cfg.rollout.max_staleness,
+                                     partial=True, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.train.seed)
+    return state
 
 
 # ----------------------------------------------------------------------------------------
@@ -88,31 +98,54 @@ class Rollouts:
     prompt_ids: list[list[int]]  # [B]
     response_ids: list[list[int]]  # [B]
     behaviour_logprobs: list[list[float]]  # [B]
+    versions: list[list[int]]  # [B] policy version that sampled each response token
     truncated: torch.Tensor  # [B] bool
     rewards: torch.Tensor  # [B]
     components: dict  # name -> [B]
 
 
 def rollout(model, tokenizer, examples: list[Example], task: TaskData, cfg: Config,
-            sampler: torch.Generator) -> Rollouts:
+            sampler: torch.Generator, version: int) -> Rollouts:
+    """Synchronous: G samples per prompt, all decoded together until the last one ends."""
     G = cfg.rl.group_size
     b_examples = [ex for ex in examples for _ in range(G)]  # groups contiguous
     b_prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(G)]
     gens = generate(model, b_prompts, max_new_tokens=cfg.rollout.max_new_tokens,
                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                     temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, generator=sampler)
-    texts = [decode_response(tokenizer, g.response_ids) for g in gens]
+    return _score(tokenizer, task, cfg, b_examples, b_prompts, [g.response_ids for g in gens],
+                  [g.logprobs for g in gens], [[version] * len(g.response_ids) for g in gens],
+                  [g.finish_reason for g in gens])
+
+
+def rollout_partial(tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> tuple[Rollouts, dict]:
+    """APRIL: over-provisioned groups on the continuous-batching engine; unfinished samples
+    are parked in the scheduler's buffer and resumed (from their token ids) next step."""
+    def prompts():
+        while True:
+            (i,) = state.cursor.take(1)
+            yield i, encode_prompts(tokenizer, [task.train[i]])[0]
+
+    groups, stats = state.april.next_step(prompts(), cfg.rl.prompts_per_step)
+    samples = [s for g in groups for s in g]  # groups contiguous
+    roll = _score(tokenizer, task, cfg, [task.train[s.prompt_id] for s in samples], [s.prompt_ids for s in samples],
+                  [s.response_ids for s in samples], [s.logprobs for s in samples], [s.versions for s in samples],
+                  [s.finish_reason for s in samples])
+    return roll, stats.metrics()
+
+
+def _score(tokenizer, task, cfg, b_examples, b_prompts, responses, logprobs, versions, finish) -> Rollouts:
+    texts = [decode_response(tokenizer, r) for r in responses]
     rewards, components = score_responses(texts, b_examples, task.score,
                                           cfg.reward.correctness_weight, cfg.reward.format_weight)
-    truncated = torch.tensor([g.finish_reason == "length" for g in gens])
+    truncated = torch.tensor([f == "length" for f in finish], dtype=torch.bool)
     if cfg.rl.overlong == "soft":
-        lengths = torch.tensor([len(g.response_ids) for g in gens])
+        lengths = torch.tensor([len(r) for r in responses])
         # Truncated responses sit at max_new_tokens: the full -1 penalty.
         penalty = overlong_soft_penalty(lengths, cfg.rollout.max_new_tokens, cfg.rl.overlong_buffer)
         components["overlong"] = penalty
         rewards = rewards + penalty
-    return Rollouts(b_examples, b_prompts, [g.response_ids for g in gens], [g.logprobs for g in gens],
-                    truncated, rewards, components)
+    return Rollouts(b_examples, b_prompts, responses, logprobs, versions, truncated, rewards, components)
 
 
 def _concat(parts: list[Rollouts]) -> Rollouts:
@@ -121,7 +154,7 @@ def _concat(parts: list[Rollouts]) -> Rollouts:
     return Rollouts(
         [x for p in parts for x in p.examples], [x for p in parts for x in p.prompt_ids],
         [x for p in parts for x in p.response_ids], [x for p in parts for x in p.behaviour_logprobs],
-        torch.cat([p.truncated for p in parts]), torch.cat([p.rewards for p in parts]),
+        [x for p in parts for x in p.versions], torch.cat([p.truncated for p in parts]), torch.cat([p.rewards for p in parts]),
         {k: torch.cat([p.components[k] for p in parts]) for k in parts[0].components},
     )
 
@@ -131,14 +164,21 @@ def _select_groups(r: Rollouts, keep: torch.Tensor, G: int) -> Rollouts:
     idx = torch.tensor(rows, dtype=torch.long)
     return Rollouts([r.examples[i] for i in rows], [r.prompt_ids[i] for i in rows],
                     [r.response_ids[i] for i in rows], [r.behaviour_logprobs[i] for i in rows],
-                    r.truncated[idx], r.rewards[idx], {k: v[idx] for k, v in r.components.items()})
+                    [r.versions[i] for i in rows], r.truncated[idx], r.rewards[idx], {k: v[idx] for k, v in r.components.items()})
 
 
 def collect(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> tuple[Rollouts, dict]:
     """Roll out N groups; with dynamic sampling, drop all-equal groups and refill."""
     N, G = cfg.rl.prompts_per_step, cfg.rl.group_size
-    first = rollout(model, tokenizer, [task.train[i] for i in state.cursor.take(N)], task, cfg, state.sampler)
-    stats = {"reward/mean": float(first.rewards.mean()),
+
+    def one_round() -> tuple[Rollouts, dict]:
+        if state.april is not None:
+            return rollout_partial(tokenizer, task, cfg, state)
+        return rollout(model, tokenizer, [task.train[i] for i in state.cursor.take(N)], task, cfg,
+                       state.sampler, state.step), {}
+
+    first, april_stats = one_round()
+    stats = {**april_stats,"reward/mean": float(first.rewards.mean()),
              **{f"reward/{k}": float(v.mean()) for k, v in first.components.items()},
              "rollout/truncated_frac": float(first.truncated.float().mean()),
              "rollout/response_len": sum(map(len, first.response_ids)) / len(first.response_ids)}
@@ -148,7 +188,7 @@ def collect(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> 
     batch = first
     for round_ in range(cfg.rl.max_refill_rounds + 1):
         if round_ > 0:
-            batch = rollout(model, tokenizer, [task.train[i] for i in state.cursor.take(N)], task, cfg, state.sampler)
+            batch, _ = one_round()
         keep = ~constant_groups(batch.rewards, G)  # [N]
         dropped += int((~keep).sum())
         if keep.any():
@@ -184,28 +224,33 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
     temperature = cfg.rollout.temperature or 1.0
     device = next(model.parameters()).device
     b_batch = make_batch(roll.prompt_ids, roll.response_ids, tokenizer.pad_token_id).to(device)
+    b_behaviour = _on_positions(roll.behaviour_logprobs, b_batch.mask, 0.0)  # [B, T]
+    b_versions = _on_positions(roll.versions, b_batch.mask, -1)  # [B, T]
     if rcfg.overlong == "filter":  # truncated responses carry no gradient
         b_batch.mask[roll.truncated.to(device)] = 0.0
+    if cfg.rollout.offpolicy == "mask":  # APRIL: drop tokens sampled by older policies
+        b_batch.mask *= offpolicy_mask(b_versions, state.step).to(b_batch.mask.dtype)
     # Micro-batches of similar length (sorted), so padding stays small.
     order = sorted(range(B), key=lambda i: len(roll.prompt_ids[i]) + len(roll.response_ids[i]))
     micro = [torch.tensor(order[s : s + rcfg.micro_batch_size]) for s in range(0, B, rcfg.micro_batch_size)]
     normalizer = loss_normalizer(b_batch.mask, rcfg.loss_agg)  # once per optimizer step
 
-    # Old (and reference) log-probs from the trainer, before any update.
+    # Old (and reference) log-probs from the trainer, before any update; the engine's own
+    # log-probs are only compared (and used for TIS weights), never trusted as "old".
     chunk = cfg.train.stream_chunk
-    old, ref, gap_sum, gap_n = {}, {}, 0.0, 0
+    old, ref, is_w, gap_sum, gap_n = {}, {}, {}, 0.0, 0
     for k, rows in enumerate(micro):
         mb = b_batch[rows]
+        width = mb.input_ids.shape[1]
         old[k] = sequence_logprobs(model, mb, chunk, temperature)  # [b, T]
         if state.reference is not None:
             ref[k] = sequence_logprobs(state.reference, mb, chunk, temperature)
-        for j, i in enumerate(rows.tolist()):
-            engine_lp = torch.tensor(roll.behaviour_logprobs[i], device=device)
-            trainer_lp = old[k][j][mb.mask[j] != 0]
-            n = min(len(engine_lp), len(trainer_lp))
-            gap_sum += float((engine_lp[:n] - trainer_lp[:n]).abs().sum())
-            gap_n += n
-
+        behaviour = b_behaviour[rows, :width]  # [b, T]
+        if cfg.rollout.offpolicy == "tis":
+            is_w[k] = tis_weights(old[k], behaviour, cfg.rollout.tis_clip)
+        on = mb.mask != 0
+        gap_sum += float((behaviour - old[k]).abs()[on].sum())
+        gap_n += int(on.sum())
     t1 = time.time()
     sums: dict[str, float] = {}
     for _epoch in range(rcfg.ppo_epochs):
@@ -216,7 +261,8 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
             def loss_fn(logp, mb=mb, adv=adv, k=k):
                 return policy_loss(logp, old[k], adv, mb.mask, normalizer=normalizer, loss_agg=rcfg.loss_agg,
                                    kind=rcfg.loss, clip_low=rcfg.clip_low, clip_high=rcfg.clip_high,
-                                   ref_logprobs=ref.get(k), kl_coef=rcfg.kl_coef, kl_estimator=rcfg.kl_estimator)
+                                   ref_logprobs=ref.get(k), kl_coef=rcfg.kl_coef, kl_estimator=rcfg.kl_estimator,
+                                   is_weights=is_w.get(k))
 
             _, m, _ = loss_and_backward(model, mb, loss_fn, mode=cfg.train.backprop, chunk=chunk,
                                         temperature=temperature)
@@ -226,6 +272,8 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
             sums["_tokens"] = sums.get("_tokens", 0.0) + w
         grad_norm = clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip)
     state.step += 1
+    if state.april is not None:
+        state.april.engine.policy_version = state.step
     n_tok, n_ep = max(1.0, sums.pop("_tokens", 1.0)), rcfg.ppo_epochs
     for key, v in sums.items():
         metrics[key] = v / n_ep if key.startswith("loss/") else v / n_tok
@@ -236,3 +284,13 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
         "time/rollout": t_rollout, "time/train": time.time() - t1, "time/step": time.time() - t0,
     })
     return metrics
+
+
+def _on_positions(rows: list[list], mask: torch.Tensor, fill) -> torch.Tensor:
+    """Per-response-token values -> [B, T] laid out like `make_batch`'s mask (fill elsewhere)."""
+    dtype = torch.long if isinstance(fill, int) else torch.float32
+    out = torch.full(mask.shape, fill, dtype=dtype, device=mask.device)
+    for i, vals in enumerate(rows):
+        pos = (mask[i] != 0).nonzero().squeeze(-1)
+        out[i, pos] = torch.tensor(vals, dtype=dtype, device=mask.device)
+    return out

@@ -148,6 +148,9 @@ def _trainer_state(state: GRPOState, results: dict) -> dict:
         "sampler": state.sampler.get_state(),
         "cursor": {"epoch": state.cursor.epoch, "index": state.cursor.index},
         "results": dict(results),
+        # APRIL's parked samples (plain dataclasses), so a resumed run resumes them too.
+        "april": None if state.april is None else {"buffer": state.april.buffer,
+                                                   "next_group_id": state.april._next_group_id},
     }
 
 
@@ -164,5 +167,9 @@ def _restore(cfg: Config, ckpt: Path, device, n_train: int):
     state.sampler.set_state(saved["sampler"])
     state.cursor = DataCursor(cfg.train.seed, n_train, **saved["cursor"])
     state.step = saved["step"]
+    if state.april is not None and saved.get("april"):
+        state.april.buffer = saved["april"]["buffer"]
+        state.april._next_group_id = saved["april"]["next_group_id"]
+        state.april.engine.policy_version = state.step
     set_rng_state(saved["rng"])
     return model, tokenizer, state, dict(saved["results"])
