@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from longrl.parallel.dist import all_reduce_gradients
 from longrl.parallel.local_spawn import spawn_local
+from longrl.parallel.mrsp_encode import frame_slice, mrsp_encode
 from longrl.parallel.ulysses import (ATTN_NAME, enable_ulysses, shard_for_sp, shard_positions, sp_final_hidden,
                                      sp_loss_and_backward, sp_sequence_logprobs)
 from longrl.rl.losses import loss_normalizer, policy_loss
@@ -135,6 +136,43 @@ def refusals(group):
     return dict(kind="refusals", P=dist.get_world_size(group), rank=dist.get_rank(group), **out)
 
 
+class TinyVision(torch.nn.Module):
+    """Frames [F, 3, 8, 8] -> 4 tokens per frame [4F, 6]; with unit 2, frame pairs are averaged
+    first (a temporal patch) -> [2F, 6]."""
+
+    def __init__(self, unit):
+        super().__init__()
+        self.unit = unit
+        self.conv = torch.nn.Conv2d(3, 5, kernel_size=4, stride=4)
+        self.proj = torch.nn.Linear(5, 6)
+
+    def forward(self, frames):
+        x = frames.view(-1, self.unit, *frames.shape[1:]).mean(1)  # [F/unit, 3, 8, 8]
+        x = self.conv(x).flatten(2).transpose(1, 2)  # [F/unit, 4, 5]
+        return torch.tanh(self.proj(x)).reshape(-1, 6)  # [4F/unit, 6]
+
+
+def mrsp_case(group, n_frames, unit):
+    """Gathered embeddings and vision gradients vs one process; each rank weights the
+    embeddings differently, as each uses them in its own part of the sequence."""
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    torch.manual_seed(5)
+    ref, vision = TinyVision(unit).double(), TinyVision(unit).double()
+    vision.load_state_dict(ref.state_dict())
+    gen = torch.Generator().manual_seed(6)
+    frames = torch.randn(n_frames, 3, 8, 8, generator=gen, dtype=torch.float64)
+    weights = torch.randn(P, 4 * n_frames // unit, 6, generator=gen, dtype=torch.float64)  # one per rank
+    emb_ref = ref(frames)
+    (emb_ref * weights.sum(0)).sum().backward()
+    emb = mrsp_encode(frames, vision, group, unit=unit)
+    (emb * weights[rank]).sum().backward()
+    errs = {"embeddings": _err(emb.detach(), emb_ref.detach())}
+    errs.update(_grad_errs(vision, ref, group))
+    encoded = frame_slice(n_frames, rank, P, unit)
+    return dict(kind="mrsp", model="tiny-vision", P=P, rank=rank, dtype="torch.float64", n_frames=n_frames, unit=unit,
+                errs=errs, n_encoded=encoded.stop - encoded.start)
+
+
 def run(rank, world, out_path):
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
     records = []
@@ -147,6 +185,8 @@ def run(rank, world, out_path):
         records.append(head_case(group, "qwen2", torch.float32, "token-mean", "ppo"))
         records.append(head_case(group, "qwen2", torch.float64, "seq-mean-token-sum", "ppo", checkpoint=True))
         records.append(refusals(group))
+        for n_frames, unit in ((7, 1), (6, 2), (2, 1)):  # uneven; 3 units over 4 ranks; fewer frames than ranks
+            records.append(mrsp_case(group, n_frames, unit))
     gathered = [None] * world
     dist.all_gather_object(gathered, records)
     if rank == 0:

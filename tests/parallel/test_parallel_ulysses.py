@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from longrl.parallel.mrsp_encode import frame_slice
 from longrl.parallel.ulysses import kv_repeats, shard_batch, shard_for_sp, shard_positions, ulysses_attention
 from longrl.streambp.logprobs import make_batch
 
@@ -78,6 +79,25 @@ def test_unsplittable_configs_are_refused(records):
     for r in _select(records, kind="refusals"):
         assert r["sliding"] == "refused"
         assert r["heads"] == ("refused" if r["P"] == 4 else "accepted")  # 2 heads over 4 ranks
+
+
+# MR-SP stage 1 (parallel/mrsp_encode.py) runs in the same process group.
+
+
+@pytest.mark.parametrize("P", [2, 4])
+@pytest.mark.parametrize("n_frames,unit", [(7, 1), (6, 2), (2, 1)])
+def test_parallel_video_encoding_matches_one_process(records, P, n_frames, unit):
+    chosen = _select(records, kind="mrsp", P=P, n_frames=n_frames, unit=unit)
+    assert sum(r["n_encoded"] for r in chosen) == n_frames * (2 if P == 2 else 1)  # every frame once per group
+    assert all({"embeddings", "grad_conv.weight", "grad_proj.bias"} <= r["errs"].keys() for r in chosen)
+    _assert_close(chosen)
+
+
+def test_frame_slices_hand_worked():
+    assert [frame_slice(7, r, 3) for r in range(3)] == [slice(0, 3), slice(3, 5), slice(5, 7)]
+    assert [frame_slice(6, r, 4, unit=2) for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(0, 0)]
+    with pytest.raises(ValueError, match="units of 2"):
+        frame_slice(5, 0, 2, unit=2)
 
 
 def test_kv_repeats_hand_worked():
