@@ -1,0 +1,54 @@
+"""The video-cache benchmark compares equal work: every variant makes the same update."""
+
+import torch
+
+from longrl.bench import video_cache as vc
+from longrl.models.vlm import build_tiny_vlm, build_vlm_tokenizer, patchify, video_prompt_ids
+
+
+def tiny_args(**kw):
+    a = vc.parse(["--group", "3", "--response-len", "3", "--repeats", "1", "--frames", "4", "--hidden", "64",
+                  "--layers", "1", "--vision-hidden", "32", "--vision-depth", "1", "--device", "cpu"])
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+TOK = build_vlm_tokenizer()
+
+
+def updated_weights(a, variant):
+    """(weights after one step, phase times) from the same initial model and seeds."""
+    torch.manual_seed(0)
+    tok = TOK
+    model = build_tiny_vlm(tok, vc.shape_from(a)).double()
+    model.model.visual.requires_grad_(a.train_vision)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    clip = torch.randint(0, 256, (4, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pv, grid = patchify(clip)
+    prompt = video_prompt_ids(tok, int(grid.prod()) // 4, "Q?")
+    phases = vc.Phases(torch.device("cpu"))
+    vc.grpo_step(model, opt, pv.double(), grid, 1.0, prompt, variant, a, phases, torch.Generator().manual_seed(1))
+    return {k: p.detach().clone() for k, p in model.named_parameters()}, phases.times
+
+
+def test_variants_make_the_same_update():
+    for train_vision in (False, True):
+        a = tiny_args(train_vision=train_vision)
+        (ref, ref_phases), *others = [updated_weights(a, v) for v in vc.VARIANTS]
+        assert set(ref_phases) == {"rollout", "old_logprobs", "ref_logprobs", "update"}
+        for weights, phases in others:
+            assert "encode" in phases
+            for k in ref:
+                torch.testing.assert_close(weights[k], ref[k], atol=1e-7, rtol=0)
+        torch.manual_seed(0)
+        fresh = dict(build_tiny_vlm(TOK, vc.shape_from(a)).double().named_parameters())
+        vision_moved = any(not torch.equal(ref[k], fresh[k]) for k in ref if k.startswith("model.visual"))
+        assert vision_moved == train_vision
+
+
+def test_time_variants_reports_every_variant():
+    out = vc.time_variants(tiny_args(), 4)
+    assert out["video_tokens"] == 2 * 2 * 2
+    for v in vc.VARIANTS:
+        assert out[v]["step_s"] > 0 and out[v]["step_s"] <= out[v]["step_s_median"]
