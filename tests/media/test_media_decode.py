@@ -73,6 +73,19 @@ def test_truncated_mp4_is_a_user_error(tmp_path):
         probe(path)
 
 
+@pytest.mark.parametrize("ext, fmt", [(".mkv", "matroska"), (".mp4", "mp4"), (".webm", "webm")])
+def test_container_with_zero_frames_is_a_user_error(tmp_path, ext, fmt):
+    av = pytest.importorskip("av")
+    path = tmp_path / f"zero{ext}"
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream("libvpx" if ext == ".webm" else "libx264", rate=2)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        out.start_encoding()  # header only, no frames
+    assert path.stat().st_size > 0
+    with pytest.raises(UserError, match=f"zero{ext}"):
+        probe(path)
+
+
 def test_audio_only_file_has_no_video_stream(tmp_path):
     av = pytest.importorskip("av")
     path = tmp_path / "sound.mkv"
