@@ -45,6 +45,8 @@ SEGMENTS = 12
 """The timeline is cut into this many equal segments; every event fills whole segments."""
 LETTERS = "ABCD"
 KINDS = ("temporal", "counting", "spatial", "goal")
+NATURAL_ORDER = ("counting", "spatial")
+"""Kinds whose options keep their natural order instead of being shuffled."""
 COLOURS = {
     "red": (230, 40, 40),
     "green": (40, 200, 60),
@@ -146,7 +148,10 @@ def make_temporal(rng, duration_s):
 
 def make_counting(rng, duration_s):
     (t_shape, t_colour), (d_shape, d_colour) = _objects(rng, 2)
-    count = int(rng.integers(1, 6))
+    # Letter first, then a count it allows: the options are four ascending numbers from
+    # count - letter (possibly 0), so every letter is equally likely to be right.
+    letter = int(rng.integers(4))
+    count = int(rng.integers(max(1, letter), 6))
     # Target appearances in even segments and distractors in odd ones, so no two
     # appearances of the target touch and each is seen as a separate event.
     target_segs = sorted(rng.choice(np.arange(0, SEGMENTS, 2), size=count, replace=False).tolist())
@@ -157,8 +162,7 @@ def make_counting(rng, duration_s):
     sprites += [Sprite(d_shape, d_colour, s, s, _still(*rng.uniform(18, 46, size=2))) for s in distractor_segs]
     name = f"{t_colour} {t_shape}"
     question = f"How many times did the {name} appear?"
-    lo = int(rng.integers(max(1, count - 3), count + 1))
-    options = [str(n) for n in range(lo, lo + 4)]
+    options = [str(n) for n in range(count - letter, count - letter + 4)]
     times = ", ".join(_at(s, duration_s) for s in target_segs)
     think = f"The {name} appears at {times}. That is {count} time{'s' if count > 1 else ''}."
     return sprites, question, options, options.index(str(count)), think
@@ -225,8 +229,9 @@ def make_item(seed: int, i: int, min_s: float, max_s: float, fps: int, kinds=KIN
     video_fps = max(fps, math.ceil(SEGMENTS / duration_s))
     n_frames = max(SEGMENTS, round(duration_s * video_fps))
     sprites, question, options, answer_idx, think = MAKERS[kind](rng, n_frames / video_fps)
-    # Shuffle the options (the goal kind's order is the boxes', also shuffled by colour).
-    order = rng.permutation(len(options)).tolist()
+    # Options naming objects are shuffled; numbers and places keep their natural order
+    # (ascending; left, right, top, bottom), as real multiple-choice sets list them.
+    order = list(range(len(options))) if kind in NATURAL_ORDER else rng.permutation(len(options)).tolist()
     options = [options[j] for j in order]
     letter = LETTERS[order.index(answer_idx)]
     prompt = question + "\n" + "\n".join(f"{LETTERS[k]}. {o}" for k, o in enumerate(options))
