@@ -253,3 +253,49 @@ def test_attention_dropout_in_training_is_refused():
     model = tiny("llama", attention_dropout=0.1)
     assert not supports(model)
     assert supports(model.eval())
+
+
+def test_qwen2_5_vl_text_model_with_mrope_and_video_embeds():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from longrl.streambp.layers import loss_and_backward
+    from longrl.streambp.logprobs import TokenBatch
+
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=64),
+        tie_word_embeddings=False,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config).double().train()
+    ids, attn, targets, mask = left_padded()
+    b, t = ids.shape
+    # M-RoPE positions [3, B, T]: time runs on, height/width repeat over a "video" span
+    time_pos = torch.arange(t).expand(b, -1)
+    span = (time_pos >= 6) & (time_pos < 14)
+    positions = torch.stack([time_pos, torch.where(span, time_pos % 2 + 6, time_pos),
+                             torch.where(span, time_pos // 2 + 3, time_pos)])  # [3, B, T]
+    video = torch.randn(b, t, 64, dtype=torch.float64)  # stands for spliced-in video features
+
+    def embeds():
+        return (model.model.language_model.embed_tokens(ids) + 0.5 * video * span[..., None]).requires_grad_()
+
+    loss_fn = gspo(mask)
+    ref_embeds = embeds()
+    hidden = model.model.language_model(inputs_embeds=ref_embeds, position_ids=positions,
+                                        attention_mask=attn).last_hidden_state
+    logp = torch.log_softmax(model.lm_head(hidden), -1).gather(-1, targets[..., None]).squeeze(-1)
+    loss_ref = loss_fn(torch.where(mask != 0, logp, 0.0))
+    ref_embeds.retain_grad()
+    loss_ref.backward()
+    g_ref, ge_ref = grads(model), ref_embeds.grad.clone()
+
+    model.zero_grad(set_to_none=True)
+    got_embeds = embeds()
+    got_embeds.retain_grad()
+    loss, _, _ = loss_and_backward(model, TokenBatch(ids, targets, mask), loss_fn, chunk=6,
+                                   inputs_embeds=got_embeds, attention_mask=attn, position_ids=positions)
+    assert float((got_embeds.grad - ge_ref).norm() / ge_ref.norm()) < 1e-9
+    assert_same(loss, grads(model), loss_ref.detach(), g_ref, tol=1e-9)  # includes embed_tokens, via the embeds

@@ -29,8 +29,9 @@ Departures from the paper:
   (`[B, Hkv, T, d]` each, small under GQA) rather than recomputed per chunk.
 - The forward pass runs the same chunked layer code without a graph, so no `[T, T]`
   mask is ever built; each chunk builds a boolean `[B, 1, c, e]` mask.
-- Only Qwen2 / Qwen2.5, Qwen3 and Llama decoder layers are supported (pre-norm, RoPE,
-  GQA, gated MLP). Sliding-window attention and attention dropout raise `UserError`.
+- Only Qwen2 / Qwen2.5, Qwen3, Llama and the text models of Qwen2-VL / Qwen2.5-VL are
+  supported (pre-norm, RoPE or M-RoPE, GQA, gated MLP). Sliding-window attention and
+  attention dropout raise `UserError`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ from torch import nn
 
 from longrl.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+MROPE_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
+"""Text models of Qwen2-VL / Qwen2.5-VL: Qwen2 layers; M-RoPE folded into cos/sin by their
+rotary module, so the layer math is the same."""
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", *MROPE_MODEL_TYPES)
 
 HeadBackward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """`head_backward(final_hidden [B, T, D]) -> (loss, dloss/dfinal_hidden [B, T, D])`.
@@ -66,9 +70,13 @@ class AttentionInputs:
 
 
 def decoder_body(model: nn.Module) -> nn.Module:
-    """The decoder stack (`Qwen2Model`, `LlamaModel`, ...) of a causal LM or of itself."""
+    """The decoder stack (`Qwen2Model`, `LlamaModel`, `Qwen2_5_VLTextModel`, ...): the
+    model itself, its `.model`, or its `.model.language_model` (vision-language models)."""
     inner = getattr(model, "model", None)
-    return inner if inner is not None and hasattr(inner, "layers") else model
+    for candidate in (model, inner, getattr(inner, "language_model", None)):
+        if candidate is not None and hasattr(candidate, "layers"):
+            return candidate
+    raise UserError(f"train.backprop=streambp: no decoder layers found in {type(model).__name__}")
 
 
 def check_supported(model: nn.Module) -> None:
@@ -185,19 +193,22 @@ def layer_backward(
 ) -> torch.Tensor:
     """Back-propagate dL/d(output) [B, T, D] through one layer chunk by chunk.
 
-    Accumulates the layer's parameter gradients into `.grad`; returns dL/dx [B, T, D].
-    The input norm, K and V are computed once for the whole sequence with a graph; the
-    chunks' gradients w.r.t. them are gathered in buffers and pushed through those graphs
-    once at the end, so every gradient is summed in the same order as in full backprop
-    (this matters because the RMSNorm upcasts to float32: two separate passes through its
-    backward would round twice)."""
-    x_full = _leaf(x)
+    Accumulates the layer's parameter gradients into `.grad` and returns dL/dx [B, T, D],
+    written into `grad_out`'s storage: chunk [s, e) reads grad_out[:, s:e] before it
+    writes its own input gradient there, and later chunks read only later positions.
+
+    The input norm, K and V are computed once for the whole sequence; the chunks'
+    gradients w.r.t. them are gathered in buffers and pushed through those graphs once at
+    the end, so every gradient is summed in the same order as in full backprop (this
+    matters because the RMSNorm upcasts to float32: two separate passes through its
+    backward would round twice). The norm itself is recomputed at the end rather than
+    kept with a graph through the chunk loop."""
+    with torch.no_grad():
+        n = layer.input_layernorm(x)  # [B, T, D]
+    n_kv = _leaf(n)
     with torch.enable_grad():
-        n = layer.input_layernorm(x_full)  # [B, T, D]
-        n_kv = _leaf(n)
-        k, v = layer_kv(layer, n_kv, att)  # [B, Hkv, T, d] each
-    grad_x = torch.empty_like(x)  # [B, T, D]  residual share
-    grad_n = torch.empty_like(n)  # [B, T, D]  query share
+        k, v = layer_kv(layer, n_kv, att)  # [B, Hkv, T, d] each, with a graph
+    grad_n = torch.empty_like(n)  # [B, T, D]  the queries' share of dL/dn
     grad_k = torch.zeros_like(k)  # [B, Hkv, T, d]
     grad_v = torch.zeros_like(v)  # [B, Hkv, T, d]
     for s, e in _spans(x.shape[1], chunk):
@@ -206,32 +217,53 @@ def layer_backward(
         with torch.enable_grad():
             y = layer_chunk(layer, x_c, n_c, k_c, v_c, att, s)  # [B, c, D]
         torch.autograd.backward(y, grad_out[:, s:e])
-        grad_x[:, s:e] = x_c.grad
+        grad_out[:, s:e] = x_c.grad  # the residual share of dL/dx
         grad_n[:, s:e] = n_c.grad
         grad_k[:, :, :e] += k_c.grad
         grad_v[:, :, :e] += v_c.grad
         del y, x_c, n_c, k_c, v_c
     torch.autograd.backward((k, v), (grad_k, grad_v))
-    del k, v, grad_k, grad_v
-    torch.autograd.backward(n, grad_n.add_(n_kv.grad))
-    return grad_x.add_(x_full.grad)
+    grad_n += n_kv.grad
+    del k, v, grad_k, grad_v, n, n_kv
+    x_leaf = _leaf(x)
+    with torch.enable_grad():
+        torch.autograd.backward(layer.input_layernorm(x_leaf), grad_n)
+    return grad_out.add_(x_leaf.grad)
+
+
+def _segments(text_positions: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """Packed-sequence ids [B, T] where positions restart (as HF's
+    `find_packed_sequence_indices`), or None when every row is one sequence."""
+    pos = text_positions.expand(batch, -1)  # [B, T]
+    step = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1)  # [B, T]
+    segment = (step != 1).cumsum(-1)  # [B, T]
+    return segment if bool(segment[:, -1].any()) else None
 
 
 def attention_inputs(
     body: nn.Module, h0: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
 ) -> AttentionInputs:
-    """Rotary tables and key masks, following `Qwen2Model.forward`'s defaults:
-    positions 0..T-1 unless given; packed sequences (positions restarting) are detected
-    only when there is no attention mask, as in `create_causal_mask`."""
+    """Rotary tables and key masks, following the model's own forward.
+
+    Text models (`Qwen2Model.forward`): positions 0..T-1 unless given; packed sequences
+    (positions restarting) are detected only when there is no attention mask, as in
+    `create_causal_mask`. Qwen2(.5)-VL text models take M-RoPE positions [3, B, T] (or
+    [4, B, T] with text positions first, the only form in which they detect packing)."""
     b, t, _ = h0.shape
-    segment = None
-    if position_ids is None:
+    text_positions = position_ids  # [B, T] or [1, T] or None
+    if body.config.model_type in MROPE_MODEL_TYPES:  # mirrors Qwen2_5_VLTextModel.forward
+        text_positions = None
+        if position_ids is None:
+            position_ids = torch.arange(t, device=h0.device)[None, None].expand(3, b, -1)  # [3, B, T]
+        elif position_ids.ndim == 2:
+            position_ids = position_ids[None].expand(3, position_ids.shape[0], -1)  # [3, B, T]
+        elif position_ids.shape[0] == 4:
+            text_positions, position_ids = position_ids[0], position_ids[1:]
+    elif position_ids is None:
         position_ids = torch.arange(t, device=h0.device)[None]  # [1, T]
-    elif attention_mask is None:
-        pos = position_ids.expand(b, -1)  # [B, T]
-        step = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1)  # [B, T]
-        segment = (step != 1).cumsum(-1)  # [B, T]
-        segment = segment if bool(segment[:, -1].any()) else None
+    segment = None
+    if text_positions is not None and attention_mask is None:
+        segment = _segments(text_positions, b)
     cos, sin = body.rotary_emb(h0, position_ids)  # [B or 1, T, d]
     keep = None
     if attention_mask is not None and not bool(attention_mask.all()):
@@ -303,12 +335,25 @@ def supports(model: nn.Module) -> bool:
     return True
 
 
-def loss_and_backward(model: nn.Module, batch, loss_fn, *, chunk: int = 256, temperature: float = 1.0):
+def loss_and_backward(
+    model: nn.Module,
+    batch,
+    loss_fn,
+    *,
+    chunk: int = 256,
+    temperature: float = 1.0,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+):
     """`streambp_backward` with the chunked head of `streambp/logprobs.py`.
 
-    `batch` is a `logprobs.TokenBatch` (right-padded, no attention mask needed) and
+    `batch` is a `logprobs.TokenBatch` (right-padded: no attention mask needed) and
     `loss_fn(logprobs [B, T]) -> loss | (loss, metrics)`. Gradients accumulate in
-    `.grad`. Returns (loss, metrics, logprobs [B, T]) like `logprobs.loss_and_backward`.
+    `.grad`. With `inputs_embeds` [B, T, D] (token embeddings with video features spliced
+    in, say; `batch.input_ids` is then unused) the gradient flows on into whatever built
+    them if they require grad. Vision-language models need their M-RoPE `position_ids`.
+    Returns (loss, metrics, logprobs [B, T]) like `logprobs.loss_and_backward`.
     """
     from longrl.streambp.logprobs import backward_chunked_head  # logprobs imports this module lazily
 
@@ -322,5 +367,15 @@ def loss_and_backward(model: nn.Module, batch, loss_fn, *, chunk: int = 256, tem
         seen.update(metrics=metrics, logp=logp)
         return loss, grad
 
-    loss, _ = streambp_backward(model, head_backward, input_ids=batch.input_ids, chunk=chunk)
+    loss, grad_embeds = streambp_backward(
+        model,
+        head_backward,
+        input_ids=batch.input_ids if inputs_embeds is None else None,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        chunk=chunk,
+    )
+    if grad_embeds is not None and inputs_embeds.requires_grad:
+        inputs_embeds.backward(grad_embeds)
     return loss, seen["metrics"], seen["logp"]
