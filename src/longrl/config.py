@@ -83,8 +83,9 @@ class RewardConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = 600
-    """Optimizer steps of chain-of-thought SFT before RL (0 skips SFT)."""
+    steps: int = 520
+    """Optimizer steps of chain-of-thought SFT before RL (0 skips SFT). The default leaves the
+    tiny model partly trained (about 0.3 held-out accuracy on `addition`), so RL has room."""
     batch_size: int = 32
     """Demonstrations per optimizer step."""
     lr: float = 3e-3
@@ -144,8 +145,9 @@ class RLConfig:
     """Passes over each step's rollouts."""
     micro_batch_size: int = 64
     """Sequences per forward/backward; gradients accumulate to one optimizer step."""
-    lr: float = 1e-3
-    """Peak learning rate (AdamW)."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW). Far below SFT's: one update per rollout batch has no
+    trust region (the ratio is 1), and Adam turns noisy policy gradients into full-size steps."""
     warmup_steps: int = 5
     """Linear LR warm-up steps."""
     dynamic_sampling: bool = False

@@ -72,3 +72,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     wa = load_file(full / "checkpoints" / "step_4" / "model.safetensors")
     wb = load_file(crashed / "checkpoints" / "step_4" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_torchrun_data_parallel_trains_and_only_rank0_writes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+           "-m", "longrl", "train", f"run.out_dir={tmp_path}", "run.name=dp", *TINY]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = _rl_records(tmp_path / "dp" / "metrics.jsonl")
+    assert [x["step"] for x in recs] == [0, 1, 2, 3, 4]  # one writer: no duplicated records
+    assert recs[1]["rollout/groups"] == 3  # the 3 prompts of a step split over 2 ranks
+    assert (tmp_path / "dp" / "checkpoints" / "step_4" / "model.safetensors").is_file()

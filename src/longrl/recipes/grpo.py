@@ -25,10 +25,11 @@ from longrl.config import Config
 from longrl.data.example import Example
 from longrl.data.registry import TaskData
 from longrl.eval.accuracy import decode_response, encode_prompts
+from longrl.parallel import dist
 from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler
 from longrl.rewards.combine import score_responses
 from longrl.rl.advantages import constant_groups, group_advantages, overlong_soft_penalty
-from longrl.rl.losses import loss_normalizer, policy_loss
+from longrl.rl.losses import policy_loss
 from longrl.rollout.april import AprilScheduler, offpolicy_mask, tis_weights
 from longrl.rollout.continuous import ContinuousEngine
 from longrl.rollout.engine import generate
@@ -72,7 +73,8 @@ class GRPOState:
 def init_state(model, cfg: Config, n_train: int) -> GRPOState:
     optimizer = make_optimizer(model, cfg.rl.lr, cfg.train.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.rl.warmup_steps, cfg.rl.steps, decay=False)
-    sampler = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 1)
+    # Data-parallel ranks share the prompt order but sample with their own streams.
+    sampler = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 1 + dist.rank())
     reference = None
     if cfg.rl.kl_coef > 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -169,12 +171,17 @@ def _select_groups(r: Rollouts, keep: torch.Tensor, G: int) -> Rollouts:
 
 def collect(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> tuple[Rollouts, dict]:
     """Roll out N groups; with dynamic sampling, drop all-equal groups and refill."""
-    N, G = cfg.rl.prompts_per_step, cfg.rl.group_size
+    G = cfg.rl.group_size
+    # Data parallel: every rank draws the same N prompts and keeps its contiguous share of
+    # the groups (groups never straddle ranks, so advantages need no communication).
+    mine = dist.shard_indices(cfg.rl.prompts_per_step, dist.rank(), dist.world())
+    N = len(mine)
 
     def one_round() -> tuple[Rollouts, dict]:
         if state.april is not None:
             return rollout_partial(tokenizer, task, cfg, state)
-        return rollout(model, tokenizer, [task.train[i] for i in state.cursor.take(N)], task, cfg,
+        step_prompts = state.cursor.take(cfg.rl.prompts_per_step)
+        return rollout(model, tokenizer, [task.train[step_prompts[j]] for j in mine], task, cfg,
                        state.sampler, state.step), {}
 
     first, april_stats = one_round()
@@ -216,9 +223,16 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
     t_rollout = time.time() - t0
     B = len(roll.examples)
     metrics["rollout/groups"] = B // G
-    if B == 0:
+    if B == 0:  # nothing to train on here; other data-parallel ranks may still have data
+        if dist.world() > 1:
+            dist.global_loss_normalizer(torch.zeros(0, 1), rcfg.loss_agg)
+            for _epoch in range(rcfg.ppo_epochs):
+                dist.all_reduce_gradients(model)
+                clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip)
         state.step += 1
-        return {**metrics, "time/rollout": t_rollout, "time/step": time.time() - t0}
+        if state.april is not None:
+            state.april.engine.policy_version = state.step
+        return _reduce_metrics({**metrics, "time/rollout": t_rollout, "time/step": time.time() - t0})
 
     b_adv = group_advantages(roll.rewards, G, rcfg.advantage)  # [B]
     temperature = cfg.rollout.temperature or 1.0
@@ -233,7 +247,8 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
     # Micro-batches of similar length (sorted), so padding stays small.
     order = sorted(range(B), key=lambda i: len(roll.prompt_ids[i]) + len(roll.response_ids[i]))
     micro = [torch.tensor(order[s : s + rcfg.micro_batch_size]) for s in range(0, B, rcfg.micro_batch_size)]
-    normalizer = loss_normalizer(b_batch.mask, rcfg.loss_agg)  # once per optimizer step
+    # Once per optimizer step, over the whole step batch of every data-parallel rank.
+    normalizer = dist.global_loss_normalizer(b_batch.mask, rcfg.loss_agg)
 
     # Old (and reference) log-probs from the trainer, before any update; the engine's own
     # log-probs are only compared (and used for TIS weights), never trusted as "old".
@@ -270,6 +285,7 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
             for key, v in m.items():  # loss/* sum over micro-batches; fractions are token-weighted
                 sums[key] = sums.get(key, 0.0) + (v if key.startswith("loss/") else v * w)
             sums["_tokens"] = sums.get("_tokens", 0.0) + w
+        dist.all_reduce_gradients(model)  # sum: each rank's loss is already divided by the global normaliser
         grad_norm = clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip)
     state.step += 1
     if state.april is not None:
@@ -283,7 +299,19 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
         "grad/norm": grad_norm, "lr": state.scheduler.get_last_lr()[0],
         "time/rollout": t_rollout, "time/train": time.time() - t1, "time/step": time.time() - t0,
     })
-    return metrics
+    return _reduce_metrics(metrics)
+
+
+def _reduce_metrics(metrics: dict) -> dict:
+    """Across data-parallel ranks: loss/* are shares of one loss (summed); the rest are
+    per-rank means over equal shares (averaged)."""
+    if dist.world() == 1:
+        return metrics
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+    summed = dist.all_reduce_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
+    summed_keys = ("loss/", "rollout/groups")  # shares of one total, or counts
+    return {**metrics, **{k: float(v) if k.startswith(summed_keys) else float(v) / dist.world()
+                          for k, v in zip(keys, summed.tolist())}}
 
 
 def _on_positions(rows: list[list], mask: torch.Tensor, fill) -> torch.Tensor:

@@ -17,7 +17,8 @@ from longrl.data.example import Example
 from longrl.data.registry import demonstration
 from longrl.eval.accuracy import encode_prompts
 from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, progress
-from longrl.rl.losses import loss_normalizer, sft_loss
+from longrl.parallel import dist
+from longrl.rl.losses import sft_loss
 from longrl.streambp.logprobs import loss_and_backward, make_batch
 
 
@@ -40,18 +41,22 @@ def run_sft(model, tokenizer, examples: list[Example], cfg: Config, device,
     rng = random.Random(cfg.train.seed)
     order: list[int] = []
     model.train()
-    bar = progress(scfg.steps, "sft", cfg.run.progress)
+    bar = progress(scfg.steps, "sft", cfg.run.progress and dist.is_main())
     for step in range(1, scfg.steps + 1):
         t0 = time.time()
         if len(order) < scfg.batch_size:  # reshuffle each epoch
             order = list(range(len(examples)))
             rng.shuffle(order)
         b_idx, order = order[: scfg.batch_size], order[scfg.batch_size :]
+        # Data parallel: each rank trains its share of the batch; the token count is global.
+        b_idx = [b_idx[j] for j in dist.shard_indices(len(b_idx), dist.rank(), dist.world())]
         batch = make_batch([prompts[i] for i in b_idx], [responses[i] for i in b_idx],
                            tokenizer.pad_token_id).to(device)
-        norm = loss_normalizer(batch.mask, "token-mean")
+        norm = dist.global_loss_normalizer(batch.mask, "token-mean")
         loss, _, _ = loss_and_backward(model, batch, lambda lp: sft_loss(lp, batch.mask, norm),
                                        mode=cfg.train.backprop, chunk=cfg.train.stream_chunk)
+        dist.all_reduce_gradients(model)
+        loss = dist.all_reduce_sum(float(loss))
         grad_norm = clip_and_step(model, optimizer, scheduler, cfg.train.grad_clip)
         record = {"phase": "sft", "step": step, "loss/sft": float(loss), "grad/norm": grad_norm,
                   "lr": scheduler.get_last_lr()[0], "time/step": time.time() - t0}

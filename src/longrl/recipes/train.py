@@ -24,6 +24,7 @@ from longrl.errors import UserError
 from longrl.eval.accuracy import evaluate
 from longrl.metrics import MetricsLog, plot_curves
 from longrl.models.load import load_policy
+from longrl.parallel import dist
 from longrl.recipes.common import progress
 from longrl.recipes.grpo import DataCursor, GRPOState, grpo_step, init_state
 from longrl.recipes.sft import run_sft
@@ -63,7 +64,11 @@ def train(cfg: Config) -> dict:
     resume_ckpt = None
     if cfg.resume:
         cfg, run_dir, resume_ckpt = _resume_config(cfg.resume, cfg)
-    device = pick_device(cfg.model.device)
+    ctx = dist.init_from_env()  # torchrun: one process per rank; otherwise a single process
+    device = ctx.device if ctx.world > 1 else pick_device(cfg.model.device)
+    main = dist.is_main()  # only the main rank writes files and prints
+    if ctx.world > 1 and cfg.rollout.partial:
+        raise UserError("rollout.partial=true is not supported with torchrun data parallelism yet; run APRIL on one process")
     quiet_libraries()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -72,12 +77,14 @@ def train(cfg: Config) -> dict:
     task = load_task(cfg.task, cfg.reward.correctness)
     if resume_ckpt is None:
         model, tokenizer = load_policy(cfg.model, device)
-        run_dir = prepare_run_dir(cfg)
-        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-        for stale in ("metrics.jsonl", "summary.json"):
-            (run_dir / stale).unlink(missing_ok=True)
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    say = print if cfg.run.progress else (lambda *a, **k: None)
+        run_dir = prepare_run_dir(cfg) if main else None
+        if main:
+            atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+            for stale in ("metrics.jsonl", "summary.json"):
+                (run_dir / stale).unlink(missing_ok=True)
+        run_dir = Path(dist.broadcast_object(str(run_dir) if main else None))
+    log = MetricsLog(run_dir / "metrics.jsonl") if main else (lambda record: None)
+    say = print if cfg.run.progress and main else (lambda *a, **k: None)
     say(f"longrl: task {task.name} ({len(task.train)} train / {len(task.eval)} held-out), run dir {run_dir}")
 
     def held_out(model, tokenizer) -> dict:
@@ -94,13 +101,14 @@ def train(cfg: Config) -> dict:
         log({"phase": "rl", "step": 0, **after_sft})
         say(f"held-out accuracy: initial {results['accuracy_initial']:.3f}, after SFT {results['accuracy_after_sft']:.3f}")
         state = init_state(model, cfg, len(task.train))
-        save_checkpoint(run_dir, 0, model, tokenizer, _trainer_state(state, results), cfg.run.keep_checkpoints)
+        checkpoint(run_dir, 0, model, tokenizer, state, results, cfg)
     else:
         model, tokenizer, state, results = _restore(cfg, resume_ckpt, device, len(task.train))
-        log.truncate_after(state.step)
+        if main:
+            log.truncate_after(state.step)
         say(f"resumed from {resume_ckpt} at RL step {state.step}")
 
-    bar = progress(cfg.rl.steps, "grpo", cfg.run.progress, initial=state.step)
+    bar = progress(cfg.rl.steps, "grpo", cfg.run.progress and main, initial=state.step)
     t_rl = time.time()
     while state.step < cfg.rl.steps:
         metrics = grpo_step(model, tokenizer, task, cfg, state)
@@ -116,7 +124,7 @@ def train(cfg: Config) -> dict:
                         acc=f"{metrics['eval/accuracy']:.3f}" if "eval/accuracy" in metrics else "-")
         bar.update(1)
         if step % cfg.run.save_every == 0 or step == cfg.rl.steps:
-            save_checkpoint(run_dir, step, model, tokenizer, _trainer_state(state, results), cfg.run.keep_checkpoints)
+            checkpoint(run_dir, step, model, tokenizer, state, results, cfg)
     bar.close()
     if cfg.rl.steps == 0:
         results["accuracy_after_rl"] = results["accuracy_after_sft"]
@@ -135,9 +143,17 @@ def train(cfg: Config) -> dict:
         "checkpoint": str(latest_checkpoint(run_dir)),
         "run_dir": str(run_dir),
     }
-    atomic_write_json(run_dir / "summary.json", summary)
-    plot_curves(log.records, run_dir / "curves.png")
+    if main:
+        atomic_write_json(run_dir / "summary.json", summary)
+        plot_curves(log.records, run_dir / "curves.png")
     return summary
+
+
+def checkpoint(run_dir, step, model, tokenizer, state, results, cfg) -> None:
+    """The main rank writes; every rank waits, so none runs ahead of a half-written step."""
+    if dist.is_main():
+        save_checkpoint(run_dir, step, model, tokenizer, _trainer_state(state, results), cfg.run.keep_checkpoints)
+    dist.barrier()
 
 
 def _trainer_state(state: GRPOState, results: dict) -> dict:
