@@ -41,7 +41,7 @@ def plot_curves(records: list[dict], out: Path) -> None:
     rl = [r for r in records if r.get("phase") == "rl"]
     sft = [r for r in records if r.get("phase") == "sft"]
     panels = [
-        ("reward/mean", "reward (mean)", rl),
+        ("reward/mean", "reward (mean; dashed: correctness)", rl),
         ("eval/accuracy", "held-out accuracy (greedy)", rl),
         ("rollout/response_len", "response length (tokens)", rl),
         ("kl/mean" if any("kl/mean" in r for r in rl) else "logprob/engine_trainer_gap",
@@ -55,6 +55,10 @@ def plot_curves(records: list[dict], out: Path) -> None:
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3)
+        if key == "reward/mean":
+            extra = [(r["step"], r["reward/correctness"]) for r in recs if "reward/correctness" in r]
+            if extra:
+                ax.plot(*zip(*extra), ls="--", lw=1)
         ax.set_title(title)
         ax.set_xlabel("SFT step" if recs is sft else "RL step")
         ax.grid(alpha=0.3)
