@@ -27,6 +27,12 @@ Departures:
   Hugging Face processor, which needs torchvision for videos. `patchify` matches the
   processor's layout and normalisation exactly (tested against its PIL image path).
 - Sequence parallelism (MR-SP stage 2) is not here; `parallel/` shards long sequences.
+- Positions come from the installed transformers' `get_rope_index`. In transformers 5.23
+  text after a video continues at the video's start + max(H, W)/merge, not after its
+  largest temporal position as in the original Qwen2.5-VL code, and HF `generate` offsets
+  decode positions from that largest position instead: for a long video the two disagree
+  (e.g. response positions 6, 7 teacher-forced vs 64, 65 in `generate`). Rollouts and
+  training passes here both use the teacher-forced numbering, so RL is self-consistent.
 """
 
 from __future__ import annotations
