@@ -27,6 +27,8 @@ def test_help_texts(capsys):
     (["train", "task.name=jsonl"], "needs task.train_file"),
     (["train", "resume=/nonexistent/run"], "not a run directory"),
     (["eval", "task=addition"], "needs model=PATH"),
+    (["eval", "--videomme", "/nonexistent/annot.json", "--videos", "/tmp"], "annotation file not found"),
+    (["eval", "--videomme", "/nonexistent/annot.json"], "needs --videos DIR"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -63,6 +63,16 @@ def _print_summary(s: dict) -> None:
 
 
 def cmd_eval(args) -> int:
+    if args.videomme:
+        from longrl.eval.videomme import run_videomme
+
+        if not args.videos:
+            raise UserError("--videomme needs --videos DIR (the folder holding <video_id>.mp4 files)")
+        model = next((o.split("=", 1)[1] for o in args.overrides if o.startswith(("model=", "model.path="))), "")
+        result = run_videomme(args.videomme, args.videos, model_path=model, out_dir=args.out,
+                              max_frames=args.max_frames)
+        print(json.dumps(result, indent=2))
+        return 0
     from longrl.recipes.evaluate import run_eval
 
     result = run_eval(args.overrides, config=args.config, out=args.out)
@@ -116,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on task=NAME; same keys as `longrl train` (model.path, task.*, eval.*). "
                                    "Example: longrl eval model=runs/x/checkpoints/step_100 task=addition")
     e.add_argument("--config", help="YAML file of config keys")
-    e.add_argument("--out", help="write per-item results to this JSONL file")
+    e.add_argument("--out", help="per-item results: a JSONL file (task eval) or a directory (--videomme)")
+    e.add_argument("--videomme", metavar="ANNOT", help="Video-MME-format annotation file (JSON/JSONL)")
+    e.add_argument("--videos", metavar="DIR", help="folder of videos named <video_id>.mp4 (with --videomme)")
+    e.add_argument("--max-frames", type=int, default=32, help="frames sampled per video (with --videomme)")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="model=PATH task=NAME or any config key")
     e.set_defaults(func=cmd_eval)
 
