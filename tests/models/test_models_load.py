@@ -1,0 +1,45 @@
+"""Local Hugging Face directories of several architectures train through `longrl train`."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from longrl.cli import main
+from longrl.config import ModelConfig
+from longrl.models.load import load_policy
+from longrl.models.tiny import build_tiny_tokenizer
+
+ARCHS = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+}
+
+
+def _save(tmp_path, arch):
+    tok = build_tiny_tokenizer()
+    cfg_cls, model_cls = ARCHS[arch]
+    cfg = cfg_cls(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    path = tmp_path / arch
+    model_cls(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_local_directory_loads_and_trains(tmp_path, arch):
+    path = _save(tmp_path, arch)
+    model, tok = load_policy(ModelConfig(path=str(path)), torch.device("cpu"))
+    assert type(model).__name__.lower().startswith(arch) and tok.padding_side == "left"
+    assert main(["train", f"model.path={path}", f"run.out_dir={tmp_path}", "run.name=r", "run.progress=false",
+                 "task.n_train=50", "task.n_eval=4", "sft.steps=2", "sft.batch_size=4", "rl.steps=1",
+                 "rl.prompts_per_step=2", "rl.group_size=2", "rollout.max_new_tokens=6", "eval.max_new_tokens=6"]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["rl_steps"] == 1
+    again, _ = load_policy(ModelConfig(path=summary["checkpoint"]), torch.device("cpu"))
+    assert type(again) is type(model)
