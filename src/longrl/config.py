@@ -164,11 +164,13 @@ class RLConfig:
 
 @dataclass
 class TrainConfig:
-    backprop: str = "streambp"
-    """'standard' (full logits), 'checkpoint' (activation checkpointing) or 'streambp'
-    (chunked log-probs; no [B, T, V] logits)."""
+    backprop: str = "chunked"
+    """'standard' (full [B, T, V] logits; for comparison), 'chunked' (log-probs chunk by
+    chunk, no full logits; ordinary backward through the layers), 'checkpoint' (chunked +
+    activation checkpointing) or 'streambp' (chunked + sequence-chunked layer backward:
+    activation memory independent of sequence length; for long sequences)."""
     stream_chunk: int = 256
-    """Sequence chunk for chunked log-probs (StreamBP)."""
+    """Sequence chunk (tokens) for chunked log-probs and the StreamBP layer backward."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
     weight_decay: float = 0.0
@@ -226,7 +228,7 @@ class Config:
         _choice("rl.overlong", self.rl.overlong, ["none", "filter", "soft"])
         _choice("rollout.offpolicy", self.rollout.offpolicy, ["recompute", "mask", "tis"])
         _choice("rollout.backend", self.rollout.backend, ["hf", "vllm"])
-        _choice("train.backprop", self.train.backprop, ["standard", "checkpoint", "streambp"])
+        _choice("train.backprop", self.train.backprop, ["standard", "chunked", "checkpoint", "streambp"])
         _choice("reward.correctness", self.reward.correctness, ["auto", "exact", "normalized", "math", "mcq"])
         for key, value in [
             ("rl.group_size", self.rl.group_size),

@@ -70,7 +70,7 @@ def _step(model, batch, old, adv, normalizer, loss_agg, kind, micro):
             return policy_loss(logp, old[rows][:, :width], adv[rows], mb.mask, normalizer=normalizer,
                                loss_agg=loss_agg, kind=kind)
 
-        loss, _, _ = loss_and_backward(model, mb, loss_fn, mode="streambp", chunk=4)
+        loss, _, _ = loss_and_backward(model, mb, loss_fn, mode="chunked", chunk=4)
         total += float(loss)
     return total
 

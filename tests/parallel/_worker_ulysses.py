@@ -104,7 +104,7 @@ def head_case(group, name, dtype, loss_agg, kind, checkpoint=False):
     def loss_fn(logp):
         return policy_loss(logp, old, adv, batch.mask, normalizer=norm, loss_agg=loss_agg, kind=kind)
 
-    loss_ref, m_ref, logp_ref = loss_and_backward(ref, batch, loss_fn, mode="streambp", chunk=5)
+    loss_ref, m_ref, logp_ref = loss_and_backward(ref, batch, loss_fn, mode="chunked", chunk=5)
     loss, m, logp = sp_loss_and_backward(model, batch, loss_fn, group, chunk=3)
     lp_nograd = sp_sequence_logprobs(model, batch, group, chunk=4)
     clip, clip_ref = (x["clip/frac_low"] + x["clip/frac_high"] for x in (m, m_ref))

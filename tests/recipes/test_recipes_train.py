@@ -88,3 +88,15 @@ def test_torchrun_data_parallel_trains_and_only_rank0_writes(tmp_path):
     assert [x["step"] for x in recs] == [0, 1, 2, 3, 4]  # one writer: no duplicated records
     assert recs[1]["rollout/groups"] == 3  # the 3 prompts of a step split over 2 ranks
     assert (tmp_path / "dp" / "checkpoints" / "step_4" / "model.safetensors").is_file()
+
+
+def test_streambp_training_path_matches_the_chunked_one(tmp_path):
+    runs = {}
+    for mode in ("chunked", "streambp"):
+        args = [a for a in TINY if not a.startswith("rl.steps")] + ["rl.steps=2", "train.stream_chunk=5"]
+        assert main(["train", f"run.out_dir={tmp_path}", f"run.name={mode}", f"train.backprop={mode}", *args]) == 0
+        runs[mode] = _rl_records(tmp_path / mode / "metrics.jsonl")
+    for a, b in zip(runs["chunked"], runs["streambp"]):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == (b[k] if isinstance(b[k], str) else pytest.approx(b[k], rel=1e-3, abs=1e-5)), k

@@ -24,7 +24,7 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("mode", ["streambp", "checkpoint"])
+@pytest.mark.parametrize("mode", ["chunked", "checkpoint", "streambp"])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_head_matches_full_logits_float64(tiny_qwen, mode, chunk, temperature):

@@ -156,8 +156,10 @@ def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = 
     """Forward, loss and backward for one micro-batch; gradients accumulate in `.grad`.
 
     mode: 'standard' builds full [B, T, V] logits (reference / comparison only);
-    'checkpoint' recomputes layer activations (HF gradient checkpointing) and uses the
-    chunked head; 'streambp' uses the chunked head. Returns (loss, metrics, logprobs [B, T]).
+    'chunked' uses the chunked head with an ordinary backward through the layers;
+    'checkpoint' adds activation checkpointing of the layers; 'streambp' adds the
+    sequence-chunked layer backward of `streambp/layers.py` (activation memory independent
+    of T). Returns (loss, metrics, logprobs [B, T]).
     """
     weight, bias = _head(model)
     if mode == "standard":
@@ -168,6 +170,11 @@ def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = 
         loss, metrics = out if isinstance(out, tuple) else (out, {})
         loss.backward()
         return loss.detach(), metrics, logp.detach()
+    if mode == "streambp":
+        from longrl.streambp import layers
+
+        layers.check_supported(model)
+        return layers.loss_and_backward(model, batch, loss_fn, chunk=chunk, temperature=temperature)
     if mode == "checkpoint" and not model.is_gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
