@@ -46,6 +46,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp"))
     try:
         yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the final directory should not be private
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
