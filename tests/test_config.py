@@ -54,3 +54,13 @@ def test_every_field_is_documented():
         key, _, doc = line.strip().partition("  ")
         assert doc.strip(), f"{key} has no docstring"
     assert "rl.group_size=8" in text and isinstance(Config().rl.group_size, int)
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    tiny = load_config(root / "grpo_tiny.yaml")
+    assert config_to_dict(tiny) == config_to_dict(Config())  # the file spells out the defaults
+    qwen = load_config(root / "qwen_grpo.yaml")
+    assert qwen.train.backprop == "streambp" and qwen.model.dtype == "bfloat16"
