@@ -79,8 +79,10 @@ def test_torchrun_data_parallel_trains_and_only_rank0_writes(tmp_path):
     import subprocess
     import sys
 
+    from longrl.parallel.local_spawn import free_port
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "longrl", "train", f"run.out_dir={tmp_path}", "run.name=dp", *TINY]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
