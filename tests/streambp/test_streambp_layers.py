@@ -193,10 +193,12 @@ def test_packed_sequences_follow_position_resets():
     assert not torch.allclose(unpacked[0], ref[0])  # the packing changes the answer
 
 
-def test_tied_embeddings_collect_both_gradients():
-    model = tiny("qwen2", tie_word_embeddings=True)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+def test_tied_embeddings_and_padding_idx_collect_the_right_gradients():
     ids, attn, targets, mask = left_padded()
+    pad = int(ids[0, 5])  # a token that also occurs at trained positions: its row gets no embedding grad
+    model = tiny("qwen2", tie_word_embeddings=True, pad_token_id=pad)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.embed_tokens.padding_idx == pad
     ref = reference(model, ids, attn, targets, mask, sft(mask))
     assert_same(*streamed(model, ids, attn, targets, mask, sft(mask), chunk=5), *ref, tol=1e-9)
 
@@ -299,3 +301,23 @@ def test_qwen2_5_vl_text_model_with_mrope_and_video_embeds():
                                    inputs_embeds=got_embeds, attention_mask=attn, position_ids=positions)
     assert float((got_embeds.grad - ge_ref).norm() / ge_ref.norm()) < 1e-9
     assert_same(loss, grads(model), loss_ref.detach(), g_ref, tol=1e-9)  # includes embed_tokens, via the embeds
+
+
+def test_expanded_kv_attention_equals_grouped():
+    # The CUDA path (K/V repeated to every query head) against the CPU one (enable_gqa).
+    from longrl.streambp.layers import attend
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 6, 5, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    att = AttentionInputs(cos=torch.zeros(1, 9, 8), sin=torch.zeros(1, 9, 8),
+                          key_keep=torch.tensor([[True] * 9, [False] * 3 + [True] * 6]), segment=None)
+    mask = chunk_mask(att, 4, 9, 2)
+    outs = []
+    for expand in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves, mask, 0.3, expand_kv=expand)
+        out.pow(2).sum().backward()
+        outs.append([out.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -1,6 +1,6 @@
 """Benchmark: longest sequence that fits a memory cap, and step time, per backprop mode.
 
-    python -m longrl.bench.streambp --json [--cap-gib 1.25] [--limit 16384] [--objectives sft,grpo] ...
+    python -m longrl.bench.streambp --json [--cap-gib 0.75] [--limit 16384] [--objectives sft,grpo] ...
 
 Model: a random Qwen2 (4 layers, hidden 512, 8 heads, 2 KV heads, intermediate 1408, vocab
 32000, float32, untied head), built from a config. One training step = forward, loss,
@@ -30,14 +30,23 @@ memory is `torch.cuda.max_memory_allocated`. The longest length is found by doub
 `--start`, then bisection to `--step` tokens (or 1/8 of the length); lengths stop at
 `--limit` (the search reports `hit_limit` and the ratio is then a lower bound).
 
-Time. At the longest length every mode fits (rounded down to `--step`), one process runs
-all modes on one model, interleaved round by round (one warm-up round, then `--repeats`
-timed rounds), so that the load of a shared machine drifts over all modes alike; the
-ratios use each mode's fastest step.
+Time. At the longest length every mode fits (rounded down to `--step`), and again at
+`--time-tokens` tokens per step (no cap there), one process runs all modes on one model,
+interleaved round by round (one warm-up round, then `--repeats` timed rounds), so that
+the load of a shared machine drifts over all modes alike; the ratios use each mode's
+fastest step. Runs use `--threads 1` by default: on an oversubscribed machine every
+multi-threaded op waits at its barrier for a descheduled thread, a per-op delay that
+punishes whichever mode issues more, smaller ops (StreamBP's chunks) rather than
+measuring the work.
 
-Result ratios: `max_len_ratio` = streambp / checkpoint max length, and `time_ratio` =
-streambp / checkpoint step time, per objective (plus the same against
-checkpoint_chunked_head).
+Result ratios, per objective: `max_len_ratio` = streambp / checkpoint max length;
+`time_ratio` = streambp / checkpoint step time at the common length; `time_ratio_at_len`
+the same at `time_len` (= `--time-tokens` / batch); and each again against
+checkpoint_chunked_head (suffix `_vs_chunked_head`).
+
+The default cap is small because every probe is a real step on a CPU: StreamBP's longest
+length grows ~30x faster with the cap than checkpointing's. On a bigger machine raise it
+(e.g. `--cap-gib 3 --limit 131072`).
 """
 
 from __future__ import annotations
@@ -76,7 +85,9 @@ def _parse(args):
     p.add_argument("--step", type=int, default=64, help="length resolution of the search")
     p.add_argument("--limit", type=int, default=16384, help="longest length tried")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per mode (after one warm-up)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default); see Time")
+    p.add_argument("--time-tokens", type=int, default=2048,
+                   help="also time all modes at this many tokens per step, B*T (0 = off)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     return p.parse_args(args)
@@ -239,6 +250,14 @@ def max_length(mode: str, objective: str, opt) -> dict:
             "peak_gib_at_max": fitting[0]["peak_gib"] if fitting else None, "runs": len(runs)}
 
 
+def _timings(modes, objective, length, opt) -> dict:
+    """{mode: (fastest, median) step seconds} at `length`, modes interleaved in one process."""
+    times = _in_child(_time_child, modes, objective, length, opt) if length > 0 else None
+    if not opt.json:
+        print(f"  time {objective} T={length}: {json.dumps(times)}", file=sys.stderr)
+    return {mode: (min(t), statistics.median(t)) for mode, t in (times or {}).items()}
+
+
 def run(args: list[str]) -> dict:
     """Run the benchmark; prints and returns the JSON result."""
     opt = _parse(args)
@@ -247,18 +266,23 @@ def run(args: list[str]) -> dict:
     for objective in opt.objectives.split(","):
         res = {mode: max_length(mode, objective, opt) for mode in modes}
         common = min(r["max_len"] for r in res.values()) // opt.step * opt.step
-        times = _in_child(_time_child, modes, objective, common, opt) if common > 0 else None
-        for mode in modes:
-            t = (times or {}).get(mode)
-            res[mode]["step_s_min"] = round(min(t), 3) if t else None
-            res[mode]["step_s_median"] = round(statistics.median(t), 3) if t else None
         res["common_len"] = common
+        at_common = _timings(modes, objective, common, opt)
+        time_len = opt.time_tokens // (1 if objective == "sft" else GROUP)
+        res["time_len"] = time_len
+        at_len = _timings(modes, objective, time_len, opt) if time_len > 0 else {}
+        for mode in modes:
+            for key, timing in (("step_s", at_common), ("step_s_at_len", at_len)):
+                if mode in timing:
+                    res[mode][key + "_min"], res[mode][key + "_median"] = (round(x, 3) for x in timing[mode])
         for base, suffix in (("checkpoint", ""), ("checkpoint_chunked_head", "_vs_chunked_head")):
-            if base not in res or "streambp" not in res or res[base]["max_len"] == 0:
+            if base not in res or "streambp" not in res:
                 continue
-            res["max_len_ratio" + suffix] = round(res["streambp"]["max_len"] / res[base]["max_len"], 3)
-            if times:
-                res["time_ratio" + suffix] = round(res["streambp"]["step_s_min"] / res[base]["step_s_min"], 3)
+            if res[base]["max_len"] > 0:
+                res["max_len_ratio" + suffix] = round(res["streambp"]["max_len"] / res[base]["max_len"], 3)
+            for key, timing in (("time_ratio", at_common), ("time_ratio_at_len", at_len)):
+                if base in timing and "streambp" in timing:
+                    res[key + suffix] = round(timing["streambp"][0] / timing[base][0], 3)
         results[objective] = res
         if not opt.json:
             print(f"{objective}: " + json.dumps({k: v for k, v in res.items() if "ratio" in k}), file=sys.stderr)

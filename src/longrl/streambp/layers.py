@@ -5,28 +5,32 @@ once: memory grows as L * T * (many hidden-sized tensors). StreamBP runs the for
 without a graph, keeping only each layer's input, and then back-propagates layer by
 layer, last to first, one sequence chunk at a time:
 
-    for layer l = L-1 .. 0:                      x = input of layer l        # [B, T, D]
-        K, V = kv(x) with a graph, once           # [B, Hkv, T, d]; leaves Kd, Vd detached
-        for chunk [s, e):
-            y = layer(x[:, s:e]) with queries of the chunk against Kd[:, :, :e], Vd[:, :, :e]
-            backward(y, dL/dy[:, s:e])            # -> dL/dx[:, s:e], Kd.grad, Vd.grad, params
-        backward((K, V), (Kd.grad, Vd.grad))      # -> the K/V share of dL/dx, k/v params
+    for layer l = L-1 .. 0:                       x = input of layer l       # [B, T, D]
+        K, V = kv(x) without a graph              # [B, Hkv, T, d]
+        for chunk [s, e), last to first:
+            y = layer(x[:, s:e]), its queries against leaves K[:, :, :e], V[:, :, :e]
+            backward(y, dL/dy[:, s:e])            # -> residual + query share of dL/dx,
+                                                  #    dK, dV at 0..e-1, parameter grads
+            # every later query is done, so dK, dV at s..e-1 are now complete:
+            backward(kv(x[:, s:e]), (dK, dV)[s:e]) # -> K/V share of dL/dx[:, s:e]
+            dL/dy[:, s:e] = dL/dx[:, s:e]          # in place: the next layer down reads it
 
 Every token's output of a causal layer depends only on its own input and on K/V of
-earlier tokens, so the chunk graphs together with the K/V graph are exactly the layer's
-graph split into pieces: gradients equal those of full backprop up to float rounding.
-Live memory is the stored layer inputs (L * B * T * D), one layer's K/V graph
-(a few B * T * D tensors) and one chunk's graph (B * c * (D + intermediate) plus
-attention scores B * H * c * T).
+earlier tokens, so the chunk graphs are exactly the layer's graph split into pieces:
+gradients equal those of full backprop up to float rounding. Live memory: the stored
+layer inputs (L - 1 of them, B * T * D each; the first is the embedding lookup, redone),
+the gradient (B * T * D), K, V and their gradients (4 * B * T * Hkv * d), and one chunk's
+graph (B * c * (D + intermediate) plus attention of c queries against at most T keys).
 
 Shapes: B batch, T sequence, D hidden, H query heads, Hkv key/value heads, d head dim,
-c chunk length.
+c chunk length, V vocabulary.
 
 Departures from the paper:
-- The paper's implementation also chunks the language-model head; here the head is a
-  callback (`head_backward`) so that `streambp/logprobs.py` owns it.
-- K and V are computed once per layer for the whole sequence and kept with a graph
-  (`[B, Hkv, T, d]` each, small under GQA) rather than recomputed per chunk.
+- The head (final logits, log-probs, loss) is a callback, `head_backward`, so that
+  `streambp/logprobs.py` owns it; the final norm runs inside the last layer's chunks.
+- Keys and values are computed once per layer for the whole sequence (graph-free) and
+  again, with a graph, per chunk for the chunk's own positions, so no full-sequence
+  graph is ever kept; chunks are processed last to first to make that possible.
 - The forward pass runs the same chunked layer code without a graph, so no `[T, T]`
   mask is ever built; each chunk builds a boolean `[B, 1, c, e]` mask.
 - Only Qwen2 / Qwen2.5, Qwen3, Llama and the text models of Qwen2-VL / Qwen2.5-VL are
@@ -120,13 +124,14 @@ def _heads(proj: nn.Linear, norm: nn.Module | None, x: torch.Tensor, d: int) -> 
     return h.transpose(1, 2)  # [B, heads, n, d]
 
 
-def layer_kv(layer: nn.Module, n: torch.Tensor, att: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated keys and values of a whole sequence from the normed input:
-    n [B, T, D] -> 2 x [B, Hkv, T, d]."""
+def layer_kv(layer: nn.Module, n: torch.Tensor, att: AttentionInputs, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated keys and values of tokens s..s+c-1 from their normed input:
+    n [B, c, D] -> 2 x [B, Hkv, c, d]."""
     attn = layer.self_attn
-    k = _heads(attn.k_proj, getattr(attn, "k_norm", None), n, attn.head_dim)  # [B, Hkv, T, d]
-    v = _heads(attn.v_proj, None, n, attn.head_dim)  # [B, Hkv, T, d]
-    return _rotate(layer, k, att.cos, att.sin), v
+    e = s + n.shape[1]
+    k = _heads(attn.k_proj, getattr(attn, "k_norm", None), n, attn.head_dim)  # [B, Hkv, c, d]
+    v = _heads(attn.v_proj, None, n, attn.head_dim)  # [B, Hkv, c, d]
+    return _rotate(layer, k, att.cos[:, s:e], att.sin[:, s:e]), v
 
 
 def chunk_mask(att: AttentionInputs, s: int, e: int, batch: int) -> torch.Tensor:
@@ -142,6 +147,23 @@ def chunk_mask(att: AttentionInputs, s: int, e: int, batch: int) -> torch.Tensor
     if att.segment is not None:
         mask = mask & (att.segment[:, s:e, None] == att.segment[:, None, :e])
     return mask[:, None]  # [B, 1, c, e]
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, expand_kv: bool | None = None
+) -> torch.Tensor:
+    """Masked attention with GQA: q [B, H, c, d], k, v [B, Hkv, e, d], mask [B, 1, c, e] -> [B, H, c, d].
+
+    CUDA's fused SDPA kernels take a mask or grouped K/V but not both (see transformers'
+    `use_gqa_in_sdpa`), and the fallback math kernel builds `[B, H, c, e]` scores; so on
+    CUDA (or with `expand_kv=True`) K/V are repeated to H heads, as HF's `repeat_kv` does,
+    and the memory-efficient kernel runs. CPU's flash kernel handles both directly."""
+    if expand_kv is None:
+        expand_kv = q.device.type == "cuda"
+    if expand_kv and k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, e, d]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=not expand_kv)
 
 
 def layer_chunk(
@@ -162,9 +184,7 @@ def layer_chunk(
     e = s + c
     q = _heads(attn.q_proj, getattr(attn, "q_norm", None), n, attn.head_dim)  # [B, H, c, d]
     q = _rotate(layer, q, att.cos[:, s:e], att.sin[:, s:e])
-    o = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=chunk_mask(att, s, e, b), scale=attn.scaling, enable_gqa=True
-    )  # [B, H, c, d]
+    o = attend(q, k, v, chunk_mask(att, s, e, b), attn.scaling)  # [B, H, c, d]
     h = x + attn.o_proj(o.transpose(1, 2).reshape(b, c, -1))  # [B, c, D]
     return h + layer.mlp(layer.post_attention_layernorm(h))  # [B, c, D]
 
@@ -173,15 +193,47 @@ def _spans(t: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk, t)) for s in range(0, t, chunk)]
 
 
+def _identity(y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
 @torch.no_grad()
-def layer_forward(layer: nn.Module, x: torch.Tensor, att: AttentionInputs, chunk: int) -> torch.Tensor:
-    """Graph-free forward of one layer, chunk by chunk: [B, T, D] -> [B, T, D]."""
-    n = layer.input_layernorm(x)  # [B, T, D]
-    k, v = layer_kv(layer, n, att)  # [B, Hkv, T, d] each
+def layer_forward(
+    layer: nn.Module, x: torch.Tensor, att: AttentionInputs, chunk: int, post: Callable = _identity
+) -> torch.Tensor:
+    """Graph-free forward of one layer, chunk by chunk: [B, T, D] -> post(layer(x)) [B, T, D].
+
+    `post` is a per-token map applied to each chunk's output (the final norm after the
+    last layer, so the last layer's raw output is never kept). Each chunk appends its own
+    keys and values before attending, which causality makes sufficient."""
     out = torch.empty_like(x)  # [B, T, D]
+    k = v = None
     for s, e in _spans(x.shape[1], chunk):
-        out[:, s:e] = layer_chunk(layer, x[:, s:e], n[:, s:e], k[:, :, :e], v[:, :, :e], att, s)
+        n = layer.input_layernorm(x[:, s:e])  # [B, c, D]
+        k_c, v_c = layer_kv(layer, n, att, s)  # [B, Hkv, c, d]
+        k, v = _kv_into(k, v, k_c, v_c, s, x.shape[1])  # [B, Hkv, T, d]
+        out[:, s:e] = post(layer_chunk(layer, x[:, s:e], n, k[:, :, :e], v[:, :, :e], att, s))
     return out
+
+
+def _kv_into(k: torch.Tensor | None, v: torch.Tensor | None, k_c: torch.Tensor, v_c: torch.Tensor, s: int, t: int):
+    """Write a chunk's keys/values [B, Hkv, c, d] at position s of [B, Hkv, T, d] buffers
+    (allocated on first use, in the dtype the projections produced)."""
+    if k is None:
+        k, v = (piece.new_empty(*piece.shape[:2], t, piece.shape[3]) for piece in (k_c, v_c))
+    k[:, :, s : s + k_c.shape[2]] = k_c
+    v[:, :, s : s + v_c.shape[2]] = v_c
+    return k, v
+
+
+@torch.no_grad()
+def sequence_kv(layer: nn.Module, x: torch.Tensor, att: AttentionInputs, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of a whole layer input, without a graph: [B, T, D] -> 2 x [B, Hkv, T, d]."""
+    k = v = None
+    for s, e in _spans(x.shape[1], chunk):
+        k_c, v_c = layer_kv(layer, layer.input_layernorm(x[:, s:e]), att, s)  # [B, Hkv, c, d]
+        k, v = _kv_into(k, v, k_c, v_c, s, x.shape[1])  # [B, Hkv, T, d]
+    return k, v
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -189,46 +241,45 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 
 def layer_backward(
-    layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, att: AttentionInputs, chunk: int
+    layer: nn.Module,
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    att: AttentionInputs,
+    chunk: int,
+    post: Callable = _identity,
 ) -> torch.Tensor:
-    """Back-propagate dL/d(output) [B, T, D] through one layer chunk by chunk.
+    """Back-propagate dL/d(output) [B, T, D] through post(layer(x)) chunk by chunk.
 
     Accumulates the layer's parameter gradients into `.grad` and returns dL/dx [B, T, D],
-    written into `grad_out`'s storage: chunk [s, e) reads grad_out[:, s:e] before it
-    writes its own input gradient there, and later chunks read only later positions.
+    written into `grad_out`'s storage.
 
-    The input norm, K and V are computed once for the whole sequence; the chunks'
-    gradients w.r.t. them are gathered in buffers and pushed through those graphs once at
-    the end, so every gradient is summed in the same order as in full backprop (this
-    matters because the RMSNorm upcasts to float32: two separate passes through its
-    backward would round twice). The norm itself is recomputed at the end rather than
-    kept with a graph through the chunk loop."""
-    with torch.no_grad():
-        n = layer.input_layernorm(x)  # [B, T, D]
-    n_kv = _leaf(n)
-    with torch.enable_grad():
-        k, v = layer_kv(layer, n_kv, att)  # [B, Hkv, T, d] each, with a graph
-    grad_n = torch.empty_like(n)  # [B, T, D]  the queries' share of dL/dn
-    grad_k = torch.zeros_like(k)  # [B, Hkv, T, d]
-    grad_v = torch.zeros_like(v)  # [B, Hkv, T, d]
-    for s, e in _spans(x.shape[1], chunk):
-        x_c, n_c = _leaf(x[:, s:e]), _leaf(n[:, s:e])  # [B, c, D]
-        k_c, v_c = _leaf(k[:, :, :e]), _leaf(v[:, :, :e])  # [B, Hkv, e, d]
+    Chunks go last to first. Keys and values come from a graph-free pass; each chunk's
+    gradients w.r.t. them are added into `grad_k`, `grad_v` (for every earlier position
+    its queries saw). Once a chunk is reached, every later query has been processed, so
+    the gradient w.r.t. its own keys and values is complete: the chunk then recomputes
+    its input norm and own K/V with a graph and finishes dL/dx for its positions, and
+    nothing [B, T, D]-sized but `grad_out` is live. The norm's gradient from the queries
+    and from K/V is summed before going through the norm's backward, as in full backprop
+    (this matters because the RMSNorm upcasts to float32: two separate passes through its
+    backward would round twice)."""
+    k, v = sequence_kv(layer, x, att, chunk)  # [B, Hkv, T, d] each, no graph
+    grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)  # [B, Hkv, T, d]
+    for s, e in reversed(_spans(x.shape[1], chunk)):
+        x_res, x_norm = _leaf(x[:, s:e]), _leaf(x[:, s:e])  # [B, c, D]: residual / norm paths
+        k_seen, v_seen = _leaf(k[:, :, :e]), _leaf(v[:, :, :e])  # [B, Hkv, e, d]
         with torch.enable_grad():
-            y = layer_chunk(layer, x_c, n_c, k_c, v_c, att, s)  # [B, c, D]
-        torch.autograd.backward(y, grad_out[:, s:e])
-        grad_out[:, s:e] = x_c.grad  # the residual share of dL/dx
-        grad_n[:, s:e] = n_c.grad
-        grad_k[:, :, :e] += k_c.grad
-        grad_v[:, :, :e] += v_c.grad
-        del y, x_c, n_c, k_c, v_c
-    torch.autograd.backward((k, v), (grad_k, grad_v))
-    grad_n += n_kv.grad
-    del k, v, grad_k, grad_v, n, n_kv
-    x_leaf = _leaf(x)
-    with torch.enable_grad():
-        torch.autograd.backward(layer.input_layernorm(x_leaf), grad_n)
-    return grad_out.add_(x_leaf.grad)
+            n = layer.input_layernorm(x_norm)  # [B, c, D]
+            n_leaf = _leaf(n)
+            k_own, v_own = layer_kv(layer, n_leaf, att, s)  # [B, Hkv, c, d], with a graph
+            y = post(layer_chunk(layer, x_res, n_leaf, k_seen, v_seen, att, s))  # [B, c, D]
+        torch.autograd.backward(y, grad_out[:, s:e])  # queries' share of dL/dn into n_leaf.grad
+        grad_k[:, :, :e] += k_seen.grad
+        grad_v[:, :, :e] += v_seen.grad
+        torch.autograd.backward((k_own, v_own), (grad_k[:, :, s:e], grad_v[:, :, s:e]))  # += K/V share
+        torch.autograd.backward(n, n_leaf.grad)
+        grad_out[:, s:e] = x_res.grad + x_norm.grad
+        del y, n, n_leaf, k_own, v_own, k_seen, v_seen, x_res, x_norm
+    return grad_out
 
 
 def _segments(text_positions: torch.Tensor, batch: int) -> torch.Tensor | None:
@@ -271,6 +322,28 @@ def attention_inputs(
     return AttentionInputs(cos=cos, sin=sin, key_keep=keep, segment=segment)
 
 
+def embedding_backward(emb: nn.Module, ids: torch.Tensor, grad: torch.Tensor) -> None:
+    """Add dL/dW of `emb(ids)` into `emb.weight.grad` given dL/d(output) [B, T, D].
+
+    A plain `nn.Embedding` gets the rows added in place (index_add_), as its backward
+    does, without re-running the lookup or building a second [V, D] buffer; padding_idx
+    rows get nothing. Anything else goes through autograd."""
+    weight = emb.weight
+    if not weight.requires_grad:
+        return
+    if type(emb) is not nn.Embedding or emb.max_norm is not None or emb.scale_grad_by_freq:
+        with torch.enable_grad():
+            torch.autograd.backward(emb(ids), grad)
+        return
+    idx, rows = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])  # [B*T], [B*T, D]
+    if emb.padding_idx is not None:
+        keep = idx != emb.padding_idx
+        idx, rows = idx[keep], rows[keep]
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    weight.grad.index_add_(0, idx, rows.to(weight.dtype))
+
+
 def streambp_backward(
     model: nn.Module,
     head_backward: HeadBackward,
@@ -302,27 +375,30 @@ def streambp_backward(
     with torch.no_grad():
         h = body.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.detach()  # [B, T, D]
         att = attention_inputs(body, h, attention_mask, position_ids)
-        inputs = []
-        for layer in layers:
-            inputs.append(h)
+        # Layer inputs, except the embedding lookup (re-done in the backward: cheaper than
+        # keeping it). Given `inputs_embeds` are the caller's: keeping them costs nothing.
+        inputs = [None if input_ids is not None else h]
+        for layer in layers[:-1]:
             h = layer_forward(layer, h, att, chunk)
-        final = body.norm(h)  # [B, T, D]
+            inputs.append(h)
+        # The final norm rides on the last layer's chunks: its raw output is never stored.
+        final = layer_forward(layers[-1], h, att, chunk, post=body.norm)  # [B, T, D]
+        del h
     loss, grad = head_backward(final)  # grad: [B, T, D]
     del final
 
-    # ---- backward: final norm, then layers last to first, then the embedding ----
-    h_leaf = h.detach().requires_grad_()
-    with torch.enable_grad():
-        torch.autograd.backward(body.norm(h_leaf), grad)
-    grad = h_leaf.grad  # [B, T, D]
-    del h, h_leaf
-    for layer in reversed(layers):
-        grad = layer_backward(layer, inputs.pop(), grad, att, chunk)
+    # ---- backward: layers last to first (the final norm with the last), then the embedding ----
+    for i in reversed(range(len(layers))):
+        x = inputs.pop()
+        if x is None:
+            with torch.no_grad():
+                x = body.embed_tokens(input_ids)  # [B, T, D]
+        post = body.norm if i == len(layers) - 1 else _identity
+        grad = layer_backward(layers[i], x, grad, att, chunk, post)
+        del x
     if inputs_embeds is not None:
         return loss, grad
-    if body.embed_tokens.weight.requires_grad:
-        with torch.enable_grad():
-            torch.autograd.backward(body.embed_tokens(input_ids), grad)
+    embedding_backward(body.embed_tokens, input_ids, grad)
     return loss, None
 
 
