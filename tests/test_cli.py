@@ -1,6 +1,5 @@
 """The command line: help texts, and one clear line + exit status 2 for bad input."""
 
-import json
 import os
 import subprocess
 import sys

@@ -42,7 +42,6 @@ import sys
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 
 VARIANTS = ("uncached", "cached_no_shared_prefill", "cached")

@@ -27,7 +27,6 @@ Departures from the paper:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
