@@ -19,6 +19,8 @@ Modes:
 - checkpoint_chunked_head: the same checkpointing, with the chunked log-prob head of
                `streambp/logprobs.py` instead of full logits (isolates the layer part).
 - streambp:    chunked head + the sequence-chunked layer backward of `streambp/layers.py`.
+- chunked:     (not run by default) the chunked head with an ordinary backward through
+               the layers, `train.backprop=chunked`.
 
 Memory. Each (mode, objective, length) runs in its own process, forked from this one before
 torch has run anything. On CPU its peak resident set (VmHWM) is the memory; a watchdog thread
@@ -79,7 +81,7 @@ def _parse(args):
     p = argparse.ArgumentParser(prog="longrl bench streambp", description=__doc__.split("\n")[0])
     p.add_argument("--cap-gib", type=float, default=0.75, help="memory cap per run (GiB)")
     p.add_argument("--objectives", default="sft,grpo")
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES + ('chunked',))}")
     p.add_argument("--chunk", type=int, default=256, help="StreamBP chunk (tokens), head and layers")
     p.add_argument("--start", type=int, default=256, help="first length tried")
     p.add_argument("--step", type=int, default=64, help="length resolution of the search")
@@ -90,7 +92,12 @@ def _parse(args):
                    help="also time all modes at this many tokens per step, B*T (0 = off)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print only the JSON result")
-    return p.parse_args(args)
+    opt = p.parse_args(args)
+    for name, given, known in (("mode", opt.modes, MODES + ("chunked",)), ("objective", opt.objectives, OBJECTIVES)):
+        for item in given.split(","):
+            if item not in known:
+                p.error(f"unknown {name} {item!r}; choose from {', '.join(known)}")
+    return opt
 
 
 # ---- one training step ----
@@ -136,8 +143,9 @@ def _step(model, mode: str, batch, loss_fn, chunk: int) -> None:
     _set_checkpointing(model, mode in ("checkpoint", "checkpoint_chunked_head"))
     if mode == "streambp":
         layers.loss_and_backward(model, batch, loss_fn, chunk=chunk)
-    elif mode == "checkpoint_chunked_head":
-        logprobs.loss_and_backward(model, batch, loss_fn, mode="checkpoint", chunk=chunk)
+    elif mode in ("checkpoint_chunked_head", "chunked"):
+        lead_mode = "checkpoint" if mode == "checkpoint_chunked_head" else "chunked"
+        logprobs.loss_and_backward(model, batch, loss_fn, mode=lead_mode, chunk=chunk)
     else:  # standard or checkpoint: full logits, as a stock Hugging Face training step
         logprobs.loss_and_backward(model, batch, loss_fn, mode="standard")
 
