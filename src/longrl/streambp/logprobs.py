@@ -161,6 +161,8 @@ def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = 
     sequence-chunked layer backward of `streambp/layers.py` (activation memory independent
     of T). Returns (loss, metrics, logprobs [B, T]).
     """
+    if mode != "checkpoint" and getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()  # a later non-checkpoint call must not stay checkpointed
     weight, bias = _head(model)
     if mode == "standard":
         logits = _upcast(model(input_ids=batch.input_ids, use_cache=False).logits)  # [B, T, V]
