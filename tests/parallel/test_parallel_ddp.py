@@ -6,9 +6,6 @@ accumulation inside each rank, a rank whose rows train no token (an untied LM
 head with no .grad there), and DistributedDataParallel with the summing hook.
 The rest are single-process checks of the helpers.
 """
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +19,8 @@ TOL = 1e-10
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "records.json"
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+def records(run_worker):
+    return run_worker(WORKER, "ddp")
 
 
 def _select(records, **want):

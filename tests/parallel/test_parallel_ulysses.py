@@ -6,9 +6,6 @@ and float32, tiny Qwen2 (4 heads / 2 kv heads), Llama (1 kv head) and Qwen3
 log-prob path with PPO and GSPO losses, and activation checkpointing; the tests
 below judge its records. The rest are single-process checks of the helpers.
 """
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,11 +20,8 @@ TOL = {"torch.float64": 1e-10, "torch.float32": 1e-5}
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ulysses") / "records.json"
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+def records(run_worker):
+    return run_worker(WORKER, "ulysses")
 
 
 def _select(records, **want):
