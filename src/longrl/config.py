@@ -205,6 +205,32 @@ class RunConfig:
 
 
 @dataclass
+class VideoConfig:
+    """Video-language training (tasks whose examples carry video media)."""
+
+    fps: float = 0.0
+    """Sample frames at this rate (0: `max_frames` frames spread uniformly over the video)."""
+    max_frames: int = 16
+    """Most frames taken from one video."""
+    max_pixels: int = 64 * 64
+    """Pixel budget per frame; larger frames are resized down keeping the aspect ratio."""
+    embed_cache_dir: str = ""
+    """Directory for the cross-step disk cache of video embeddings (empty: in-memory only,
+    per step). Only valid with a frozen vision tower (`video.train_vision=false`)."""
+    train_vision: bool = False
+    """Also train the vision tower (then embeddings cannot be cached across steps)."""
+
+
+@dataclass
+class ParallelConfig:
+    """Sequence parallelism inside a torchrun job (data parallelism is the rest of the world)."""
+
+    sp_size: int = 1
+    """Ranks that share one sequence (Ulysses all-to-all around attention). The world size
+    must be a multiple of it; world / sp_size groups run data parallel."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -215,6 +241,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     resume: str = ""
     """Run directory to continue from its last checkpoint (model, optimizer, RNG, data, step)."""
 
@@ -240,6 +268,9 @@ class Config:
             ("task.n_eval", self.task.n_eval),
             ("eval.batch_size", self.eval.batch_size),
             ("sft.batch_size", self.sft.batch_size),
+            ("video.max_frames", self.video.max_frames),
+            ("video.max_pixels", self.video.max_pixels),
+            ("parallel.sp_size", self.parallel.sp_size),
         ]:
             if value < 1:
                 raise UserError(f"{key}={value} must be at least 1")
@@ -253,6 +284,8 @@ class Config:
             raise UserError(f"rollout.temperature={self.rollout.temperature} must be >= 0")
         if self.rollout.backend == "vllm":
             raise UserError("rollout.backend=vllm is not built yet; use rollout.backend=hf")
+        if self.video.train_vision and self.video.embed_cache_dir:
+            raise UserError("video.embed_cache_dir needs a frozen vision tower; set video.train_vision=false or video.embed_cache_dir=''")
         if self.task.name == "jsonl" and not self.task.train_file:
             raise UserError("task.name=jsonl needs task.train_file=PATH (a JSONL of {\"prompt\", \"answer\"} lines)")
         return self
