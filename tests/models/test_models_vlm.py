@@ -255,3 +255,57 @@ def test_predictor_encodes_each_video_once(model, tok, monkeypatch):
     f, ts = frames(4, 56, 56).numpy(), np.arange(4) * 0.5
     out = [predict(f, ts, "Q1?"), predict(f, ts, "Q2?"), predict(frames(4, 56, 56, seed=9).numpy(), ts, "Q1?")]
     assert len(calls) == 2 and all(isinstance(o, str) for o in out)
+
+
+# ---- one prompt for many responses; many prompts decoded together -----------------------
+
+
+def test_shared_prompt_hidden_equals_full_rows_values_and_gradients(model, tok):
+    pv, grid, spg, batch = setup_batch(model, tok)
+    video = encode_video(model, pv, grid, spg)  # trainable tower: gradients reach it too
+    P = int(batch.mask[0].nonzero()[0]) + 1
+    prompt = batch.input_ids[0, :P].tolist()
+    loss_w = torch.randn(batch.input_ids.shape + (64,), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    full = vlm.video_hidden(model, video, batch.input_ids)  # [3, T, D]
+    (full * loss_w).sum().backward()
+    ref = grads(model)
+    model.zero_grad(set_to_none=True)
+
+    video = encode_video(model, pv, grid, spg)
+    pos = vlm.prompt_positions(model, prompt, video)  # [3, P]
+    h_p, h_r = vlm.shared_prompt_hidden(model, video, prompt, pos, batch.input_ids[:, P:])
+    ours = torch.cat([h_p.expand(3, -1, -1), h_r], 1)  # [3, T, D]
+    torch.testing.assert_close(ours, full.detach(), atol=1e-10, rtol=0)
+    (ours * loss_w).sum().backward()
+    got = grads(model)
+    assert got.keys() == ref.keys() and any(k.startswith("model.visual") for k in got)
+    for k in ref:
+        # Qwen2's RMSNorm computes in float32 even in a float64 model, so gradients summed in
+        # a different order (over 3 rows vs through one expanded prompt) agree to ~1e-7
+        # relative, not 1e-12; the forward values above agree to 1e-10.
+        tol = 1e-6 * float(ref[k].abs().max())
+        torch.testing.assert_close(got[k], ref[k], atol=tol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_batched_sampling_of_several_prompts_matches_one_at_a_time(model, tok):
+    videos, prompts, positions = [], [], []
+    for seed, (n_frames, q) in enumerate([(4, "Which?"), (6, "A much longer question here?"), (4, "Q")]):
+        pv, grid = patchify(frames(n_frames, 56, 56, seed=seed))
+        with torch.no_grad():
+            videos.append(encode_video(model, pv.double(), grid, 1.0))
+        prompts.append(video_prompt_ids(tok, videos[-1].n_tokens, q))
+        positions.append(vlm.prompt_positions(model, prompts[-1], videos[-1]))
+    greedy, greedy_lp = vlm.sample_prompts(model, videos, prompts, positions, 2, 8, tok.eos_token_id, temperature=0.0)
+    for i in range(3):
+        alone, alone_lp = sample_with_video(model, videos[i], prompts[i], 1, 8, tok.eos_token_id, temperature=0.0)
+        assert greedy[2 * i] == greedy[2 * i + 1] == alone[0]
+        np.testing.assert_allclose(greedy_lp[2 * i], alone_lp[0], atol=1e-9)
+    # sampled responses: their log-probs are the teacher-forced ones of the same tokens
+    resp, lps = vlm.sample_prompts(model, videos, prompts, positions, 3, 10, tok.eos_token_id, 1.0,
+                                   torch.Generator().manual_seed(3))
+    for i in range(3):
+        batch = make_batch([prompts[i]] * 3, resp[3 * i : 3 * i + 3], tok.pad_token_id)
+        tf = video_logprobs(model, videos[i], batch)
+        for j in range(3):
+            np.testing.assert_allclose(tf[j][batch.mask[j] > 0].numpy(), lps[3 * i + j], atol=1e-9)

@@ -370,6 +370,119 @@ def sample_with_video(model, video: VideoEmbeds, prompt_ids: list[int], n: int, 
 
 
 # ----------------------------------------------------------------------------------------
+# Many prompts and samples at once: what the video recipe uses
+# ----------------------------------------------------------------------------------------
+
+
+def prompt_positions(model, prompt_ids: list[int], video: VideoEmbeds) -> torch.Tensor:
+    """Rotary positions [3, P] of one video prompt. They depend only on the prompt and the
+    video's grid, so a recipe computes them once per prompt and reuses them for every sample
+    and pass: a response continues at `last + 1` on all three axes (the prompt ends in text)."""
+    return mrope_position_ids(model, torch.tensor([prompt_ids]), video)[:, 0]  # [3, P]
+
+
+def _prefill(model, video: VideoEmbeds, prompt_ids: list[int], positions: torch.Tensor):
+    """Language model over one prompt with its video -> (hidden [1, P, D], KV cache)."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([prompt_ids], device=video.embeds.device)  # [1, P]
+    cache = DynamicCache(config=model.config.text_config)
+    h = model.model.language_model(inputs_embeds=video_inputs_embeds(model, ids, video), position_ids=positions[:, None],
+                                   past_key_values=cache, use_cache=True).last_hidden_state
+    return h, cache
+
+
+def shared_prompt_hidden(model, video: VideoEmbeds, prompt_ids: list[int], positions: torch.Tensor,
+                         responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced hidden states of n responses to ONE prompt, the prompt run once.
+
+    The prompt (with the video) goes through the language model once; its KV cache is
+    repeated to the n rows and the responses [n, R] (right-padded: causal attention never
+    lets a real token see the padding after it) attend to it. The numbers equal n full
+    `video_hidden` rows (tested), at the cost of one prompt instead of n. Gradients flow
+    into the shared prompt (and the video embeddings) summed over the rows, as they must.
+    -> (prompt hidden [1, P, D], response hidden [n, R, D])
+    """
+    n, R = responses.shape
+    h_prompt, cache = _prefill(model, video, prompt_ids, positions)
+    cache.batch_repeat_interleave(n)
+    start = int(positions[0, -1]) + 1
+    pos = (start + torch.arange(R, device=responses.device)).view(1, 1, R).expand(3, n, R)  # [3, n, R]
+    h_resp = model.model.language_model(inputs_embeds=model.get_input_embeddings()(responses), position_ids=pos,
+                                        past_key_values=cache, use_cache=True).last_hidden_state
+    return h_prompt, h_resp
+
+
+def _pad_cache_left(caches: list, width: int, config):
+    """One batched cache from per-prompt caches: each row's keys/values right-aligned in
+    `width` slots, zeros (masked out by the attention mask) in front. Zeros rather than
+    padded-prompt activations: a fully masked padding query can produce NaN in SDPA."""
+    from transformers import DynamicCache
+
+    out = DynamicCache(config=config)
+    for layer in range(len(caches[0].layers)):
+        ks, vs = [], []
+        for c in caches:
+            k, v = c.layers[layer].keys, c.layers[layer].values  # [1, H, P_i, d]
+            pad = (0, 0, width - k.shape[2], 0)
+            ks.append(torch.nn.functional.pad(k, pad))
+            vs.append(torch.nn.functional.pad(v, pad))
+        out.update(torch.cat(ks), torch.cat(vs), layer)  # [N, H, width, d]
+    return out
+
+
+@torch.no_grad()
+def sample_prompts(model, videos: list[VideoEmbeds], prompts: list[list[int]], positions: list[torch.Tensor],
+                   n: int, max_new_tokens: int, eos_id: int, temperature: float = 1.0,
+                   generator: torch.Generator | None = None) -> tuple[list[list[int]], list[list[float]]]:
+    """`n` samples for each of N video prompts, decoded together in one batch of N*n rows.
+
+    Each prompt is prefilled once on its own (no padding inside a prefill); the caches are
+    stacked right-aligned and repeated n times, and every decode step runs all rows. Rows
+    are grouped per prompt (prompt i's samples are rows i*n ... i*n+n-1). temperature 0 is
+    greedy. -> (responses, their log-probs), a response ending at (and including) `eos_id`.
+    """
+    lm, head, embed = model.model.language_model, model.get_output_embeddings(), model.get_input_embeddings()
+    last, caches = [], []
+    for video, ids, pos in zip(videos, prompts, positions):
+        h, cache = _prefill(model, video, ids, pos)
+        last.append(h[:, -1])
+        caches.append(cache)
+    width = max(len(p) for p in prompts)
+    cache = _pad_cache_left(caches, width, model.config.text_config)
+    cache.batch_repeat_interleave(n)
+    device = last[0].device
+    lengths = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(n)  # [N*n]
+    mask = (torch.arange(width, device=device)[None] >= (width - lengths)[:, None]).long()  # [N*n, width]
+    next_pos = torch.tensor([int(p[0, -1]) + 1 for p in positions], device=device).repeat_interleave(n)  # [N*n]
+    h = torch.cat(last).repeat_interleave(n, 0)  # [N*n, D]
+    rows = h.shape[0]
+    tokens, logps = [], []
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        logits = head(h).float()  # [N*n, V]
+        if temperature == 0:
+            tok = logits.argmax(-1)
+            logp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+        else:
+            lp_all = torch.log_softmax(logits / temperature, -1)  # [N*n, V]
+            tok = torch.multinomial(lp_all.exp().cpu(), 1, generator=generator).squeeze(-1).to(device)
+            logp = lp_all.gather(-1, tok[:, None]).squeeze(-1)
+        tokens.append(torch.where(done, torch.full_like(tok, -1), tok))
+        logps.append(logp)
+        done |= tok == eos_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], 1)
+        pos = (next_pos + step).view(1, rows, 1).expand(3, rows, 1)  # [3, N*n, 1]
+        h = lm(inputs_embeds=embed(tok[:, None]), position_ids=pos, attention_mask=mask,
+               past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    tok_mat, lp_mat = torch.stack(tokens, 1), torch.stack(logps, 1)  # [N*n, steps]
+    responses = [[t for t in row if t >= 0] for row in tok_mat.tolist()]
+    return responses, [lp_mat[i, : len(r)].tolist() for i, r in enumerate(responses)]
+
+
+# ----------------------------------------------------------------------------------------
 # Files -> cached embeddings, and a predictor for evaluation
 # ----------------------------------------------------------------------------------------
 
