@@ -8,9 +8,10 @@ import pytest
 @pytest.fixture(scope="session")
 def run_worker(tmp_path_factory):
     """Run a multi-process worker script once; return the JSON records it wrote."""
-    def run(worker, name):
+    def run(worker, name, *args):
         out = tmp_path_factory.mktemp(name) / "records.json"
-        proc = subprocess.run([sys.executable, str(worker), str(out)], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, str(worker), str(out), *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
         assert proc.returncode == 0, proc.stderr[-4000:]
         return json.loads(out.read_text())
     return run

@@ -19,15 +19,25 @@ every rank divides by a local normaliser and every rank holds the same number
 of tokens, which uneven response lengths break. `average=True` is there for
 that other convention (e.g. an SFT loss already normalised per rank with equal
 shares).
+
+Sequence parallelism (`parallel.sp_size` = P > 1) splits the world of W ranks into
+W / P groups of P consecutive ranks (`setup_layout`). The P ranks of one SP group
+hold the SAME step batch and each runs the training passes on its T/P slice of
+every sequence (`parallel/sp_train.py`); the W / P groups are data-parallel
+replicas. The loss normaliser is counted over the DP group (the ranks with the
+same place in every SP group: each sample counted once), and gradients are still
+summed over the whole world: an SP rank's gradient covers its own positions only.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from longrl.errors import UserError
 from longrl.rl.losses import loss_normalizer
 
 
@@ -67,6 +77,65 @@ def init_from_env() -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://")
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the world splits into sequence-parallel groups and data-parallel replicas.
+
+    Global rank = dp_rank * sp_size + sp_rank. An SP group is sp_size consecutive
+    ranks: torchrun numbers the processes of one node consecutively, so an SP
+    group whose size divides the processes per node stays inside one node, where
+    the per-layer all-to-all is cheapest. The DP group of a rank is the ranks
+    with the same sp_rank in every SP group.
+    """
+
+    sp_size: int
+    sp_rank: int
+    dp_size: int
+    dp_rank: int
+    sp_group: Any = None  # a torch ProcessGroup; only used when sp_size > 1
+    dp_group: Any = None  # None: the default (world) group, right whenever sp_size == 1
+
+
+_LAYOUT: Layout | None = None
+
+
+def layout() -> Layout:
+    """The layout set by `setup_layout`, else plain data parallelism over the whole world."""
+    return _LAYOUT if _LAYOUT is not None else Layout(1, 0, world(), rank())
+
+
+def check_sp_size(sp_size: int, world_size: int) -> None:
+    """UserError unless `world_size` processes can form groups of `sp_size`."""
+    if sp_size > 1 and world_size == 1:
+        raise UserError(f"parallel.sp_size={sp_size} splits every sequence over {sp_size} processes, but this is "
+                        f"a single process; launch with torchrun, e.g. `torchrun --nproc-per-node {sp_size} "
+                        f"-m longrl train parallel.sp_size={sp_size}`")
+    if world_size % sp_size:
+        options = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise UserError(f"parallel.sp_size={sp_size} does not divide the {world_size} processes; use a process "
+                        f"count that is a multiple of {sp_size}, or parallel.sp_size in {options}")
+
+
+def setup_layout(sp_size: int) -> Layout:
+    """Build the SP and DP process groups (collective: every rank must call it) and make
+    them the current `layout()`. sp_size 1 keeps plain data parallelism."""
+    global _LAYOUT
+    W, r = world(), rank()
+    check_sp_size(sp_size, W)
+    if sp_size == 1:
+        _LAYOUT = None
+        return layout()
+    sp_group = dp_group = None
+    for d in range(W // sp_size):  # new_group is collective: every rank creates every group, in order
+        g = dist.new_group(list(range(d * sp_size, (d + 1) * sp_size)))
+        sp_group = g if d == r // sp_size else sp_group
+    for s in range(sp_size):
+        g = dist.new_group(list(range(s, W, sp_size)))
+        dp_group = g if s == r % sp_size else dp_group
+    _LAYOUT = Layout(sp_size, r % sp_size, W // sp_size, r // sp_size, sp_group, dp_group)
+    return _LAYOUT
 
 
 def _active() -> bool:
@@ -121,6 +190,15 @@ def broadcast_object(obj, src: int = 0, group=None):
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=group, device=_comm_device(group))
     return box[0]
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's object of `group`, in rank order (pickled; rollouts and other small things)."""
+    if not _active() or world(group) == 1:
+        return [obj]
+    out = [None] * world(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def global_loss_normalizer(mask: torch.Tensor, loss_agg: str, group=None) -> float:

@@ -33,7 +33,8 @@ from longrl.rl.losses import policy_loss
 from longrl.rollout.april import AprilScheduler, offpolicy_mask, tis_weights
 from longrl.rollout.continuous import ContinuousEngine
 from longrl.rollout.engine import generate
-from longrl.streambp.logprobs import loss_and_backward, make_batch, sequence_logprobs
+from longrl.parallel.sp_train import loss_and_backward, sequence_logprobs  # Ulysses when parallel.sp_size > 1
+from longrl.streambp.logprobs import make_batch
 
 
 @dataclass
@@ -108,16 +109,29 @@ class Rollouts:
 
 def rollout(model, tokenizer, examples: list[Example], task: TaskData, cfg: Config,
             sampler: torch.Generator, version: int) -> Rollouts:
-    """Synchronous: G samples per prompt, all decoded together until the last one ends."""
+    """Synchronous: G samples per prompt, all decoded together until the last one ends.
+
+    Sequence parallel: the P ranks of an SP group train on the same rows. Each generates
+    and scores a contiguous 1/P of them (with its own sampler) and the shares are
+    all-gathered, so every row is sampled once per group and the ranks agree exactly.
+    """
     G = cfg.rl.group_size
     b_examples = [ex for ex in examples for _ in range(G)]  # groups contiguous
     b_prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(G)]
-    gens = generate(model, b_prompts, max_new_tokens=cfg.rollout.max_new_tokens,
-                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, generator=sampler)
-    return _score(tokenizer, task, cfg, b_examples, b_prompts, [g.response_ids for g in gens],
-                  [g.logprobs for g in gens], [[version] * len(g.response_ids) for g in gens],
-                  [g.finish_reason for g in gens])
+    lay = dist.layout()
+    mine = dist.shard_indices(len(b_prompts), lay.sp_rank, lay.sp_size)  # all rows when sp_size == 1
+    b_examples, b_prompts = [b_examples[i] for i in mine], [b_prompts[i] for i in mine]
+    part = None
+    if mine:
+        gens = generate(model, b_prompts, max_new_tokens=cfg.rollout.max_new_tokens,
+                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, generator=sampler)
+        part = _score(tokenizer, task, cfg, b_examples, b_prompts, [g.response_ids for g in gens],
+                      [g.logprobs for g in gens], [[version] * len(g.response_ids) for g in gens],
+                      [g.finish_reason for g in gens])
+    if lay.sp_size == 1:
+        return part
+    return _concat([r for r in dist.all_gather_object(part, lay.sp_group) if r is not None])
 
 
 def rollout_partial(tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> tuple[Rollouts, dict]:
@@ -172,9 +186,11 @@ def _select_groups(r: Rollouts, keep: torch.Tensor, G: int) -> Rollouts:
 def collect(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> tuple[Rollouts, dict]:
     """Roll out N groups; with dynamic sampling, drop all-equal groups and refill."""
     G = cfg.rl.group_size
-    # Data parallel: every rank draws the same N prompts and keeps its contiguous share of
-    # the groups (groups never straddle ranks, so advantages need no communication).
-    mine = dist.shard_indices(cfg.rl.prompts_per_step, dist.rank(), dist.world())
+    # Data parallel: every rank draws the same N prompts and keeps its replica's contiguous
+    # share of the groups (groups never straddle replicas, so advantages need no
+    # communication); the ranks of a sequence-parallel group form one replica.
+    lay = dist.layout()
+    mine = dist.shard_indices(cfg.rl.prompts_per_step, lay.dp_rank, lay.dp_size)
     N = len(mine)
 
     def one_round() -> tuple[Rollouts, dict]:
@@ -225,7 +241,7 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
     metrics["rollout/groups"] = B // G
     if B == 0:  # nothing to train on here; other data-parallel ranks may still have data
         if dist.world() > 1:
-            dist.global_loss_normalizer(torch.zeros(0, 1), rcfg.loss_agg)
+            dist.global_loss_normalizer(torch.zeros(0, 1), rcfg.loss_agg, dist.layout().dp_group)
             for _epoch in range(rcfg.ppo_epochs):
                 dist.all_reduce_gradients(model)
                 clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip)
@@ -248,7 +264,7 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
     order = sorted(range(B), key=lambda i: len(roll.prompt_ids[i]) + len(roll.response_ids[i]))
     micro = [torch.tensor(order[s : s + rcfg.micro_batch_size]) for s in range(0, B, rcfg.micro_batch_size)]
     # Once per optimizer step, over the whole step batch of every data-parallel rank.
-    normalizer = dist.global_loss_normalizer(b_batch.mask, rcfg.loss_agg)
+    normalizer = dist.global_loss_normalizer(b_batch.mask, rcfg.loss_agg, dist.layout().dp_group)
 
     # Old (and reference) log-probs from the trainer, before any update; the engine's own
     # log-probs are only compared (and used for TIS weights), never trusted as "old".
@@ -285,7 +301,9 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
             for key, v in m.items():  # loss/* sum over micro-batches; fractions are token-weighted
                 sums[key] = sums.get(key, 0.0) + (v if key.startswith("loss/") else v * w)
             sums["_tokens"] = sums.get("_tokens", 0.0) + w
-        dist.all_reduce_gradients(model)  # sum: each rank's loss is already divided by the global normaliser
+        # Sum over the world: each replica's loss is already divided by the global normaliser,
+        # and each rank of an SP group holds the gradient of its own positions.
+        dist.all_reduce_gradients(model)
         grad_norm = clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip)
     state.step += 1
     if state.april is not None:
@@ -303,14 +321,16 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
 
 
 def _reduce_metrics(metrics: dict) -> dict:
-    """Across data-parallel ranks: loss/* are shares of one loss (summed); the rest are
-    per-rank means over equal shares (averaged)."""
-    if dist.world() == 1:
+    """Across data-parallel replicas: loss/* are shares of one loss (summed); the rest are
+    per-replica means over equal shares (averaged). The ranks of an SP group hold the same
+    metrics, so the reduction runs over the DP group."""
+    lay = dist.layout()
+    if lay.dp_size == 1:
         return metrics
     keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
-    summed = dist.all_reduce_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
+    summed = dist.all_reduce_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64), lay.dp_group)
     summed_keys = ("loss/", "rollout/groups")  # shares of one total, or counts
-    return {**metrics, **{k: float(v) if k.startswith(summed_keys) else float(v) / dist.world()
+    return {**metrics, **{k: float(v) if k.startswith(summed_keys) else float(v) / lay.dp_size
                           for k, v in zip(keys, summed.tolist())}}
 
 

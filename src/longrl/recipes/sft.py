@@ -19,7 +19,8 @@ from longrl.eval.accuracy import encode_prompts
 from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, progress
 from longrl.parallel import dist
 from longrl.rl.losses import sft_loss
-from longrl.streambp.logprobs import loss_and_backward, make_batch
+from longrl.parallel.sp_train import loss_and_backward  # Ulysses-sharded when parallel.sp_size > 1
+from longrl.streambp.logprobs import make_batch
 
 
 def encode_demonstrations(tokenizer, examples: list[Example]) -> tuple[list[list[int]], list[list[int]]]:
@@ -40,6 +41,7 @@ def run_sft(model, tokenizer, examples: list[Example], cfg: Config, device,
     scheduler = make_scheduler(optimizer, scfg.warmup_steps, scfg.steps, decay=True)
     rng = random.Random(cfg.train.seed)
     order: list[int] = []
+    lay = dist.layout()
     model.train()
     bar = progress(scfg.steps, "sft", cfg.run.progress and dist.is_main())
     for step in range(1, scfg.steps + 1):
@@ -48,15 +50,16 @@ def run_sft(model, tokenizer, examples: list[Example], cfg: Config, device,
             order = list(range(len(examples)))
             rng.shuffle(order)
         b_idx, order = order[: scfg.batch_size], order[scfg.batch_size :]
-        # Data parallel: each rank trains its share of the batch; the token count is global.
-        b_idx = [b_idx[j] for j in dist.shard_indices(len(b_idx), dist.rank(), dist.world())]
+        # Data parallel: each replica trains its share of the batch; the token count is global.
+        # The ranks of a sequence-parallel group share one replica's batch (counted once).
+        b_idx = [b_idx[j] for j in dist.shard_indices(len(b_idx), lay.dp_rank, lay.dp_size)]
         batch = make_batch([prompts[i] for i in b_idx], [responses[i] for i in b_idx],
                            tokenizer.pad_token_id).to(device)
-        norm = dist.global_loss_normalizer(batch.mask, "token-mean")
+        norm = dist.global_loss_normalizer(batch.mask, "token-mean", lay.dp_group)
         loss, _, _ = loss_and_backward(model, batch, lambda lp: sft_loss(lp, batch.mask, norm),
                                        mode=cfg.train.backprop, chunk=cfg.train.stream_chunk)
-        dist.all_reduce_gradients(model)
-        loss = dist.all_reduce_sum(float(loss))
+        dist.all_reduce_gradients(model)  # whole world: DP replicas and each SP rank's positions
+        loss = dist.all_reduce_sum(float(loss), lay.dp_group)
         grad_norm = clip_and_step(model, optimizer, scheduler, cfg.train.grad_clip)
         record = {"phase": "sft", "step": step, "loss/sft": float(loss), "grad/norm": grad_norm,
                   "lr": scheduler.get_last_lr()[0], "time/step": time.time() - t0}

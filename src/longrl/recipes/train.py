@@ -25,6 +25,7 @@ from longrl.eval.accuracy import evaluate
 from longrl.metrics import MetricsLog, plot_curves
 from longrl.models.load import load_policy
 from longrl.parallel import dist
+from longrl.parallel.sp_train import check_sp_model
 from longrl.recipes.common import progress
 from longrl.recipes.grpo import DataCursor, GRPOState, grpo_step, init_state
 from longrl.recipes.sft import run_sft
@@ -69,6 +70,7 @@ def train(cfg: Config) -> dict:
     main = dist.is_main()  # only the main rank writes files and prints
     if ctx.world > 1 and cfg.rollout.partial:
         raise UserError("rollout.partial=true is not supported with torchrun data parallelism yet; run APRIL on one process")
+    dist.setup_layout(cfg.parallel.sp_size)  # SP groups of parallel.sp_size ranks; the rest is data parallel
     quiet_libraries()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -77,6 +79,7 @@ def train(cfg: Config) -> dict:
     task = load_task(cfg.task, cfg.reward.correctness)
     if resume_ckpt is None:
         model, tokenizer = load_policy(cfg.model, device)
+        check_sp_model(model, cfg.parallel.sp_size, cfg.train.backprop)
         run_dir = prepare_run_dir(cfg) if main else None
         if main:
             atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
@@ -104,6 +107,7 @@ def train(cfg: Config) -> dict:
         checkpoint(run_dir, 0, model, tokenizer, state, results, cfg)
     else:
         model, tokenizer, state, results = _restore(cfg, resume_ckpt, device, len(task.train))
+        check_sp_model(model, cfg.parallel.sp_size, cfg.train.backprop)
         if main:
             log.truncate_after(state.step)
         say(f"resumed from {resume_ckpt} at RL step {state.step}")

@@ -1,0 +1,87 @@
+"""The recipes' training passes, sequence-parallel when `parallel.sp_size` > 1.
+
+`loss_and_backward` and `sequence_logprobs` have the signatures of their twins in
+`streambp.logprobs`; the recipes call these, and they dispatch on the current
+`parallel.dist.layout()`: with one rank per sequence they ARE the streambp
+functions, with an SP group of P ranks they run Ulysses (`parallel/ulysses.py`):
+every rank of the group passes the same full micro-batch, runs the decoder on its
+T/P slice (all-to-all around attention), the chunked LM head on its slice's
+positions, and sees the all-gathered [B, T] log-probs, so the loss (token- or
+sequence-level) is the same on every rank of the group and exact. A rank
+back-propagates only through its own positions: the recipes sum gradients over
+the whole world (`dist.all_reduce_gradients`), which adds the SP shares and the
+DP replicas in one collective.
+
+Backprop modes with SP: 'chunked' (the default) and 'checkpoint' (activation
+checkpointing; attention is recomputed inside the backward, still sharded).
+'standard' (full [B, T, V] logits) and 'streambp' (the sequence-chunked layer
+backward, which runs the whole sequence through each layer on one rank) are
+refused before training starts (`check_sp_model`).
+"""
+from __future__ import annotations
+
+from longrl.errors import UserError
+from longrl.parallel.dist import layout
+from longrl.parallel.ulysses import _attention_modules, sp_loss_and_backward, sp_sequence_logprobs
+from longrl.streambp import logprobs as streambp
+
+SP_BACKPROP = ("chunked", "checkpoint")
+
+
+def check_sp_model(model, sp_size: int, backprop: str) -> None:
+    """UserError unless `model` and `train.backprop` can run Ulysses over `sp_size` ranks."""
+    if sp_size == 1:
+        return
+    if backprop not in SP_BACKPROP:
+        raise UserError(f"train.backprop={backprop} does not support sequence parallelism "
+                        f"(parallel.sp_size={sp_size}); use train.backprop=chunked or train.backprop=checkpoint")
+    get_text_config = getattr(model.config, "get_text_config", None)  # absent: not a transformers model
+    cfg = get_text_config() if get_text_config else None
+    modules = _attention_modules(model, cfg) if cfg is not None else []
+    if not modules:
+        raise UserError(f"parallel.sp_size={sp_size}: {type(model).__name__} has no softmax attention layers that "
+                        "Ulysses can shard (Qwen2/Qwen2.5/Qwen3/Llama-style q_proj/k_proj/o_proj); use parallel.sp_size=1")
+    heads = cfg.num_attention_heads
+    if heads % sp_size:
+        raise UserError(f"parallel.sp_size={sp_size} must divide the model's {heads} attention heads "
+                        "(Ulysses gives each rank a share of the heads)")
+    if any(getattr(m, "sliding_window", None) for m in modules):
+        raise UserError(f"parallel.sp_size={sp_size}: sliding-window attention is not supported by Ulysses here")
+
+
+def _set_checkpointing(model, on: bool) -> None:
+    """As `streambp.logprobs.loss_and_backward` does for its 'checkpoint' mode (and undoes otherwise)."""
+    new_api = hasattr(type(model), "is_activation_checkpointing")  # transformers >= 5.x names
+    if on == bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False)):
+        return
+    kwargs = {"use_reentrant": False}
+    if new_api:
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def loss_and_backward(model, batch: streambp.TokenBatch, loss_fn: streambp.LossFn, *, mode: str = "chunked",
+                      chunk: int = 256, temperature: float = 1.0):
+    """`streambp.logprobs.loss_and_backward`, Ulysses-sharded over the SP group when there is one.
+    Returns (loss, metrics, logprobs [B, T]); with SP, identical on every rank of the group."""
+    lay = layout()
+    if lay.sp_size == 1:
+        return streambp.loss_and_backward(model, batch, loss_fn, mode=mode, chunk=chunk, temperature=temperature)
+    if mode not in SP_BACKPROP:
+        raise ValueError(f"backprop mode {mode!r} does not support sequence parallelism; use one of {SP_BACKPROP}")
+    _set_checkpointing(model, mode == "checkpoint")
+    return sp_loss_and_backward(model, batch, loss_fn, lay.sp_group, chunk=chunk, temperature=temperature)
+
+
+def sequence_logprobs(model, batch: streambp.TokenBatch, chunk: int, temperature: float = 1.0):
+    """`streambp.logprobs.sequence_logprobs` (no grad), Ulysses-sharded when there is an SP group: [B, T]."""
+    lay = layout()
+    if lay.sp_size == 1:
+        return streambp.sequence_logprobs(model, batch, chunk, temperature)
+    return sp_sequence_logprobs(model, batch, lay.sp_group, chunk=chunk, temperature=temperature)
