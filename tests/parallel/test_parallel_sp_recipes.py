@@ -152,3 +152,12 @@ def test_models_ulysses_cannot_shard_are_refused():
     gla = GLAForCausalLM(GLAConfig(vocab_size=16, d_model=16, num_layers=1))
     with pytest.raises(UserError, match="no softmax attention"):
         check_sp_model(gla, 2, "chunked")
+
+
+def test_vision_language_models_are_refused_until_the_video_recipe_shards():
+    from longrl.models.vlm import build_tiny_vlm, build_vlm_tokenizer
+
+    vlm = build_tiny_vlm(build_vlm_tokenizer())
+    with pytest.raises(UserError, match="video recipe"):
+        check_sp_model(vlm, 2, "chunked")
+    check_sp_model(vlm, 1, "chunked")
