@@ -18,7 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from longrl.parallel.dist import all_reduce_gradients
 from longrl.parallel.local_spawn import spawn_local
-from longrl.parallel.mrsp_encode import frame_slice, mrsp_encode
+from longrl.models.vlm import build_tiny_vlm, build_vlm_tokenizer, patchify
+from longrl.parallel.mrsp_encode import frame_slice, mrsp_encode, mrsp_encode_video
 from longrl.parallel.ulysses import (ATTN_NAME, enable_ulysses, shard_for_sp, shard_positions, sp_final_hidden,
                                      sp_loss_and_backward, sp_sequence_logprobs)
 from longrl.rl.losses import loss_normalizer, policy_loss
@@ -173,6 +174,29 @@ def mrsp_case(group, n_frames, unit):
                 errs=errs, n_encoded=encoded.stop - encoded.start)
 
 
+def mrsp_video_case(group, n_frames):
+    """The tiny Qwen2.5-VL's own vision tower (window + full attention, 2-frame temporal
+    patches, 2x2 merge): gathered embeddings and every vision gradient vs one process."""
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    torch.manual_seed(7)
+    ref = build_tiny_vlm(build_vlm_tokenizer()).double().model.visual
+    vision = build_tiny_vlm(build_vlm_tokenizer()).double().model.visual
+    vision.load_state_dict(ref.state_dict())
+    gen = torch.Generator().manual_seed(8)
+    pv, grid = patchify(torch.randint(0, 256, (n_frames, 28, 56, 3), dtype=torch.uint8, generator=gen))
+    pv = pv.double()  # [gt*2*4, 3*2*14*14]
+    emb_ref = ref(pv, grid_thw=grid.view(1, 3)).pooler_output  # [gt*2, D]
+    weights = torch.randn(P, *emb_ref.shape, generator=gen, dtype=torch.float64)  # one per rank
+    (emb_ref * weights.sum(0)).sum().backward()
+    emb = mrsp_encode_video(vision, pv, grid, group)
+    (emb * weights[rank]).sum().backward()
+    errs = {"embeddings": _err(emb.detach(), emb_ref.detach())}
+    errs.update(_grad_errs(vision, ref, group))
+    encoded = frame_slice(int(grid[0]), rank, P)
+    return dict(kind="mrsp", model="qwen2.5-vl", P=P, rank=rank, dtype="torch.float64", n_frames=n_frames, unit=2,
+                errs=errs, n_encoded=2 * (encoded.stop - encoded.start))
+
+
 def run(rank, world, out_path):
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
     records = []
@@ -187,6 +211,7 @@ def run(rank, world, out_path):
         records.append(refusals(group))
         for n_frames, unit in ((7, 1), (6, 2), (2, 1)):  # uneven; 3 units over 4 ranks; fewer frames than ranks
             records.append(mrsp_case(group, n_frames, unit))
+        records.append(mrsp_video_case(group, 10))  # 5 temporal patches: 3 | 2 or 2 | 1 | 1 | 1
     gathered = [None] * world
     dist.all_gather_object(gathered, records)
     if rank == 0:

@@ -81,9 +81,19 @@ def test_unsplittable_configs_are_refused(records):
 @pytest.mark.parametrize("P", [2, 4])
 @pytest.mark.parametrize("n_frames,unit", [(7, 1), (6, 2), (2, 1)])
 def test_parallel_video_encoding_matches_one_process(records, P, n_frames, unit):
-    chosen = _select(records, kind="mrsp", P=P, n_frames=n_frames, unit=unit)
+    chosen = _select(records, kind="mrsp", model="tiny-vision", P=P, n_frames=n_frames, unit=unit)
     assert sum(r["n_encoded"] for r in chosen) == n_frames * (2 if P == 2 else 1)  # every frame once per group
     assert all({"embeddings", "grad_conv.weight", "grad_proj.bias"} <= r["errs"].keys() for r in chosen)
+    _assert_close(chosen)
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_parallel_encoding_with_the_qwen25_vl_tower_matches_one_process(records, P):
+    chosen = _select(records, kind="mrsp", model="qwen2.5-vl", P=P)
+    assert sum(r["n_encoded"] for r in chosen) == 10 * (2 if P == 2 else 1)  # 5 temporal patches of 2 frames
+    assert sorted(r["n_encoded"] for r in chosen if r["rank"] == 0) == ([6, 6] if P == 2 else [4])
+    for r in chosen:
+        assert {"embeddings", "grad_patch_embed.proj.weight", "grad_merger.mlp.2.weight"} <= r["errs"].keys()
     _assert_close(chosen)
 
 

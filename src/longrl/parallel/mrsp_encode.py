@@ -86,3 +86,23 @@ def mrsp_encode(frames: torch.Tensor, vision_fn, group=None, unit: int = 1) -> t
     if P == 1:
         return local
     return _GatherRows.apply(local, counts, group)
+
+
+def mrsp_encode_video(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor, group=None) -> torch.Tensor:
+    """Qwen2.5-VL's vision tower over one video, its temporal patches split over `group`.
+
+    pixel_values [L, C*t*p*p] and grid_thw [3] as `models.vlm.patchify` makes them
+    (rows t-major: gt blocks of gh*gw patches) -> embeddings [Nv, D] on every rank,
+    equal to `visual(pixel_values, grid_thw)` in one process. The tower's attention
+    (windowed and full) never crosses a temporal patch and its rotary positions are
+    (h, w) only, so a contiguous run of n temporal patches is a video of grid
+    (n, gh, gw) on its own. The gradient rule is `mrsp_encode`'s.
+    """
+    gt, gh, gw = (int(x) for x in grid_thw.view(3))
+    per_t = pixel_values.view(gt, gh * gw, -1)  # [gt, gh*gw, C*t*p*p]
+
+    def encode(chunk):  # [n, gh*gw, C*t*p*p] -> [n * gh*gw / merge^2, D]
+        grid = torch.tensor([[chunk.shape[0], gh, gw]], device=grid_thw.device)
+        return visual(chunk.reshape(-1, chunk.shape[-1]).to(visual.dtype), grid_thw=grid).pooler_output
+
+    return mrsp_encode(per_t, encode, group)
