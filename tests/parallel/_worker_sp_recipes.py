@@ -128,7 +128,7 @@ def _fixed_rollouts():
                          torch.zeros(N_PROMPTS * G, dtype=torch.bool), rewards, {"correctness": rewards})
 
 
-def _replica_collect(model, tokenizer, task, cfg, state):
+def _replica_collect(model, tokenizer, task, cfg, state, io=None):
     lay = dist.layout()
     keep = torch.zeros(N_PROMPTS, dtype=torch.bool)
     keep[dist.shard_indices(N_PROMPTS, lay.dp_rank, lay.dp_size)] = True
