@@ -18,8 +18,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from longrl.parallel.dist import all_reduce_gradients
 from longrl.parallel.local_spawn import spawn_local
-from longrl.models.vlm import build_tiny_vlm, build_vlm_tokenizer, patchify
+from longrl.models.vlm import (VideoEmbeds, as_leaf, build_tiny_vlm, build_vlm_tokenizer, patchify, video_logprobs,
+                               video_loss_and_backward, video_prompt_ids)
 from longrl.parallel.mrsp_encode import frame_slice, mrsp_encode, mrsp_encode_video
+from longrl.parallel.sp_video import sp_video_logprobs, sp_video_loss_and_backward
 from longrl.parallel.ulysses import (ATTN_NAME, enable_ulysses, shard_for_sp, shard_positions, sp_final_hidden,
                                      sp_loss_and_backward, sp_sequence_logprobs)
 from longrl.rl.losses import loss_normalizer, policy_loss
@@ -197,6 +199,43 @@ def mrsp_video_case(group, n_frames):
                 errs=errs, n_encoded=2 * (encoded.stop - encoded.start))
 
 
+def video_head_case(group):
+    """MR-SP stage 2: the tiny Qwen2.5-VL language model, sharded, on cached video embeddings
+    (multimodal rotary positions), GSPO on gathered log-probs, vs one process: loss, log-probs,
+    every parameter gradient and the gradient of the video embeddings."""
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    tok = build_vlm_tokenizer()
+    torch.manual_seed(9)
+    ref = build_tiny_vlm(tok).double()
+    model = build_tiny_vlm(tok).double()
+    model.load_state_dict(ref.state_dict())
+    gen = torch.Generator().manual_seed(10)
+    grid = torch.tensor([3, 4, 4])  # 3 temporal patches of 4x4 -> 12 merged tokens
+    video = VideoEmbeds(torch.randn(12, 64, generator=gen, dtype=torch.float64), grid, 1.0)
+    prompt = video_prompt_ids(tok, 12, "which colour?")
+    responses = [torch.randint(10, 90, (n,), generator=gen).tolist() for n in (5, 10, 2)]
+    batch = make_batch([prompt] * 3, responses, pad_id=tok.pad_token_id)  # [3, T]
+    adv = torch.randn(3, generator=gen, dtype=torch.float64)
+    noise = 0.3 * torch.randn(batch.mask.shape, generator=gen, dtype=torch.float64)
+    old = (video_logprobs(ref, video, batch, chunk=5) + noise) * batch.mask  # [3, T]
+    norm = loss_normalizer(batch.mask, "seq-mean-token-mean")
+
+    def loss_fn(logp):
+        return policy_loss(logp, old, adv, batch.mask, normalizer=norm, loss_agg="seq-mean-token-mean", kind="gspo")
+
+    leaf_ref, leaf = as_leaf(video), as_leaf(video)
+    loss_ref, _, logp_ref = video_loss_and_backward(ref, leaf_ref, batch, loss_fn, chunk=5)
+    loss, _, logp = sp_video_loss_and_backward(model, leaf, batch, loss_fn, group, chunk=3)
+    lp_nograd = sp_video_logprobs(model, video, batch, group, chunk=4)
+    video_grad = leaf.embeds.grad.clone()
+    dist.all_reduce(video_grad, group=group)  # each rank's positions' share
+    errs = {"loss": _err(loss, loss_ref), "logp": _err(logp, logp_ref), "logp_nograd": _err(lp_nograd, logp_ref),
+            "grad_video_embeds": _err(video_grad, leaf_ref.embeds.grad)}
+    errs.update(_grad_errs(model, ref, group))
+    return dict(kind="video_head", model="qwen2.5-vl", P=P, rank=rank, dtype="torch.float64", T=batch.input_ids.shape[1],
+                errs=errs)
+
+
 def run(rank, world, out_path):
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
     records = []
@@ -212,6 +251,7 @@ def run(rank, world, out_path):
         for n_frames, unit in ((7, 1), (6, 2), (2, 1)):  # uneven; 3 units over 4 ranks; fewer frames than ranks
             records.append(mrsp_case(group, n_frames, unit))
         records.append(mrsp_video_case(group, 10))  # 5 temporal patches: 3 | 2 or 2 | 1 | 1 | 1
+        records.append(video_head_case(group))
     gathered = [None] * world
     dist.all_gather_object(gathered, records)
     if rank == 0:

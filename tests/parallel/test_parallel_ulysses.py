@@ -97,6 +97,16 @@ def test_parallel_encoding_with_the_qwen25_vl_tower_matches_one_process(records,
     _assert_close(chosen)
 
 
+@pytest.mark.parametrize("P", [2, 4])
+def test_qwen25_vl_language_model_on_cached_video_embeddings_matches_one_process(records, P):
+    chosen = _select(records, kind="video_head", P=P)
+    for r in chosen:
+        assert r["T"] % P, "the case should need end padding"
+        assert {"loss", "logp", "logp_nograd", "grad_video_embeds",
+                "grad_model.language_model.layers.0.self_attn.q_proj.weight"} <= r["errs"].keys()
+    _assert_close(chosen)
+
+
 def test_frame_slices_hand_worked():
     assert [frame_slice(7, r, 3) for r in range(3)] == [slice(0, 3), slice(3, 5), slice(5, 7)]
     assert [frame_slice(6, r, 4, unit=2) for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(0, 0)]

@@ -275,6 +275,18 @@ def sp_loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, group=None, 
     """
     T = batch.input_ids.shape[1]
     shard, positions = shard_batch(batch, dist.get_rank(group), dist.get_world_size(group))
+
+    def body():  # [B, L] -> [B, L, D]
+        return model.base_model(input_ids=shard.input_ids, position_ids=positions, use_cache=False).last_hidden_state
+
+    return sp_body_loss_and_backward(model, body, shard, T, loss_fn, group, chunk=chunk, temperature=temperature)
+
+
+def sp_body_loss_and_backward(model, body, shard: TokenBatch, T: int, loss_fn: LossFn, group=None, *,
+                              chunk: int = 256, temperature: float = 1.0):
+    """The part of `sp_loss_and_backward` after sharding, for any body: `body()` returns this
+    rank's final hidden states [B, L, D] (e.g. a language model on sharded inputs_embeds with
+    multimodal positions). `shard` is this rank's TokenBatch shard, T the unpadded length."""
     weight, bias = _head(model)
     full_logp = {}
 
@@ -284,8 +296,7 @@ def sp_loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, group=None, 
         return loss_fn(logp)
 
     with enable_ulysses(model, group):  # open through the backward: checkpointing recomputes attention there
-        hidden = model.base_model(input_ids=shard.input_ids, position_ids=positions,
-                                  use_cache=False).last_hidden_state  # [B, L, D]
+        hidden = body()  # [B, L, D]
         loss, metrics, grad_h, _ = backward_chunked_head(hidden, weight, bias, shard.targets, shard.mask,
                                                          shard_loss, chunk, temperature)
         hidden.backward(grad_h)
