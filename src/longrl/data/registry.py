@@ -41,7 +41,7 @@ def load_task(cfg: TaskConfig, correctness: str = "auto") -> TaskData:
         try:
             train = gen(cfg.n_train, cfg.seed, **cfg.kwargs)
             held = gen(cfg.n_eval, cfg.seed + 7919, **cfg.kwargs)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise UserError(f"task '{name}': bad task.kwargs {cfg.kwargs} ({e})") from None
         score = answer_scorer("normalized" if correctness == "auto" else correctness)
     elif name.startswith("rg:"):
