@@ -18,14 +18,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from longrl.parallel.dist import all_reduce_gradients
 from longrl.parallel.local_spawn import spawn_local
-from longrl.models.vlm import (VideoEmbeds, as_leaf, build_tiny_vlm, build_vlm_tokenizer, patchify, video_logprobs,
+from longrl.models.vlm import (VideoEmbeds, as_leaf, build_tiny_vlm, build_vlm_tokenizer, patchify, video_hidden,
                                video_loss_and_backward, video_prompt_ids)
 from longrl.parallel.mrsp_encode import frame_slice, mrsp_encode, mrsp_encode_video
 from longrl.parallel.sp_video import sp_video_logprobs, sp_video_loss_and_backward
 from longrl.parallel.ulysses import (ATTN_NAME, enable_ulysses, shard_for_sp, shard_positions, sp_final_hidden,
                                      sp_loss_and_backward, sp_sequence_logprobs)
 from longrl.rl.losses import loss_normalizer, policy_loss
-from longrl.streambp.logprobs import final_hidden, loss_and_backward, make_batch, sequence_logprobs
+from longrl.streambp.logprobs import (backward_chunked_head, chunked_logprobs, final_hidden, loss_and_backward,
+                                     make_batch, sequence_logprobs)
 
 B, T, VOCAB = 2, 13, 40  # T = 13 is divisible by neither 2 nor 4
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -199,10 +200,22 @@ def mrsp_video_case(group, n_frames):
                 errs=errs, n_encoded=2 * (encoded.stop - encoded.start))
 
 
-def video_head_case(group):
+def _video_reference(model, videos, batch, loss_fn):
+    """One process, each row with its own video: hidden states row by row, chunked head."""
+    rows = [video_hidden(model, v, batch.input_ids[i : i + 1]) for i, v in enumerate(videos)]
+    hidden = torch.cat(rows)  # [B, T, D]
+    head = model.get_output_embeddings()
+    loss, _, grad_h, logp = backward_chunked_head(hidden, head.weight, head.bias, batch.targets, batch.mask,
+                                                  loss_fn, 5)
+    hidden.backward(grad_h)
+    return loss, logp
+
+
+def video_head_case(group, multi):
     """MR-SP stage 2: the tiny Qwen2.5-VL language model, sharded, on cached video embeddings
     (multimodal rotary positions), GSPO on gathered log-probs, vs one process: loss, log-probs,
-    every parameter gradient and the gradient of the video embeddings."""
+    every parameter gradient and the gradient of the video embeddings. `multi`: the rows
+    answer two different videos (different token counts) in one micro-batch."""
     P, rank = dist.get_world_size(group), dist.get_rank(group)
     tok = build_vlm_tokenizer()
     torch.manual_seed(9)
@@ -210,30 +223,41 @@ def video_head_case(group):
     model = build_tiny_vlm(tok).double()
     model.load_state_dict(ref.state_dict())
     gen = torch.Generator().manual_seed(10)
-    grid = torch.tensor([3, 4, 4])  # 3 temporal patches of 4x4 -> 12 merged tokens
-    video = VideoEmbeds(torch.randn(12, 64, generator=gen, dtype=torch.float64), grid, 1.0)
-    prompt = video_prompt_ids(tok, 12, "which colour?")
-    responses = [torch.randint(10, 90, (n,), generator=gen).tolist() for n in (5, 10, 2)]
-    batch = make_batch([prompt] * 3, responses, pad_id=tok.pad_token_id)  # [3, T]
+    grids = [torch.tensor([3, 4, 4]), torch.tensor([2, 2, 4])]  # 12 and 4 merged tokens
+    videos = [VideoEmbeds(torch.randn(int(g.prod()) // 4, 64, generator=gen, dtype=torch.float64), g, s)
+              for g, s in zip(grids, (1.0, 0.5))]
+    row_video = [0, 1, 0] if multi else [0, 0, 0]
+    prompts = [video_prompt_ids(tok, videos[v].n_tokens, "which colour?") for v in row_video]
+    responses = [torch.randint(10, 90, (n,), generator=gen).tolist() for n in (6, 10, 2)]
+    batch = make_batch(prompts, responses, pad_id=tok.pad_token_id)  # [3, T]
     adv = torch.randn(3, generator=gen, dtype=torch.float64)
     noise = 0.3 * torch.randn(batch.mask.shape, generator=gen, dtype=torch.float64)
-    old = (video_logprobs(ref, video, batch, chunk=5) + noise) * batch.mask  # [3, T]
+    with torch.no_grad():
+        hidden = torch.cat([video_hidden(ref, videos[v], batch.input_ids[i : i + 1]) for i, v in enumerate(row_video)])
+        head = ref.get_output_embeddings()
+        old = (chunked_logprobs(hidden, head.weight, head.bias, batch.targets, batch.mask, 5) + noise) * batch.mask
     norm = loss_normalizer(batch.mask, "seq-mean-token-mean")
 
     def loss_fn(logp):
         return policy_loss(logp, old, adv, batch.mask, normalizer=norm, loss_agg="seq-mean-token-mean", kind="gspo")
 
-    leaf_ref, leaf = as_leaf(video), as_leaf(video)
-    loss_ref, _, logp_ref = video_loss_and_backward(ref, leaf_ref, batch, loss_fn, chunk=5)
-    loss, _, logp = sp_video_loss_and_backward(model, leaf, batch, loss_fn, group, chunk=3)
-    lp_nograd = sp_video_logprobs(model, video, batch, group, chunk=4)
-    video_grad = leaf.embeds.grad.clone()
-    dist.all_reduce(video_grad, group=group)  # each rank's positions' share
-    errs = {"loss": _err(loss, loss_ref), "logp": _err(logp, logp_ref), "logp_nograd": _err(lp_nograd, logp_ref),
-            "grad_video_embeds": _err(video_grad, leaf_ref.embeds.grad)}
+    leaves_ref, leaves = [as_leaf(v) for v in videos], [as_leaf(v) for v in videos]
+    if multi:
+        loss_ref, logp_ref = _video_reference(ref, [leaves_ref[v] for v in row_video], batch, loss_fn)
+        arg, arg_nograd = [leaves[v] for v in row_video], [videos[v] for v in row_video]
+    else:
+        loss_ref, _, logp_ref = video_loss_and_backward(ref, leaves_ref[0], batch, loss_fn, chunk=5)
+        arg, arg_nograd = leaves[0], videos[0]
+    loss, _, logp = sp_video_loss_and_backward(model, arg, batch, loss_fn, group, chunk=3)
+    lp_nograd = sp_video_logprobs(model, arg_nograd, batch, group, chunk=4)
+    errs = {"loss": _err(loss, loss_ref), "logp": _err(logp, logp_ref), "logp_nograd": _err(lp_nograd, logp_ref)}
+    for v in sorted(set(row_video)):
+        video_grad = leaves[v].embeds.grad.clone()
+        dist.all_reduce(video_grad, group=group)  # each rank's positions' share
+        errs[f"grad_video{v}_embeds"] = _err(video_grad, leaves_ref[v].embeds.grad)
     errs.update(_grad_errs(model, ref, group))
-    return dict(kind="video_head", model="qwen2.5-vl", P=P, rank=rank, dtype="torch.float64", T=batch.input_ids.shape[1],
-                errs=errs)
+    return dict(kind="video_head", model="qwen2.5-vl", P=P, rank=rank, dtype="torch.float64", multi=multi,
+                T=batch.input_ids.shape[1], errs=errs, video_grad=float(leaves_ref[0].embeds.grad.abs().max()))
 
 
 def run(rank, world, out_path):
@@ -251,7 +275,8 @@ def run(rank, world, out_path):
         for n_frames, unit in ((7, 1), (6, 2), (2, 1)):  # uneven; 3 units over 4 ranks; fewer frames than ranks
             records.append(mrsp_case(group, n_frames, unit))
         records.append(mrsp_video_case(group, 10))  # 5 temporal patches: 3 | 2 or 2 | 1 | 1 | 1
-        records.append(video_head_case(group))
+        records.append(video_head_case(group, multi=False))
+        records.append(video_head_case(group, multi=True))
     gathered = [None] * world
     dist.all_gather_object(gathered, records)
     if rank == 0:

@@ -97,13 +97,16 @@ def test_parallel_encoding_with_the_qwen25_vl_tower_matches_one_process(records,
     _assert_close(chosen)
 
 
+@pytest.mark.parametrize("multi", [False, True])
 @pytest.mark.parametrize("P", [2, 4])
-def test_qwen25_vl_language_model_on_cached_video_embeddings_matches_one_process(records, P):
-    chosen = _select(records, kind="video_head", P=P)
+def test_qwen25_vl_language_model_on_cached_video_embeddings_matches_one_process(records, P, multi):
+    chosen = _select(records, kind="video_head", P=P, multi=multi)
     for r in chosen:
         assert r["T"] % P, "the case should need end padding"
-        assert {"loss", "logp", "logp_nograd", "grad_video_embeds",
+        assert {"loss", "logp", "logp_nograd", "grad_video0_embeds",
                 "grad_model.language_model.layers.0.self_attn.q_proj.weight"} <= r["errs"].keys()
+        assert ("grad_video1_embeds" in r["errs"]) == multi
+        assert r["video_grad"] > 1e-5  # the loss reaches the video: its gradient is compared, not zeros
     _assert_close(chosen)
 
 

@@ -30,11 +30,19 @@ from longrl.parallel.ulysses import enable_ulysses, gather_sequence, shard_batch
 from longrl.streambp.logprobs import LossFn, TokenBatch, _head, chunked_logprobs
 
 
-def _video_shard(model, video: VideoEmbeds, batch: TokenBatch, group):
-    """This rank's (TokenBatch shard, inputs_embeds [B, L, D], positions [3, B, L])."""
+def _video_shard(model, videos, batch: TokenBatch, group):
+    """This rank's (TokenBatch shard, inputs_embeds [B, L, D], positions [3, B, L]).
+    `videos`: one VideoEmbeds for every row, or a list with each row's own."""
     rank, P = dist.get_rank(group), dist.get_world_size(group)
-    positions = mrope_position_ids(model, batch.input_ids, video)  # [3, B, T]
-    embeds = video_inputs_embeds(model, batch.input_ids, video)  # [B, T, D]
+    if isinstance(videos, VideoEmbeds):
+        positions = mrope_position_ids(model, batch.input_ids, videos)  # [3, B, T]
+        embeds = video_inputs_embeds(model, batch.input_ids, videos)  # [B, T, D]
+    else:
+        if len(videos) != batch.input_ids.shape[0]:
+            raise ValueError(f"{len(videos)} videos for {batch.input_ids.shape[0]} rows")
+        rows = [batch.input_ids[i : i + 1] for i in range(len(videos))]
+        positions = torch.cat([mrope_position_ids(model, r, v) for r, v in zip(rows, videos)], dim=1)  # [3, B, T]
+        embeds = torch.cat([video_inputs_embeds(model, r, v) for r, v in zip(rows, videos)])  # [B, T, D]
     shard, _ = shard_batch(batch, rank, P)
     pos = shard_for_sp(positions.permute(1, 2, 0), rank, P).permute(2, 0, 1).contiguous()  # [3, B, L]
     return shard, shard_for_sp(embeds, rank, P), pos
@@ -45,12 +53,13 @@ def _language_model(model, embeds, positions):  # [B, L, D], [3, B, L] -> [B, L,
 
 
 @torch.no_grad()
-def sp_video_logprobs(model, video: VideoEmbeds, batch: TokenBatch, group=None, chunk: int = 256,
+def sp_video_logprobs(model, videos, batch: TokenBatch, group=None, chunk: int = 256,
                       temperature: float = 1.0) -> torch.Tensor:
     """`models.vlm.video_logprobs`, sequence-parallel: every rank of the group passes the same
-    rows and video and gets the full [B, T] log-probs (0 where unmasked)."""
+    rows and videos (one for all rows, or one per row) and gets the full [B, T] log-probs
+    (0 where unmasked)."""
     T = batch.input_ids.shape[1]
-    shard, embeds, positions = _video_shard(model, video, batch, group)
+    shard, embeds, positions = _video_shard(model, videos, batch, group)
     with enable_ulysses(model, group):
         hidden = _language_model(model, embeds, positions)  # [B, L, D]
     weight, bias = _head(model)
@@ -58,11 +67,12 @@ def sp_video_logprobs(model, video: VideoEmbeds, batch: TokenBatch, group=None, 
     return gather_sequence(logp, group)[:, :T]  # [B, T]
 
 
-def sp_video_loss_and_backward(model, video: VideoEmbeds, batch: TokenBatch, loss_fn: LossFn, group=None, *,
+def sp_video_loss_and_backward(model, videos, batch: TokenBatch, loss_fn: LossFn, group=None, *,
                                chunk: int = 256, temperature: float = 1.0):
-    """`models.vlm.video_loss_and_backward`, sequence-parallel. Gradients are this rank's
-    share (see the module docstring). -> (loss, metrics, logprobs [B, T]), the same on every rank."""
+    """`models.vlm.video_loss_and_backward`, sequence-parallel; `videos` as in `sp_video_logprobs`
+    (rows of several videos in one micro-batch share one loss). Gradients are this rank's share
+    (see the module docstring). -> (loss, metrics, logprobs [B, T]), the same on every rank."""
     T = batch.input_ids.shape[1]
-    shard, embeds, positions = _video_shard(model, video, batch, group)
+    shard, embeds, positions = _video_shard(model, videos, batch, group)
     return sp_body_loss_and_backward(model, lambda: _language_model(model, embeds, positions), shard, T, loss_fn,
                                      group, chunk=chunk, temperature=temperature)
