@@ -228,7 +228,9 @@ class ParallelConfig:
 
     sp_size: int = 1
     """Ranks that share one sequence (Ulysses all-to-all around attention). The world size
-    must be a multiple of it; world / sp_size groups run data parallel."""
+    must be a multiple of it; world / sp_size groups of consecutive ranks run data parallel.
+    Needs torchrun, train.backprop=chunked or checkpoint, and a text model whose attention
+    heads it divides."""
 
 
 @dataclass
