@@ -23,7 +23,9 @@ def updated_weights(a, variant):
     tok = TOK
     model = build_tiny_vlm(tok, vc.shape_from(a)).double()
     model.model.visual.requires_grad_(a.train_vision)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # Plain SGD: the update is the gradient itself. (Adam would blow the ~1e-13 float noise on
+    # gradients that are exactly zero in theory, like the key bias's, up to lr-sized steps.)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     clip = torch.randint(0, 256, (4, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     pv, grid = patchify(clip)
     prompt = video_prompt_ids(tok, int(grid.prod()) // 4, "Q?")
@@ -37,10 +39,12 @@ def test_variants_make_the_same_update():
         a = tiny_args(train_vision=train_vision)
         (ref, ref_phases), *others = [updated_weights(a, v) for v in vc.VARIANTS]
         assert set(ref_phases) == {"rollout", "old_logprobs", "ref_logprobs", "update"}
-        for weights, phases in others:
-            assert "encode" in phases
+        for v, (weights, phases) in zip(vc.VARIANTS[1:], others):
+            assert ("encode" in phases) == v.startswith("cached")  # one encode per step, timed apart
             for k in ref:
-                torch.testing.assert_close(weights[k], ref[k], atol=1e-7, rtol=0)
+                # Shared-prompt variants sum gradients in another order through Qwen2's float32
+                # RMSNorm (see tests/models/test_models_vlm.py): equal to ~1e-7 relative.
+                torch.testing.assert_close(weights[k], ref[k], atol=1e-9, rtol=1e-6)
         torch.manual_seed(0)
         fresh = dict(build_tiny_vlm(TOK, vc.shape_from(a)).double().named_parameters())
         vision_moved = any(not torch.equal(ref[k], fresh[k]) for k in ref if k.startswith("model.visual"))

@@ -11,6 +11,9 @@ purpose, spatial, and plot/narrative reasoning:
 - spatial:  where in the frame was the red square: left, right, top or bottom?
 - goal:     a dot drifts toward one box, then turns; which box is it heading to at the end?
 
+plus an easy perception kind, `colour` (what colour was the one shape? options always
+red/green/blue/yellow in that order), for a first training run on a CPU (`--kinds colour`).
+
 Every line: {"id", "prompt" (question + "A. ..." options), "answer" (letter), "solution"
 (a `<think>...</think><answer>X</answer>` trace for CoT-SFT), "media" (the video path,
 relative to DIR), "kind", "duration_s", "options"}.
@@ -45,7 +48,7 @@ SEGMENTS = 12
 """The timeline is cut into this many equal segments; every event fills whole segments."""
 LETTERS = "ABCD"
 KINDS = ("temporal", "counting", "spatial", "goal")
-NATURAL_ORDER = ("counting", "spatial")
+NATURAL_ORDER = ("counting", "spatial", "colour")
 """Kinds whose options keep their natural order instead of being shuffled."""
 COLOURS = {
     "red": (230, 40, 40),
@@ -212,7 +215,24 @@ def make_goal(rng, duration_s):
     return sprites, question, options, goal, think
 
 
-MAKERS = {"temporal": make_temporal, "counting": make_counting, "spatial": make_spatial, "goal": make_goal}
+PALETTE = ("red", "green", "blue", "yellow")
+
+
+def make_colour(rng, duration_s):
+    """Perception warm-up (not a LongVideo-Reason kind): one shape, what colour was it?
+    The options are always the palette in the same order, so the answer letter is a
+    function of the pixels alone; a tiny model learns it in minutes (`examples/video_grpo.yaml`)."""
+    colour, shape = PALETTE[int(rng.integers(len(PALETTE)))], str(rng.choice(SHAPES))
+    first = int(rng.integers(0, SEGMENTS // 2 + 1))
+    sprites = [Sprite(shape, colour, first, first + SEGMENTS // 2 - 1, _still(*rng.uniform(26, 38, size=2)), size=40)]
+    question = f"What colour was the {shape}?"
+    think = f"It is {colour}."
+    return sprites, question, list(PALETTE), PALETTE.index(colour), think
+
+
+MAKERS = {"temporal": make_temporal, "counting": make_counting, "spatial": make_spatial, "goal": make_goal,
+          "colour": make_colour}
+"""The four LongVideo-Reason-style kinds (`KINDS`, the default) plus the easy `colour` kind."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -289,7 +309,7 @@ def _check(n, min_s, max_s, fps, eval_frac, kinds) -> None:
         raise UserError(f"--eval-frac {eval_frac}: use a fraction in [0, 1)")
     bad = [k for k in kinds if k not in MAKERS]
     if bad or not kinds:
-        raise UserError(f"--kinds {','.join(kinds)}: choose from {','.join(KINDS)}")
+        raise UserError(f"--kinds {','.join(kinds)}: choose from {','.join(MAKERS)}")
 
 
 def main(args: list[str]) -> int:
@@ -302,7 +322,7 @@ def main(args: list[str]) -> int:
     p.add_argument("--max-seconds", type=float, default=180.0, help="longest video (log-uniform in between)")
     p.add_argument("--fps", type=int, default=2, help="frame rate of the written videos")
     p.add_argument("--eval-frac", type=float, default=0.2, help="fraction of items in eval.jsonl")
-    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
+    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(MAKERS))
     a = p.parse_args(args)
     kinds = tuple(k.strip() for k in a.kinds.split(",") if k.strip())
     summary = generate(a.out, a.n, a.seed, a.min_seconds, a.max_seconds, a.fps, a.eval_frac, kinds)

@@ -460,7 +460,8 @@ def sample_prompts(model, videos: list[VideoEmbeds], prompts: list[list[int]], p
     tokens, logps = [], []
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        logits = head(h).float()  # [N*n, V]
+        logits = head(h)  # [N*n, V]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
         if temperature == 0:
             tok = logits.argmax(-1)
             logp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)

@@ -183,8 +183,9 @@ def _select_groups(r: Rollouts, keep: torch.Tensor, G: int) -> Rollouts:
                     [r.versions[i] for i in rows], r.truncated[idx], r.rewards[idx], {k: v[idx] for k, v in r.components.items()})
 
 
-def collect(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> tuple[Rollouts, dict]:
-    """Roll out N groups; with dynamic sampling, drop all-equal groups and refill."""
+def collect(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, io=None) -> tuple[Rollouts, dict]:
+    """Roll out N groups; with dynamic sampling, drop all-equal groups and refill.
+    `io` (the video recipe's `VideoIO`) replaces the token-only rollout."""
     G = cfg.rl.group_size
     # Data parallel: every rank draws the same N prompts and keeps its replica's contiguous
     # share of the groups (groups never straddle replicas, so advantages need no
@@ -197,6 +198,9 @@ def collect(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> 
         if state.april is not None:
             return rollout_partial(tokenizer, task, cfg, state)
         step_prompts = state.cursor.take(cfg.rl.prompts_per_step)
+        if io is not None:
+            return io.rollout(model, tokenizer, [task.train[step_prompts[j]] for j in mine], task, cfg,
+                              state.sampler, state.step), {}
         return rollout(model, tokenizer, [task.train[step_prompts[j]] for j in mine], task, cfg,
                        state.sampler, state.step), {}
 
@@ -231,11 +235,12 @@ def collect(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> 
 # ----------------------------------------------------------------------------------------
 
 
-def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> dict:
-    """One RL step; returns its metrics."""
+def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, io=None) -> dict:
+    """One RL step; returns its metrics. `io`: the video recipe's rollouts and forward passes
+    on cached video embeddings (`recipes/video.py`), in place of the token-only ones."""
     rcfg, G = cfg.rl, cfg.rl.group_size
     t0 = time.time()
-    roll, metrics = collect(model, tokenizer, task, cfg, state)
+    roll, metrics = collect(model, tokenizer, task, cfg, state, io)
     t_rollout = time.time() - t0
     B = len(roll.examples)
     metrics["rollout/groups"] = B // G
@@ -273,9 +278,15 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
     for k, rows in enumerate(micro):
         mb = b_batch[rows]
         width = mb.input_ids.shape[1]
-        old[k] = sequence_logprobs(model, mb, chunk, temperature)  # [b, T]
-        if state.reference is not None:
-            ref[k] = sequence_logprobs(state.reference, mb, chunk, temperature)
+        if io is not None:  # video: rows carry their example, whose cached embeddings they use
+            mb_examples = [roll.examples[i] for i in rows.tolist()]
+            old[k] = io.logprobs(model, mb, mb_examples, chunk, temperature)  # [b, T]
+            if state.reference is not None:
+                ref[k] = io.logprobs(state.reference, mb, mb_examples, chunk, temperature)
+        else:
+            old[k] = sequence_logprobs(model, mb, chunk, temperature)  # [b, T]
+            if state.reference is not None:
+                ref[k] = sequence_logprobs(state.reference, mb, chunk, temperature)
         behaviour = b_behaviour[rows, :width]  # [b, T]
         if cfg.rollout.offpolicy == "tis":
             is_w[k] = tis_weights(old[k], behaviour, cfg.rollout.tis_clip)
@@ -295,8 +306,12 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState) -
                                    ref_logprobs=ref.get(k), kl_coef=rcfg.kl_coef, kl_estimator=rcfg.kl_estimator,
                                    is_weights=is_w.get(k))
 
-            _, m, _ = loss_and_backward(model, mb, loss_fn, mode=cfg.train.backprop, chunk=chunk,
-                                        temperature=temperature)
+            if io is not None:
+                _, m, _ = io.loss_and_backward(model, mb, [roll.examples[i] for i in rows.tolist()], loss_fn,
+                                               chunk, temperature)
+            else:
+                _, m, _ = loss_and_backward(model, mb, loss_fn, mode=cfg.train.backprop, chunk=chunk,
+                                            temperature=temperature)
             w = m.pop("tokens/valid", 0.0)
             for key, v in m.items():  # loss/* sum over micro-batches; fractions are token-weighted
                 sums[key] = sums.get(key, 0.0) + (v if key.startswith("loss/") else v * w)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -76,9 +77,9 @@ def train(cfg: Config) -> dict:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     # Everything that can fail on bad input happens before the run directory is touched.
-    task = load_task(cfg.task, cfg.reward.correctness)
+    task, io, load = load_task_and_io(cfg)
     if resume_ckpt is None:
-        model, tokenizer = load_policy(cfg.model, device)
+        model, tokenizer = load(cfg.model, device)
         check_sp_model(model, cfg.parallel.sp_size, cfg.train.backprop)
         run_dir = prepare_run_dir(cfg) if main else None
         if main:
@@ -91,13 +92,16 @@ def train(cfg: Config) -> dict:
     say(f"longrl: task {task.name} ({len(task.train)} train / {len(task.eval)} held-out), run dir {run_dir}")
 
     def held_out(model, tokenizer) -> dict:
+        if io is not None:
+            return io.evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
+                               batch_size=cfg.eval.batch_size)
         return evaluate(model, tokenizer, task.eval, task.score,
                         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
 
     if resume_ckpt is None:
         results = {"accuracy_initial": held_out(model, tokenizer)["eval/accuracy"]}
         t_sft = time.time()
-        run_sft(model, tokenizer, task.train, cfg, device, log)
+        run_sft(model, tokenizer, task.train, cfg, device, log, io)
         results["sft_seconds"] = time.time() - t_sft
         after_sft = held_out(model, tokenizer)
         results["accuracy_after_sft"] = after_sft["eval/accuracy"]
@@ -106,7 +110,7 @@ def train(cfg: Config) -> dict:
         state = init_state(model, cfg, len(task.train))
         checkpoint(run_dir, 0, model, tokenizer, state, results, cfg)
     else:
-        model, tokenizer, state, results = _restore(cfg, resume_ckpt, device, len(task.train))
+        model, tokenizer, state, results = _restore(cfg, resume_ckpt, device, len(task.train), load)
         check_sp_model(model, cfg.parallel.sp_size, cfg.train.backprop)
         if main:
             log.truncate_after(state.step)
@@ -115,7 +119,9 @@ def train(cfg: Config) -> dict:
     bar = progress(cfg.rl.steps, "grpo", cfg.run.progress and main, initial=state.step)
     t_rl = time.time()
     while state.step < cfg.rl.steps:
-        metrics = grpo_step(model, tokenizer, task, cfg, state)
+        metrics = grpo_step(model, tokenizer, task, cfg, state, io)
+        if io is not None:
+            metrics.update(io.step_metrics())  # video encodes run / saved this step
         step = state.step
         if cfg.rl.eval_every and step % cfg.rl.eval_every == 0 and step < cfg.rl.steps:
             metrics.update(held_out(model, tokenizer))
@@ -146,6 +152,7 @@ def train(cfg: Config) -> dict:
         "wall_seconds": results.get("wall_before_resume", 0.0) + time.time() - t_start,
         "checkpoint": str(latest_checkpoint(run_dir)),
         "run_dir": str(run_dir),
+        **(io.summary() if io is not None else {}),
     }
     if main:
         atomic_write_json(run_dir / "summary.json", summary)
@@ -174,13 +181,24 @@ def _trainer_state(state: GRPOState, results: dict) -> dict:
     }
 
 
-def _restore(cfg: Config, ckpt: Path, device, n_train: int):
+def load_task_and_io(cfg: Config):
+    """(task, io, load_policy): video tasks (`task.name=videos`) get the video recipe's
+    task, `VideoIO` and VLM loader; text tasks the registry, no io, `load_policy`."""
+    from longrl.recipes import video
+
+    if cfg.task.name != video.TASK_NAME:
+        return load_task(cfg.task, cfg.reward.correctness), None, load_policy
+    task = video.load_video_task(cfg)
+    return task, video.VideoIO(task, cfg), partial(video.load_video_policy, train_vision=cfg.video.train_vision)
+
+
+def _restore(cfg: Config, ckpt: Path, device, n_train: int, load=load_policy):
     """Weights from the checkpoint directory, then the trainer state on top."""
-    model, tokenizer = load_policy(replace(cfg.model, path=str(ckpt)), device)
+    model, tokenizer = load(replace(cfg.model, path=str(ckpt)), device)
     saved = load_trainer_state(ckpt)
     state = init_state(model, replace(cfg, rl=replace(cfg.rl, kl_coef=0.0)), n_train)
     if cfg.rl.kl_coef > 0:  # the reference is the post-SFT policy, kept as step_0
-        ref, _ = load_policy(replace(cfg.model, path=str(ckpt.parent / "step_0")), device)
+        ref, _ = load(replace(cfg.model, path=str(ckpt.parent / "step_0")), device)
         state.reference = ref.eval().requires_grad_(False)
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])

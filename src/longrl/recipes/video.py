@@ -1,0 +1,425 @@
+"""Video GRPO: CoT-SFT then GRPO on video questions, each video encoded once per step.
+
+"Scaling RL to Long Videos" (LongVILA-R1, arXiv 2507.07966) trains a video-language model
+in two stages (CoT-SFT, then RL) with MR-SP, whose first stage runs the vision tower once per
+video and reuses the embeddings for every rollout and every training pass of the step. The
+loops themselves are the text recipes' (`recipes/train.py`, `sft.py`, `grpo.py`); this module
+supplies what differs for video and hands it to them as `io`:
+
+    load_video_task    JSONL of video questions (generated with `data/videos.py` if the
+                       data directory does not exist); every clip decoded once, up front
+    load_video_policy  tiny Qwen2.5-VL built in code (or a local checkpoint); the vision
+                       tower frozen unless `video.train_vision`
+    VideoIO            prompts with the video's tokens; rollouts, log-probs and the update on
+                       cached embeddings; greedy evaluation; counts of encodes saved
+
+Per RL step and video: one vision encode (none at all with a frozen tower after the first
+step: the embeddings are cached across steps, on disk too with `video.embed_cache_dir`);
+the prompt's rotary positions computed once per prompt for the whole run; the prompt
+(video + question) run through the language model once per pass and shared by the G
+responses (`models.vlm.shared_prompt_hidden`, exact). A pipeline that hands pixels to every
+forward encodes G times in the rollouts and once per sequence in each training pass; the
+difference is logged as `video/encodes_saved`.
+
+Letters: N prompts per step, G samples per prompt, B = N*G, T tokens, D hidden, P prompt.
+
+Departures:
+- Clips are decoded once at start and held in memory as uint8 frames (fine for the small
+  generated sets; a large set would stream them).
+- Rollouts are synchronous: no APRIL (`rollout.partial`) and no top-p for video yet; no
+  sequence parallelism (`parallel.sp_size` must be 1); torchrun data parallelism goes
+  through the same code as text but has not been tested with video.
+- The update runs the chunked LM head with an ordinary backward through the layers
+  (`train.backprop=chunked`); StreamBP's sequence-chunked layer backward is text-only here.
+- A trainable vision tower gets one backward per micro-batch (one per step with the default
+  micro-batch >= B), through the graph of the step's single encode.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from longrl.config import Config, ModelConfig
+from longrl.data.example import Example
+from longrl.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "videos"
+"""`task.name` that selects this recipe."""
+GENERATOR_KWARGS = ("kinds", "min_seconds", "max_seconds", "fps")
+"""`task.kwargs` passed to the video generator when the data directory does not exist."""
+
+
+# ----------------------------------------------------------------------------------------
+# Data: JSONL of video questions, clips decoded once
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class VideoClip:
+    frames: torch.Tensor
+    """Sampled, resized RGB frames. [N, H, W, 3] uint8"""
+    second_per_grid: float
+    """Seconds per temporal grid step (Qwen2.5-VL's second_per_grid_ts)."""
+
+
+@dataclass
+class VideoTask:
+    """What `train.py` needs of a task (name, train, eval, score) plus the decoded clips."""
+
+    name: str
+    train: list[Example]
+    eval: list[Example]
+    score: object
+    clips: dict[str, VideoClip]
+    """Video path -> clip; examples name theirs in `media[0]`."""
+    sampling: object
+    """The `media.frames.FrameSampling` the clips were taken with (part of the cache key)."""
+
+
+def frame_sampling(cfg: Config):
+    from longrl.media.frames import PATCH_FACTOR, FrameSampling
+
+    return FrameSampling(fps=cfg.video.fps or None, max_frames=cfg.video.max_frames,
+                         min_pixels=min(4 * PATCH_FACTOR * PATCH_FACTOR, cfg.video.max_pixels),
+                         max_pixels=cfg.video.max_pixels)
+
+
+def check_config(cfg: Config) -> None:
+    """Settings the video recipe does not support, refused before anything runs."""
+    if not cfg.task.train_file:
+        raise UserError("task.name=videos needs task.train_file=DIR/train.jsonl (generated there if DIR does not exist)")
+    if cfg.rollout.partial:
+        raise UserError("rollout.partial=true (APRIL) is not supported for video yet; set rollout.partial=false")
+    if cfg.rollout.top_p < 1.0:
+        raise UserError(f"rollout.top_p={cfg.rollout.top_p}: video rollouts sample from the full distribution; set rollout.top_p=1.0")
+    if cfg.train.backprop != "chunked":
+        raise UserError(f"train.backprop={cfg.train.backprop}: the video recipe uses the chunked head only; set train.backprop=chunked")
+    if cfg.parallel.sp_size > 1:
+        raise UserError(f"parallel.sp_size={cfg.parallel.sp_size}: sequence parallelism is text-only for now; set parallel.sp_size=1 for video")
+    if cfg.video.train_vision and cfg.rl.ppo_epochs > 1:
+        raise UserError("video.train_vision=true needs rl.ppo_epochs=1 (the step's single encode is stale after the first update)")
+    if cfg.video.train_vision and cfg.rl.kl_coef > 0:
+        raise UserError("video.train_vision=true with rl.kl_coef>0 is not supported (the reference would need its own vision tower)")
+    bad = sorted(set(cfg.task.kwargs) - set(GENERATOR_KWARGS))
+    if bad:
+        raise UserError(f"task.kwargs.{bad[0]}: the video task takes only {', '.join(GENERATOR_KWARGS)} (for generating data)")
+
+
+def _generate_if_missing(cfg: Config, train_file: Path) -> None:
+    """A fresh clone has no data: write the videos the config describes (small by design)."""
+    from longrl.data.videos import generate
+
+    if train_file.parent.exists():
+        if not train_file.is_file():
+            raise UserError(f"task.train_file '{train_file}' does not exist (its directory does, so nothing was generated); "
+                            "give an existing JSONL or a directory that does not exist yet")
+        return
+    kw = dict(cfg.task.kwargs)
+    kinds = kw.get("kinds", "colour")
+    kinds = tuple(k.strip() for k in kinds.split(",")) if isinstance(kinds, str) else tuple(kinds)
+    n = cfg.task.n_train + cfg.task.n_eval
+    if n > 2000:
+        raise UserError(f"task.n_train + task.n_eval = {n}: generating more than 2000 videos in a training run is not "
+                        "intended; generate them first with `longrl data videos`")
+    log.warning("generating %d videos into %s", n, train_file.parent)
+    generate(train_file.parent, n, seed=cfg.task.seed, min_s=float(kw.get("min_seconds", 8.0)),
+             max_s=float(kw.get("max_seconds", 30.0)), fps=int(kw.get("fps", 2)),
+             eval_frac=cfg.task.n_eval / n, kinds=kinds)
+
+
+def _decode_all(examples: list[Example], sampling, split: str, clips: dict) -> list[Example]:
+    """Decode every example's video once; examples whose video cannot be read are dropped
+    with a warning and a count (never a crash mid-run)."""
+    from longrl.media.frames import load_clip
+    from longrl.models.vlm import seconds_per_grid
+
+    kept, bad = [], []
+    for ex in examples:
+        if len(ex.media) != 1:
+            raise UserError(f"{split} example {ex.id!r} has {len(ex.media)} media paths; a video question needs exactly one")
+        path = ex.media[0]
+        if path not in clips:
+            try:
+                clip = load_clip(path, sampling)
+            except UserError as e:
+                bad.append(str(e))
+                clips[path] = None
+                continue
+            clips[path] = VideoClip(clip.frames, seconds_per_grid(clip.timestamps))
+        if clips[path] is not None:
+            kept.append(ex)
+    if bad:
+        log.warning("skipped %d of %d %s examples whose video could not be read (first: %s)",
+                    len(examples) - len(kept), len(examples), split, bad[0])
+    if not kept:
+        raise UserError(f"no {split} example has a readable video ({bad[0] if bad else 'no examples'}); check the data directory")
+    return kept
+
+
+def load_video_task(cfg: Config) -> VideoTask:
+    """Train and held-out video questions with their clips decoded. Bad input -> UserError."""
+    from longrl.data.jsonl import load_jsonl_examples
+    from longrl.rewards.verifiers import answer_scorer
+
+    check_config(cfg)
+    train_file = Path(cfg.task.train_file)
+    _generate_if_missing(cfg, train_file)
+    eval_file = Path(cfg.task.eval_file) if cfg.task.eval_file else train_file.parent / "eval.jsonl"
+    train = load_jsonl_examples(train_file)[: cfg.task.n_train]
+    held = load_jsonl_examples(eval_file)[: cfg.task.n_eval]
+    sampling = frame_sampling(cfg)
+    clips: dict = {}
+    train, held = _decode_all(train, sampling, "train", clips), _decode_all(held, sampling, "held-out", clips)
+    score = answer_scorer("mcq" if cfg.reward.correctness == "auto" else cfg.reward.correctness)
+    return VideoTask(f"videos:{train_file.parent.name}", train, held, score,
+                     {p: c for p, c in clips.items() if c is not None}, sampling)
+
+
+def load_video_policy(cfg: ModelConfig, device, train_vision: bool = False):
+    """(model, tokenizer): a local Qwen2.5-VL directory or the tiny one shaped by `cfg.tiny`
+    (text model) with the default small vision tower; frozen tower unless `train_vision`."""
+    from longrl.models.load import DTYPES
+    from longrl.models.vlm import TinyVLMShape, load_vlm
+
+    t = cfg.tiny
+    shape = replace(TinyVLMShape(), hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
+                    num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size,
+                    max_position_embeddings=t.max_position_embeddings)
+    model, tok = load_vlm(cfg.path, shape)
+    model = model.to(device=device, dtype=DTYPES[cfg.dtype])
+    model.model.visual.requires_grad_(train_vision)
+    model.config.use_cache = False
+    return model, tok
+
+
+# ----------------------------------------------------------------------------------------
+# VideoIO: what the text recipes call instead of their token-only forward
+# ----------------------------------------------------------------------------------------
+
+
+class VideoIO:
+    """Video prompts, rollouts, log-probs and backward on cached embeddings.
+
+    `sft.run_sft`, `grpo.grpo_step` and `train.train` take it as `io`; `examples[i]` is the
+    example that row i of a batch answers.
+    """
+
+    def __init__(self, task: VideoTask, cfg: Config):
+        from longrl.media.cache import EmbeddingCache
+
+        self.task, self.train_vision = task, cfg.video.train_vision
+        # Frozen tower: embeddings are constants, cached for the whole run (and on disk).
+        self.cache = None if self.train_vision else EmbeddingCache(cfg.video.embed_cache_dir or None,
+                                                                   max_items=len(task.clips) + 1)
+        self._tag = ""
+        self._prompts: dict[str, list[int]] = {}
+        self._positions: dict[str, torch.Tensor] = {}
+        self._step: dict[str, object] = {}  # video path -> this step's VideoEmbeds
+        self._step_version = None
+        self.totals = {"encodes": 0, "naive_encodes": 0, "cache_hits": 0}
+        self._last = dict(self.totals)
+
+    # ---- prompts and videos -------------------------------------------------------------
+
+    def encode_prompts(self, tokenizer, examples: list[Example]) -> list[list[int]]:
+        """Prompt ids with the video pad expanded to the clip's number of video tokens."""
+        from longrl.models.vlm import MERGE, PATCH, TEMPORAL_PATCH, video_prompt_ids
+
+        out = []
+        for ex in examples:
+            if ex.id not in self._prompts:
+                N, H, W, _ = self.task.clips[ex.media[0]].frames.shape
+                n_tokens = -(-N // TEMPORAL_PATCH) * (H // PATCH) * (W // PATCH) // (MERGE * MERGE)
+                self._prompts[ex.id] = video_prompt_ids(tokenizer, n_tokens, ex.prompt)
+            out.append(self._prompts[ex.id])
+        return out
+
+    def _encode(self, model, path: str, grad: bool):
+        from longrl.models.vlm import encode_video, patchify
+
+        clip = self.task.clips[path]
+        device = next(model.parameters()).device
+        pv, grid = patchify(clip.frames)
+        with torch.set_grad_enabled(grad):
+            return encode_video(model, pv.to(device), grid.to(device), clip.second_per_grid)
+
+    def _video(self, model, path: str):
+        """This step's embeddings of `path`: encoded at most once per step (never again
+        with a frozen tower, whose embeddings are cached across steps)."""
+        from longrl.media.cache import cache_key
+        from longrl.models.vlm import VideoEmbeds, vision_tag
+
+        if path in self._step:
+            return self._step[path]
+        if self.train_vision:
+            video = self._encode(model, path, grad=torch.is_grad_enabled())
+            self.totals["encodes"] += 1
+        else:
+            self._tag = self._tag or vision_tag(model)  # frozen: the weights never change
+            hits = self.cache.hits
+
+            def compute():
+                self.totals["encodes"] += 1
+                v = self._encode(model, path, grad=False)
+                return {"embeds": v.embeds, "grid_thw": v.grid_thw, "spg": torch.tensor(v.second_per_grid, dtype=torch.float64)}
+
+            t = self.cache.get_or_compute(cache_key(path, self.task.sampling.key(), self._tag), compute)
+            self.totals["cache_hits"] += self.cache.hits - hits
+            device = next(model.parameters()).device
+            video = VideoEmbeds(t["embeds"].to(device), t["grid_thw"].long().to(device), float(t["spg"]))
+        self._step[path] = video
+        return video
+
+    def _positions_of(self, model, ex: Example, video) -> torch.Tensor:
+        """Rotary positions [3, P] of the example's prompt, computed once per run."""
+        from longrl.models.vlm import prompt_positions
+
+        if ex.id not in self._positions:
+            self._positions[ex.id] = prompt_positions(model, self._prompts[ex.id], video)
+        return self._positions[ex.id]
+
+    def start_step(self, version=None) -> None:
+        """A new optimizer step: this step's embeddings are encoded afresh (trainable tower)."""
+        if version is None or version != self._step_version:
+            self._step = {}
+        self._step_version = version
+
+    # ---- rollouts -----------------------------------------------------------------------
+
+    def rollout(self, model, tokenizer, examples: list[Example], task, cfg: Config, sampler, version: int):
+        """G samples per prompt on cached embeddings -> `grpo.Rollouts` (groups contiguous)."""
+        from longrl.models.vlm import VideoEmbeds, sample_prompts
+        from longrl.recipes.grpo import _score
+
+        G, max_new = cfg.rl.group_size, cfg.rollout.max_new_tokens
+        self.start_step(version)
+        prompts = self.encode_prompts(tokenizer, examples)
+        # With a trainable tower the step's encode keeps its graph for the update; the
+        # rollouts and old log-probs read the same numbers, detached.
+        with torch.set_grad_enabled(self.train_vision):
+            videos = [self._video(model, ex.media[0]) for ex in examples]
+        videos = [VideoEmbeds(v.embeds.detach(), v.grid_thw, v.second_per_grid) for v in videos]
+        positions = [self._positions_of(model, ex, v) for ex, v in zip(examples, videos)]
+        responses, logps = sample_prompts(model, videos, prompts, positions, G, max_new, tokenizer.eos_token_id,
+                                          cfg.rollout.temperature, sampler)
+        self.totals["naive_encodes"] += G * len(examples)  # a pixel pipeline encodes in every rollout
+        finish = ["stop" if r and r[-1] == tokenizer.eos_token_id else "length" for r in responses]
+        return _score(tokenizer, task, cfg, [ex for ex in examples for _ in range(G)],
+                      [p for p in prompts for _ in range(G)], responses, logps,
+                      [[version] * len(r) for r in responses], finish)
+
+    # ---- teacher-forced passes ----------------------------------------------------------
+
+    def _hidden(self, model, mb, examples: list[Example], videos: dict) -> torch.Tensor:
+        """Final hidden states [b, T, D] of the micro-batch, laid out like `mb` (right-padded);
+        each distinct prompt is run once for all its rows."""
+        from longrl.models.vlm import shared_prompt_hidden
+
+        b, T = mb.input_ids.shape
+        groups: dict[str, list[int]] = {}
+        for i, ex in enumerate(examples):
+            groups.setdefault(ex.id, []).append(i)
+        rows: list = [None] * b
+        for ex_id, idx in groups.items():
+            ex = examples[idx[0]]
+            prompt = self._prompts[ex_id]
+            P = len(prompt)
+            video = videos[ex.media[0]]
+            h_p, h_r = shared_prompt_hidden(model, video, prompt, self._positions_of(model, ex, video),
+                                            mb.input_ids[idx, P:])  # [1, P, D], [n, T-P, D]
+            for j, i in enumerate(idx):
+                rows[i] = torch.cat([h_p[0], h_r[j]])  # [T, D]
+        return torch.stack(rows)  # [b, T, D]
+
+    def logprobs(self, model, mb, examples: list[Example], chunk: int, temperature: float) -> torch.Tensor:
+        """Teacher-forced log-probs [b, T] of `mb` (no grad), on the step's embeddings."""
+        from longrl.streambp.logprobs import chunked_logprobs
+
+        self.totals["naive_encodes"] += len(examples)  # one encode per sequence in a pixel pipeline
+        with torch.no_grad():
+            videos = {ex.media[0]: self._detached(model, ex.media[0]) for ex in examples}
+            hidden = self._hidden(model, mb, examples, videos)  # [b, T, D]
+            head = model.get_output_embeddings()
+            return chunked_logprobs(hidden, head.weight, head.bias, mb.targets, mb.mask, chunk, temperature)
+
+    def _detached(self, model, path: str):
+        from longrl.models.vlm import VideoEmbeds
+
+        v = self._video(model, path)
+        return VideoEmbeds(v.embeds.detach(), v.grid_thw, v.second_per_grid)
+
+    def loss_and_backward(self, model, mb, examples: list[Example], loss_fn, chunk: int, temperature: float = 1.0):
+        """Forward, loss and backward for a micro-batch; gradients accumulate in `.grad`
+        (the vision tower's too when it is trainable). -> (loss, metrics, logprobs [b, T])"""
+        from longrl.models.vlm import as_leaf
+        from longrl.streambp.logprobs import backward_chunked_head
+
+        self.totals["naive_encodes"] += len(examples)
+        with torch.set_grad_enabled(self.train_vision):
+            full = {ex.media[0]: self._video(model, ex.media[0]) for ex in examples}
+        leaves = {p: as_leaf(v) if self.train_vision else v for p, v in full.items()}
+        hidden = self._hidden(model, mb, examples, leaves)  # [b, T, D]
+        head = model.get_output_embeddings()
+        loss, metrics, grad_h, logp = backward_chunked_head(hidden, head.weight, head.bias, mb.targets, mb.mask,
+                                                            loss_fn, chunk, temperature)
+        hidden.backward(grad_h)
+        if self.train_vision:  # one backward through the tower per video, from its summed gradient;
+            for p, v in full.items():  # the graph is kept: a later micro-batch of the step may use it
+                if leaves[p].embeds.grad is not None:
+                    v.embeds.backward(leaves[p].embeds.grad, retain_graph=True)
+        return loss, metrics, logp
+
+    # ---- evaluation and counts ----------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, model, tokenizer, examples: list[Example], score, *, max_new_tokens: int,
+                 batch_size: int) -> dict:
+        """Greedy accuracy: {"eval/accuracy", "eval/format", "eval/response_len"}."""
+        from longrl.eval.accuracy import decode_response
+        from longrl.models.vlm import sample_prompts
+        from longrl.rewards.answer import format_reward
+
+        prompts = self.encode_prompts(tokenizer, examples)
+        correct, fmt, lengths = [], [], []
+        for s in range(0, len(examples), batch_size):
+            exs = examples[s : s + batch_size]
+            videos = [self._eval_video(model, ex.media[0]) for ex in exs]
+            positions = [self._positions_of(model, ex, v) for ex, v in zip(exs, videos)]
+            responses, _ = sample_prompts(model, videos, prompts[s : s + batch_size], positions, 1, max_new_tokens,
+                                          tokenizer.eos_token_id, temperature=0.0)
+            for ex, r in zip(exs, responses):
+                text = decode_response(tokenizer, r)
+                correct.append(float(score(text, ex)))
+                fmt.append(format_reward(text))
+                lengths.append(len(r))
+        n = max(1, len(correct))
+        return {"eval/accuracy": sum(correct) / n, "eval/format": sum(fmt) / n, "eval/response_len": sum(lengths) / n}
+
+    def _eval_video(self, model, path: str):
+        """Embeddings for evaluation, outside any training step and its counts."""
+        if self.train_vision:  # the weights move: encode afresh
+            return self._encode(model, path, grad=False)
+        saved, in_step = dict(self.totals), path in self._step
+        video = self._video(model, path)  # frozen: from the run's cache after the first time
+        if not in_step:
+            self._step.pop(path)
+        self.totals = saved
+        return video
+
+    def step_metrics(self) -> dict:
+        """Encodes since the last call: run, saved (vs one per rollout and per sequence per pass), cache hits."""
+        d = {k: self.totals[k] - self._last[k] for k in self.totals}
+        self._last = dict(self.totals)
+        return {"video/encodes": d["encodes"], "video/encodes_saved": d["naive_encodes"] - d["encodes"],
+                "video/cache_hits": d["cache_hits"]}
+
+    def summary(self) -> dict:
+        return {"video_encodes": self.totals["encodes"],
+                "video_encodes_saved": self.totals["naive_encodes"] - self.totals["encodes"],
+                "video_cache_hits": self.totals["cache_hits"]}

@@ -1,0 +1,158 @@
+"""The video recipe: `longrl train` on generated videos end to end, cached == uncached
+log-probs inside the recipe, bad video data, and the example config."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("av", reason="video tests need PyAV (pip install -e '.[video]')")
+
+from longrl.cli import main  # noqa: E402
+from longrl.config import load_config  # noqa: E402
+from longrl.errors import UserError  # noqa: E402
+from longrl.recipes import video as V  # noqa: E402
+
+TINY = [
+    "task.name=videos", "task.n_train=6", "task.n_eval=2", "task.kwargs.kinds=colour",
+    "task.kwargs.min_seconds=3", "task.kwargs.max_seconds=5",
+    "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
+    "video.max_frames=4", "video.max_pixels=3136",
+    "sft.steps=2", "sft.batch_size=3", "sft.warmup_steps=1",
+    "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.micro_batch_size=3", "rl.eval_every=1",
+    "rollout.max_new_tokens=6", "eval.max_new_tokens=6", "run.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Six training and two held-out videos, generated the way a fresh clone's run does."""
+    d = tmp_path_factory.mktemp("vdata") / "videos"
+    cfg = load_config(None, [*TINY, f"task.train_file={d}/train.jsonl"])
+    V.load_video_task(cfg)  # the directory does not exist: generated here
+    assert (d / "train.jsonl").is_file() and (d / "eval.jsonl").is_file()
+    return d
+
+
+def test_video_train_end_to_end_writes_summary_and_counts_saved_encodes(tmp_path, data_dir):
+    assert main(["train", *TINY, f"task.train_file={data_dir}/train.jsonl", f"run.out_dir={tmp_path}",
+                 "run.name=v"]) == 0
+    run = tmp_path / "v"
+    summary = json.loads((run / "summary.json").read_text())
+    for k in ("accuracy_after_sft", "accuracy_after_rl", "wall_seconds"):
+        assert k in summary
+    # Frozen tower: each of the 8 videos is encoded once in the whole run (eval encodes are
+    # not counted); a pixel pipeline would encode G per rollout and once per sequence per
+    # pass: 2 SFT steps x 3 + 2 RL steps x 2 prompts x 2 samples x (rollout, old, update).
+    assert summary["video_encodes"] <= 6
+    assert summary["video_encodes"] + summary["video_encodes_saved"] == 2 * 3 + 2 * 2 * 2 * 3
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in recs if r["phase"] == "rl" and r["step"] > 0]
+    assert [r["video/encodes_saved"] for r in rl] == [12, 12] and all(r["video/encodes"] == 0 for r in rl)
+    assert all(r["logprob/engine_trainer_gap"] < 1e-4 for r in rl)  # rollout log-probs == trainer's
+    assert (run / "checkpoints" / "step_2" / "model.safetensors").is_file()
+
+
+def test_cached_and_uncached_logprobs_agree_for_a_rollout_batch(data_dir):
+    from longrl.models.vlm import patchify
+    from longrl.streambp.logprobs import make_batch
+
+    cfg = load_config(None, [*TINY, f"task.train_file={data_dir}/train.jsonl"])
+    task = V.load_video_task(cfg)
+    torch.manual_seed(0)
+    model, tok = V.load_video_policy(cfg.model, torch.device("cpu"))
+    model = model.double()  # float64: the two paths agree to ~1e-12
+    io = V.VideoIO(task, cfg)
+    examples = task.train[:2]
+    roll = io.rollout(model, tok, examples, task, cfg, torch.Generator().manual_seed(0), version=0)
+    batch = make_batch(roll.prompt_ids, roll.response_ids, tok.pad_token_id)
+    cached = io.logprobs(model, batch, roll.examples, chunk=4, temperature=1.0)  # [B, T]
+
+    # Uncached: the model's own forward, pixels in, the vision tower run for every row. It
+    # takes every video pad token for video, so rows whose sampled response holds one (a
+    # random policy can sample it; the recipe treats it as text) cannot be compared.
+    pad = model.config.video_token_id
+    keep = [i for i, r in enumerate(roll.response_ids) if pad not in r]
+    assert len(keep) >= 2
+    rows = []
+    for i in keep:
+        ex = roll.examples[i]
+        clip = task.clips[ex.media[0]]
+        pv, grid = patchify(clip.frames)
+        ids = batch.input_ids[i : i + 1]
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values_videos=pv.double(), video_grid_thw=grid.view(1, 3),
+                           mm_token_type_ids=(ids == model.config.video_token_id).int() * 2,
+                           second_per_grid_ts=torch.tensor([clip.second_per_grid]), use_cache=False).logits
+        rows.append(torch.log_softmax(logits[0], -1).gather(-1, batch.targets[i, :, None]).squeeze(-1))
+    uncached = torch.stack(rows) * batch.mask[keep]  # [B', T]
+    torch.testing.assert_close(cached[keep], uncached, atol=1e-9, rtol=0)
+    for i, lp in enumerate(roll.behaviour_logprobs):  # and the rollouts' own log-probs
+        torch.testing.assert_close(cached[i][batch.mask[i] > 0], torch.tensor(lp, dtype=torch.float64),
+                                   atol=1e-9, rtol=0)
+
+
+def _write_jsonl(path: Path, media: list[str]) -> None:
+    lines = [json.dumps({"id": f"q{i}", "prompt": "What colour?\nA. red\nB. blue", "answer": "A", "media": [m]})
+             for i, m in enumerate(media)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_bad_video_data_is_one_clear_error_and_writes_nothing(tmp_path, data_dir, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.mp4").write_bytes(b"not a video at all")
+    (bad / "empty.webm").write_bytes(b"")
+    _write_jsonl(bad / "train.jsonl", ["broken.mp4", "empty.webm"])
+    _write_jsonl(bad / "eval.jsonl", [str(next((data_dir / "videos").iterdir()))])
+    out = tmp_path / "runs"
+    assert main(["train", *TINY, f"task.train_file={bad}/train.jsonl", f"run.out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no train example has a readable video" in err[0] and "broken.mp4" in err[0]
+    assert not out.exists()
+    _write_jsonl(bad / "train.jsonl", ["missing.mp4"])  # a missing file: the JSONL reader names it
+    assert main(["train", *TINY, f"task.train_file={bad}/train.jsonl", f"run.out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.jsonl:1" in err[0] and "missing.mp4" in err[0]
+    assert not out.exists()
+
+
+def test_one_bad_video_is_skipped_with_a_count(tmp_path, data_dir, caplog):
+    good = sorted(str(p) for p in (data_dir / "videos").iterdir())
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / "broken.mp4").write_bytes(b"\x00" * 100)
+    _write_jsonl(d / "train.jsonl", [good[0], "broken.mp4", good[1]])
+    _write_jsonl(d / "eval.jsonl", [good[2]])
+    cfg = load_config(None, [*TINY, f"task.train_file={d}/train.jsonl"])
+    with caplog.at_level("WARNING"):
+        task = V.load_video_task(cfg)
+    assert [ex.id for ex in task.train] == ["q0", "q2"]
+    assert "skipped 1 of 3 train examples" in caplog.text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.partial=true", "APRIL"),
+    ("train.backprop=streambp", "chunked"),
+    ("task.kwargs.colours=3", "task.kwargs.colours"),
+])
+def test_unsupported_video_settings_are_refused(override, message, data_dir):
+    cfg = load_config(None, [*TINY, f"task.train_file={data_dir}/train.jsonl", override])
+    with pytest.raises(UserError, match=message):
+        V.load_video_task(cfg)
+
+
+def test_existing_directory_without_the_jsonl_is_not_overwritten(tmp_path):
+    (tmp_path / "mine").mkdir()
+    cfg = load_config(None, [*TINY, f"task.train_file={tmp_path}/mine/train.jsonl"])
+    with pytest.raises(UserError, match="does not exist"):
+        V.load_video_task(cfg)
+    assert list((tmp_path / "mine").iterdir()) == []
+
+
+def test_example_config_parses_and_passes_the_video_checks():
+    path = Path(__file__).resolve().parents[2] / "examples" / "video_grpo.yaml"
+    cfg = load_config(path)
+    assert cfg.task.name == V.TASK_NAME and cfg.video.max_frames == 8 and not cfg.video.train_vision
+    V.check_config(cfg)
