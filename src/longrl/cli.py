@@ -43,7 +43,10 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
-    _print_summary(summary)
+    from longrl.parallel import dist
+
+    if dist.is_main():  # under torchrun every rank returns the summary; one prints it
+        _print_summary(summary)
     return 0
 
 

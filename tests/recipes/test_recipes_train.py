@@ -90,6 +90,7 @@ def test_torchrun_data_parallel_trains_and_only_rank0_writes(tmp_path):
     assert [x["step"] for x in recs] == [0, 1, 2, 3, 4]  # one writer: no duplicated records
     assert recs[1]["rollout/groups"] == 3  # the 3 prompts of a step split over 2 ranks
     assert (tmp_path / "dp" / "checkpoints" / "step_4" / "model.safetensors").is_file()
+    assert r.stdout.count("held-out accuracy, after RL") == 1  # one rank prints the summary table
 
 
 def test_streambp_training_path_matches_the_chunked_one(tmp_path):
