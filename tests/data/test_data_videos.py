@@ -94,6 +94,10 @@ def check_answer(r, frames):
         cx, cy = xs.mean(), ys.mean()
         side = {"left": cx < 24, "right": cx > 40, "top": cy < 24, "bottom": cy > 40}
         assert [k for k, v in side.items() if v] == [answer]
+    elif r["kind"] == "colour":  # the one shape is the answer's colour, options always the palette
+        assert r["options"] == list(videos.PALETTE)
+        seen = [c for c in videos.PALETTE if colour_mask(frames, c).sum((1, 2)).max() > 100]
+        assert seen == [answer]
     else:  # goal: the dot ends closest to the answer's box
         ys, xs = np.nonzero(np.linalg.norm(frames[-1].astype(float) - 255, axis=-1) < 60)
         dot = np.array([xs.mean(), ys.mean()])
@@ -115,6 +119,16 @@ def test_answers_match_the_rendered_scene_over_many_items():
     for i in range(48):
         record, sprites, n_frames = videos.make_item(11, i, 6.0, 30.0, 2)
         check_answer(record, np.stack(list(videos.render(sprites, n_frames))))
+
+
+def test_colour_kind_answers_match_the_scene_and_cover_the_palette():
+    letters = []
+    for i in range(24):
+        record, sprites, n_frames = videos.make_item(5, i, 4.0, 30.0, 2, kinds=("colour",))
+        check_answer(record, np.stack(list(videos.render(sprites, n_frames))))
+        assert record["solution"] == f"<think>It is {record['options']['ABCD'.index(record['answer'])]}.</think><answer>{record['answer']}</answer>"
+        letters.append(record["answer"])
+    assert set(letters) == set("ABCD")
 
 
 def test_answer_letters_are_balanced_within_each_kind():

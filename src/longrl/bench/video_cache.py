@@ -31,10 +31,11 @@ with torch single-threaded, which other jobs on a shared machine do not inflate.
 peak RSS during one step, in a fresh process per variant.
 
 The default model has Qwen2.5-VL-7B's proportions shrunk (vision width / text width ~
-0.36, vision depth ~ text depth, MLP ratios kept), so the vision tower costs about 0.36x a
-text-model forward per video token, as in the real model. The speedup therefore shows what
-caching saves at realistic proportions; a heavier vision tower (`--vision-depth`) or
-`--train-vision` saves more.
+0.36, vision depth ~ text depth, MLP ratios kept). In FLOPs its vision tower costs about
+0.3x a text-model forward per video token (0.4x in the real model); measured on one CPU thread
+it costs about 2x (its matmuls are tiny and the windowed attention loops in Python), so
+`speedup_cache_only` here is higher than a 7B model's would be. A heavier vision tower
+(`--vision-depth`) or `--train-vision` saves more.
 
     python -m longrl.bench.video_cache --json
 """
