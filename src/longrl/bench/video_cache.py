@@ -126,7 +126,7 @@ def encode(model, pv, grid, spg, copies: int, grad: bool):
 
 
 def grpo_step(model, opt, pv, grid, spg, prompt, variant: str, a, phases: Phases, gen) -> None:
-    from longrl.models.vlm import as_leaf, prompt_positions, sample_prompts, sample_with_video
+    from longrl.models.vlm import VideoEmbeds, as_leaf, prompt_positions, sample_prompts, sample_with_video
     from longrl.rl.losses import loss_normalizer, policy_loss
     from longrl.streambp.logprobs import make_batch
 
@@ -142,8 +142,9 @@ def grpo_step(model, opt, pv, grid, spg, prompt, variant: str, a, phases: Phases
         return encode(model, pv, grid, spg, 1 if (shared or once) else G, grad)
 
     if once:
-        with phases("encode"):
-            video = encode(model, pv, grid, spg, 1, grad=False)
+        with phases("encode"):  # the step's one encode, keeping its graph when the tower trains
+            step_video = encode(model, pv, grid, spg, 1, grad=a.train_vision)
+            video = VideoEmbeds(step_video.embeds.detach(), step_video.grid_thw, step_video.second_per_grid)
             positions = prompt_positions(model, prompt, video) if shared else None  # once per step
     with phases("rollout"):
         v = video_for_pass()
@@ -171,7 +172,7 @@ def grpo_step(model, opt, pv, grid, spg, prompt, variant: str, a, phases: Phases
 
     with phases("update"):
         if a.train_vision:
-            full = encode(model, pv, grid, spg, 1 if (once or shared) else G, grad=True)
+            full = step_video if once else encode(model, pv, grid, spg, 1 if shared else G, grad=True)
             leaf = as_leaf(full)
             _backward(model, leaf, batch, prompt, shared, pass_positions, loss_fn)
             full.embeds.backward(leaf.embeds.grad)  # uncached: back through all G copies' graph

@@ -203,6 +203,10 @@ def load_video_policy(cfg: ModelConfig, device, train_vision: bool = False):
 # ----------------------------------------------------------------------------------------
 
 
+def _key(ex: Example) -> tuple[str, str]:
+    return ex.media[0], ex.prompt
+
+
 class VideoIO:
     """Video prompts, rollouts, log-probs and backward on cached embeddings.
 
@@ -218,8 +222,9 @@ class VideoIO:
         self.cache = None if self.train_vision else EmbeddingCache(cfg.video.embed_cache_dir or None,
                                                                    max_items=len(task.clips) + 1)
         self._tag = ""
-        self._prompts: dict[str, list[int]] = {}
-        self._positions: dict[str, torch.Tensor] = {}
+        # Keyed by (video path, prompt text): ids may repeat across a train and an eval file.
+        self._prompts: dict[tuple[str, str], list[int]] = {}
+        self._positions: dict[tuple[str, str], torch.Tensor] = {}
         self._step: dict[str, object] = {}  # video path -> this step's VideoEmbeds
         self._step_version = None
         self.totals = {"encodes": 0, "naive_encodes": 0, "cache_hits": 0}
@@ -233,11 +238,11 @@ class VideoIO:
 
         out = []
         for ex in examples:
-            if ex.id not in self._prompts:
+            if _key(ex) not in self._prompts:
                 N, H, W, _ = self.task.clips[ex.media[0]].frames.shape
                 n_tokens = -(-N // TEMPORAL_PATCH) * (H // PATCH) * (W // PATCH) // (MERGE * MERGE)
-                self._prompts[ex.id] = video_prompt_ids(tokenizer, n_tokens, ex.prompt)
-            out.append(self._prompts[ex.id])
+                self._prompts[_key(ex)] = video_prompt_ids(tokenizer, n_tokens, ex.prompt)
+            out.append(self._prompts[_key(ex)])
         return out
 
     def _encode(self, model, path: str, grad: bool):
@@ -280,9 +285,9 @@ class VideoIO:
         """Rotary positions [3, P] of the example's prompt, computed once per run."""
         from longrl.models.vlm import prompt_positions
 
-        if ex.id not in self._positions:
-            self._positions[ex.id] = prompt_positions(model, self._prompts[ex.id], video)
-        return self._positions[ex.id]
+        if _key(ex) not in self._positions:
+            self._positions[_key(ex)] = prompt_positions(model, self._prompts[_key(ex)], video)
+        return self._positions[_key(ex)]
 
     def start_step(self, version=None) -> None:
         """A new optimizer step: this step's embeddings are encoded afresh (trainable tower)."""
@@ -322,13 +327,13 @@ class VideoIO:
         from longrl.models.vlm import shared_prompt_hidden
 
         b, T = mb.input_ids.shape
-        groups: dict[str, list[int]] = {}
+        groups: dict[tuple[str, str], list[int]] = {}
         for i, ex in enumerate(examples):
-            groups.setdefault(ex.id, []).append(i)
+            groups.setdefault(_key(ex), []).append(i)
         rows: list = [None] * b
-        for ex_id, idx in groups.items():
+        for key, idx in groups.items():
             ex = examples[idx[0]]
-            prompt = self._prompts[ex_id]
+            prompt = self._prompts[key]
             P = len(prompt)
             video = videos[ex.media[0]]
             h_p, h_r = shared_prompt_hidden(model, video, prompt, self._positions_of(model, ex, video),
