@@ -24,7 +24,8 @@ from longrl.errors import UserError
 
 @dataclass
 class TinyModelConfig:
-    """Shape of the built-in tiny Qwen2-architecture model (used when `model.path` is empty)."""
+    """Shape of the built-in tiny model (used when `model.path` is empty). With `model.arch=gla`
+    the GLA model uses hidden_size, num_layers, num_heads and intermediate_size; see `model.gla`."""
 
     hidden_size: int = 128
     """Width of the residual stream."""
@@ -41,11 +42,30 @@ class TinyModelConfig:
 
 
 @dataclass
+class GLAModelConfig:
+    """GLA-only shape of the built-in tiny model with `model.arch=gla` (widths, layers and
+    heads come from `model.tiny`: hidden_size, num_layers, num_heads, intermediate_size)."""
+
+    chunk_size: int = 16
+    """GLA chunk length of the chunked training form; a speed knob, the result does not depend on it."""
+    softmax_every: int = 0
+    """Hybrid model: every k-th layer (1-based) is sliding-window softmax attention; 0 = pure GLA."""
+    window: int = 64
+    """Tokens each sliding-window softmax layer attends to (with softmax_every > 0)."""
+
+
+@dataclass
 class ModelConfig:
     path: str = ""
     """Local Hugging Face model directory. Empty: build the tiny default from `model.tiny`."""
+    arch: str = "qwen2"
+    """Architecture of the built-in tiny model: 'qwen2' (softmax attention) or 'gla' (gated
+    linear attention, `longrl.models.gla`, shaped by `model.tiny` and `model.gla`). Ignored
+    with `model.path`: the checkpoint's config.json decides."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of the tiny default model."""
+    gla: GLAModelConfig = field(default_factory=GLAModelConfig)
+    """GLA-only shape of the tiny default model (with model.arch=gla)."""
     dtype: str = "float32"
     """Parameter dtype: float32, bfloat16 or float16."""
     device: str = "auto"
@@ -254,6 +274,17 @@ class Config:
     def validate(self) -> "Config":
         """Check choices and cross-field constraints; raise UserError naming the key."""
         _choice("model.dtype", self.model.dtype, ["float32", "bfloat16", "float16"])
+        _choice("model.arch", self.model.arch, ["qwen2", "gla"])
+        if self.model.arch == "gla" and not self.model.path:
+            if self.train.backprop == "streambp":
+                raise UserError("train.backprop=streambp re-runs Hugging Face softmax-attention layers chunk by chunk; "
+                                "model.arch=gla has none: use train.backprop=chunked (or checkpoint)")
+            if self.rollout.partial:
+                raise UserError("rollout.partial (APRIL) decodes on the continuous-batching engine, which shares one "
+                                "softmax key/value cache; model.arch=gla has a recurrent state: use rollout.partial=false")
+            for key, value in [("model.gla.chunk_size", self.model.gla.chunk_size), ("model.gla.window", self.model.gla.window)]:
+                if value < 1:
+                    raise UserError(f"{key}={value} must be at least 1")
         _choice("rl.advantage", self.rl.advantage, ["grpo", "drgrpo", "rloo"])
         _choice("rl.loss", self.rl.loss, ["ppo", "gspo"])
         _choice("rl.loss_agg", self.rl.loss_agg, ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 try:  # optional fused kernels; never required
     from fla.ops.gla import chunk_gla as _fla_chunk_gla
@@ -146,11 +147,13 @@ class RMSNorm(nn.Module):
 class GLAttention(nn.Module):
     """Multi-head GLA: q/k/v/gate/output projections, per-head RMSNorm, swish output gate.
 
-    `forward(x, sp=None, valid=None)`: x [B, T, D]. With `sp` (an object with an
-    `attend(q, k, v, g, chunk_size, scale)` method, e.g.
+    `forward(x, sp=None, valid=None, state=None)`: x [B, T, D]. With `sp` (an object
+    with an `attend(q, k, v, g, chunk_size, scale)` method, e.g.
     `longrl.parallel.gla_sp.GLASequenceParallel`) x is this rank's shard of the
     sequence and the state is passed between ranks. `valid` [B, T] or [T] marks real
-    tokens; padded ones get k = 0 and g = 0 so they leave the state untouched.
+    tokens; padded ones get k = 0 and g = 0 so they leave the state untouched. `state`
+    (a `LayerState`, decoding) holds the recurrent state S [B, H, K, V]: it is read as
+    the initial state and replaced by the final one.
     """
 
     def __init__(self, d_model, num_heads, key_dim=None, value_dim=None, gate_low_rank=16,
@@ -170,7 +173,7 @@ class GLAttention(nn.Module):
         self.out_norm = RMSNorm(value_dim // num_heads)
         self.o_proj = nn.Linear(value_dim, d_model, bias=False)
 
-    def forward(self, x, sp=None, valid=None):
+    def forward(self, x, sp=None, valid=None, state=None):
         B, T, _ = x.shape
         heads = lambda y: y.view(B, T, self.num_heads, -1).transpose(1, 2)  # [B, H, T, *]
         dtype = x.dtype
@@ -180,10 +183,15 @@ class GLAttention(nn.Module):
         if valid is not None:
             m = valid.expand(B, T)[:, None, :, None].to(cdtype)  # [B, 1, T, 1]
             k, g = k * m, g * m
-        if sp is None:
-            o, _ = gla_attend(q, k, v, g, self.chunk_size)
-        else:
+        init = None if state is None else state.S
+        if sp is not None:
             o, _ = sp.attend(q, k, v, g, self.chunk_size)
+        elif T == 1 and init is not None:  # one decoding step: the recurrence, no chunk padding
+            o, final = gla_recurrent(q, k, v, g, initial_state=init)
+        else:
+            o, final = gla_attend(q, k, v, g, self.chunk_size, initial_state=init)
+        if state is not None:
+            state.S = final
         o = self.out_norm(o.transpose(1, 2)).to(dtype)  # [B, T, H, V/H]
         o = o.reshape(B, T, -1)  # [B, T, V]
         if self.out_gate is not None:
@@ -191,11 +199,55 @@ class GLAttention(nn.Module):
         return self.o_proj(o)  # [B, T, D]
 
 
-class SlidingWindowAttention(nn.Module):
-    """Causal softmax attention over the last `window` tokens, computed block by block.
+def window_attention_blocks(q, k, v, window, valid=None):
+    """Causal softmax attention over the last `window` tokens, block by block.
 
-    Each query block of `window` tokens sees its own block and the previous one,
-    so memory is O(T * window), never [T, T].
+    q, k, v: [B, H, T, hd]; valid [B, T] bool or None (False: a padding key nobody but
+    itself attends to). Each query block of W = `window` tokens sees its own block and
+    the previous one, so memory is O(T * W), never [T, T]. Returns o [B, H, T, hd].
+    """
+    B, H, T, hd = q.shape
+    W = window
+    pad = -T % W
+    q, k, v = (F.pad(y, (0, 0, 0, pad)) for y in (q, k, v))  # [B, H, Tp, hd]
+    nb = q.shape[2] // W
+    blk = lambda y: y.unflatten(2, (nb, W))  # [B, H, nb, W, *]
+    prev = lambda y: torch.cat([torch.zeros_like(y[:, :, :1]), y[:, :, :-1]], dim=2)
+    kb, vb = blk(k), blk(v)
+    k2, v2 = torch.cat([prev(kb), kb], dim=3), torch.cat([prev(vb), vb], dim=3)  # [B, H, nb, 2W, hd]
+    i = torch.arange(W, device=q.device)[:, None] + W  # query position inside [prev | cur]
+    j = torch.arange(2 * W, device=q.device)[None, :]
+    allowed = (j <= i) & (j > i - W)  # [W, 2W] causal window of W tokens
+    first = torch.zeros(nb, 1, 1, dtype=torch.bool, device=q.device)
+    first[0] = True  # block 0 has no previous block
+    allowed = allowed & ~(first & (j < W))  # [nb, W, 2W]
+    if valid is not None:
+        vk = blk(F.pad(valid, (0, pad))[:, None, :, None]).squeeze(-1)  # [B, 1, nb, W]
+        vk2 = torch.cat([prev(vk), vk], dim=3)  # [B, 1, nb, 2W]
+        # a padding query sees only itself: no all-masked row, so no NaN reaches later layers
+        allowed = allowed & (vk2[:, :, :, None, :] | (j == i))  # [B, 1, nb, W, 2W]
+    o = F.scaled_dot_product_attention(blk(q), k2, v2, attn_mask=allowed)  # [B, H, nb, W, hd]
+    return o.flatten(2, 3)[:, :, :T]
+
+
+def window_attention_cached(q, k, v, valid, window):
+    """Window attention of the last T queries over L + T keys (the first L from a cache).
+
+    q: [B, H, T, hd]; k, v: [B, H, L+T, hd]; valid [B, L+T] bool. For decoding, where T is
+    small and L < window: the mask is [B, T, L+T]. Returns o [B, H, T, hd].
+    """
+    T, S = q.shape[2], k.shape[2]
+    i = torch.arange(T, device=q.device)[:, None] + (S - T)  # absolute query positions
+    j = torch.arange(S, device=q.device)[None, :]
+    allowed = (j <= i) & (j > i - window) & (valid[:, None, :] | (j == i))  # [B, T, S]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+
+
+class SlidingWindowAttention(nn.Module):
+    """Causal softmax attention over the last `window` tokens (`window_attention_blocks`).
+
+    `forward(x, sp=None, valid=None, state=None)`: `valid` [B, T] marks real tokens (left
+    padding); `state` (a `LayerState`, decoding) keeps the last window-1 keys and values.
     """
 
     def __init__(self, d_model, num_heads, window):
@@ -204,28 +256,24 @@ class SlidingWindowAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x, sp=None, valid=None):
+    def forward(self, x, sp=None, valid=None, state=None):
         if sp is not None:
             raise NotImplementedError("sliding-window layers are not sequence-parallel; use a pure GLA model")
         B, T, D = x.shape
-        W = self.window
-        pad = -T % W
-        q, k, v = F.pad(self.qkv(x), (0, 0, 0, pad)).view(B, -1, 3, self.num_heads, D // self.num_heads).unbind(2)
-        q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # [B, H, Tp, hd]
-        nb = q.shape[2] // W
-        blk = lambda y: y.unflatten(2, (nb, W))  # [B, H, nb, W, hd]
-        prev = lambda y: torch.cat([torch.zeros_like(y[:, :, :1]), y[:, :, :-1]], dim=2)
-        kb, vb = blk(k), blk(v)
-        k2, v2 = torch.cat([prev(kb), kb], dim=3), torch.cat([prev(vb), vb], dim=3)  # [B, H, nb, 2W, hd]
-        i = torch.arange(W, device=x.device)[:, None] + W  # query position inside [prev | cur]
-        j = torch.arange(2 * W, device=x.device)[None, :]
-        allowed = (j <= i) & (j > i - W)  # [W, 2W] causal window of W tokens
-        first = torch.zeros(nb, 1, 1, dtype=torch.bool, device=x.device)
-        first[0] = True  # block 0 has no previous block
-        allowed = allowed & ~(first & (j < W))  # [nb, W, 2W]
-        o = F.scaled_dot_product_attention(blk(q), k2, v2, attn_mask=allowed)  # [B, H, nb, W, hd]
-        o = o.flatten(2, 3)[:, :, :T].transpose(1, 2).reshape(B, T, D)
-        return self.o_proj(o)
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # [B, H, T, hd]
+        valid = None if valid is None else valid.expand(B, T).bool()  # [B, T]
+        if state is not None and state.k is not None:
+            k = torch.cat([state.k, k], dim=2)  # [B, H, L+T, hd]
+            v = torch.cat([state.v, v], dim=2)
+            valid = torch.cat([state.valid, valid if valid is not None else k.new_ones(B, T, dtype=torch.bool)], 1)
+            o = window_attention_cached(q, k, v, valid, self.window)
+        else:
+            o = window_attention_blocks(q, k, v, self.window, valid)
+        if state is not None:  # the next query sees at most window-1 earlier tokens
+            keep = max(k.shape[2] - (self.window - 1), 0)
+            state.k, state.v = k[:, :, keep:], v[:, :, keep:]
+            state.valid = (valid if valid is not None else k.new_ones(B, k.shape[2], dtype=torch.bool))[:, keep:]
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, D))
 
 
 class SwiGLU(nn.Module):
@@ -265,7 +313,17 @@ class GLAConfig:
     """Share the embedding matrix with the lm head."""
 
 
-class GLABlock(nn.Module):
+class LayerState:
+    """One layer's decoding state: S [B, H, K, V] (GLA) or the last window-1 keys, values
+    [B, H, L, hd] and their validity [B, L] (sliding-window layers)."""
+
+    def __init__(self):
+        self.S = self.k = self.v = self.valid = None
+
+
+class GLABlock(GradientCheckpointingLayer):
+    # a GradientCheckpointingLayer so Hugging Face activation checkpointing can wrap it;
+    # a plain nn.Module otherwise
     def __init__(self, cfg: GLAConfig, softmax: bool):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
@@ -273,8 +331,8 @@ class GLABlock(nn.Module):
                       else GLAttention(cfg.d_model, cfg.num_heads, chunk_size=cfg.chunk_size))
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
-    def forward(self, x, sp=None, valid=None):
-        x = x + self.mixer(self.norm1(x), sp=sp, valid=valid)
+    def forward(self, x, sp=None, valid=None, state=None):
+        x = x + self.mixer(self.norm1(x), sp=sp, valid=valid, state=state)
         return x + self.mlp(self.norm2(x))
 
 
@@ -314,3 +372,9 @@ class GLAForCausalLM(nn.Module):
     def forward(self, input_ids, sp=None, valid=None):
         """input_ids [B, T] -> logits [B, T, vocab]. For tests and short sequences."""
         return self.lm_head(self.forward_hidden(input_ids, sp=sp, valid=valid))
+
+
+# Hugging Face wrapper (config, model, decoding cache); importing it registers model_type
+# "longrl_gla" with AutoConfig / AutoModelForCausalLM. At the end: it builds on the layers above.
+from longrl.models.gla_hf import (GLACache, LongrlGLAConfig, LongrlGLAForCausalLM,  # noqa: E402,F401
+                                  LongrlGLAModel, build_gla_model)

@@ -24,13 +24,15 @@ def load_policy(cfg: ModelConfig, device: torch.device):
         from longrl.models.tiny import build_tiny_model, build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer()
-        model = build_tiny_model(cfg.tiny, tokenizer)
+        model = build_tiny_gla(cfg, tokenizer) if cfg.arch == "gla" else build_tiny_model(cfg.tiny, tokenizer)
     else:
         path = Path(cfg.path)
         if not path.is_dir():
             raise UserError(f"model.path '{cfg.path}' is not a directory; give a local Hugging Face model directory (config.json + weights), or leave model.path empty for the tiny default")
         if not (path / "config.json").is_file():
             raise UserError(f"model.path '{cfg.path}' has no config.json; it must be a Hugging Face model directory saved with save_pretrained")
+        import longrl.models.gla  # noqa: F401  registers the GLA model type with AutoModelForCausalLM
+
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[cfg.dtype])
@@ -42,6 +44,20 @@ def load_policy(cfg: ModelConfig, device: torch.device):
     model = model.to(device=device, dtype=DTYPES[cfg.dtype])
     model.config.use_cache = False
     return model, tokenizer
+
+
+def build_tiny_gla(cfg: ModelConfig, tokenizer):
+    """The tiny GLA language model (`model.arch=gla`): widths from `model.tiny`, the rest from `model.gla`."""
+    from longrl.models.gla import GLAConfig, build_gla_model
+
+    t = cfg.tiny
+    if t.hidden_size % (2 * t.num_heads):
+        raise UserError(f"model.tiny.hidden_size={t.hidden_size} must divide by 2 * model.tiny.num_heads={t.num_heads} "
+                        "for model.arch=gla (the key width is half the model width, split over the heads)")
+    shape = GLAConfig(vocab_size=len(tokenizer), d_model=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
+                      mlp_hidden=t.intermediate_size, chunk_size=cfg.gla.chunk_size,
+                      softmax_every=cfg.gla.softmax_every, window=cfg.gla.window)
+    return build_gla_model(shape, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
 def format_prompt(tokenizer, prompt: str) -> str:

@@ -56,10 +56,12 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
     step_ids, step_pos = input_ids, positions
     for _ in range(max_new_tokens):
-        logits = model(
+        out = model(
             input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
             past_key_values=cache, use_cache=True,
-        ).logits[:, -1]  # [B, V]
+        )
+        cache = out.past_key_values  # a model with its own cache type (GLA's recurrent state) returns it here
+        logits = out.logits[:, -1]  # [B, V]
         tokens, logps = sample_next(logits, temperature, top_p, generator)  # [B], [B]
         tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)
         out_tokens.append(tokens)
