@@ -131,6 +131,22 @@ def test_colour_kind_answers_match_the_scene_and_cover_the_palette():
     assert set(letters) == set("ABCD")
 
 
+def test_colour_slip_changes_only_blue_and_yellow_demonstrations():
+    wrong = right = 0
+    for i in range(80):
+        clean, sprites, _ = videos.make_item(5, i, 4.0, 30.0, 2, kinds=("colour",))
+        slipped, sprites2, _ = videos.make_item(5, i, 4.0, 30.0, 2, kinds=("colour",), slip=0.5)
+        assert {k: v for k, v in slipped.items() if k != "solution"} == {k: v for k, v in clean.items() if k != "solution"}
+        colour = clean["options"]["ABCD".index(clean["answer"])]
+        if slipped["solution"] != clean["solution"]:
+            bad = videos.CONFUSED[colour]  # only a confusable colour is ever changed, always the same way
+            assert slipped["solution"] == f"<think>It is {bad}.</think><answer>{'ABCD'[videos.PALETTE.index(bad)]}</answer>"
+            wrong += 1
+        elif colour in videos.CONFUSED:
+            right += 1
+    assert 0.3 < wrong / (wrong + right) < 0.7  # slip=0.5 of the ~40 blue/yellow items
+
+
 def test_answer_letters_are_balanced_within_each_kind():
     for k, kind in enumerate(videos.KINDS):
         letters = [videos.make_item(0, 4 * i + k, 6.0, 30.0, 2)[0]["answer"] for i in range(100)]

@@ -240,8 +240,17 @@ MAKERS = {"temporal": make_temporal, "counting": make_counting, "spatial": make_
 # ----------------------------------------------------------------------------------------
 
 
-def make_item(seed: int, i: int, min_s: float, max_s: float, fps: int, kinds=KINDS) -> tuple[dict, list[Sprite], int]:
-    """Item `i`: its JSONL record (media path not yet set), scene and frame count."""
+CONFUSED = {"blue": "green", "yellow": "red"}
+"""The imperfect teacher of the `colour` kind (`slip`) names these colours wrongly."""
+
+
+def make_item(seed: int, i: int, min_s: float, max_s: float, fps: int, kinds=KINDS,
+              slip: float = 0.0) -> tuple[dict, list[Sprite], int]:
+    """Item `i`: its JSONL record (media path not yet set), scene and frame count.
+
+    `slip`: with this probability a `colour` item's demonstration (not its answer) comes from
+    a teacher that takes blue for green and yellow for red, so SFT converges to a policy
+    that is wrong on those colours and RL has something to fix whatever the SFT length."""
     rng = np.random.default_rng([seed, i])
     kind = kinds[i % len(kinds)]
     duration_s = float(np.exp(rng.uniform(math.log(min_s), math.log(max_s))))
@@ -266,21 +275,26 @@ def make_item(seed: int, i: int, min_s: float, max_s: float, fps: int, kinds=KIN
         "options": options,
         "fps": video_fps,
     }
+    wrong = CONFUSED.get(options[order.index(answer_idx)]) if kind == "colour" else None
+    if wrong and np.random.default_rng([seed, i, 1]).random() < slip:  # own stream: the scene is unchanged
+        record["solution"] = f"<think>It is {wrong}.</think><answer>{LETTERS[options.index(wrong)]}</answer>"
     return record, sprites, n_frames
 
 
 def generate(out: str | Path, n: int, seed: int = 0, min_s: float = 8.0, max_s: float = 180.0,
-             fps: int = 2, eval_frac: float = 0.2, kinds=KINDS) -> dict:
+             fps: int = 2, eval_frac: float = 0.2, kinds=KINDS, slip: float = 0.0) -> dict:
     """Write `n` videos and their questions to `out` (replaced atomically). -> summary"""
     from longrl.media.encode import write_video
 
     _check(n, min_s, max_s, fps, eval_frac, kinds)
+    if not 0 <= slip <= 1:
+        raise UserError(f"--slip {slip}: use a probability in [0, 1]")
     n_eval = round(n * eval_frac) if n > 1 else 0
     split = {"train": [], "eval": []}
     with atomic_dir(out) as tmp:
         (tmp / "videos").mkdir()
         for i in range(n):
-            record, sprites, n_frames = make_item(seed, i, min_s, max_s, fps, kinds)
+            record, sprites, n_frames = make_item(seed, i, min_s, max_s, fps, kinds, slip)
             rel = f"videos/{record['id']}.mp4"
             write_video(tmp / rel, render(sprites, n_frames), fps=record["fps"], gop=4 * record["fps"])
             record["media"] = [rel]
@@ -323,9 +337,11 @@ def main(args: list[str]) -> int:
     p.add_argument("--fps", type=int, default=2, help="frame rate of the written videos")
     p.add_argument("--eval-frac", type=float, default=0.2, help="fraction of items in eval.jsonl")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(MAKERS))
+    p.add_argument("--slip", type=float, default=0.0,
+                   help="colour kind: fraction of blue/yellow demonstrations that name green/red instead")
     a = p.parse_args(args)
     kinds = tuple(k.strip() for k in a.kinds.split(",") if k.strip())
-    summary = generate(a.out, a.n, a.seed, a.min_seconds, a.max_seconds, a.fps, a.eval_frac, kinds)
+    summary = generate(a.out, a.n, a.seed, a.min_seconds, a.max_seconds, a.fps, a.eval_frac, kinds, a.slip)
     print(json.dumps({"out": str(a.out), **summary}))
     return 0
 

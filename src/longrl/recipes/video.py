@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 TASK_NAME = "videos"
 """`task.name` that selects this recipe."""
-GENERATOR_KWARGS = ("kinds", "min_seconds", "max_seconds", "fps")
+GENERATOR_KWARGS = ("kinds", "min_seconds", "max_seconds", "fps", "slip")
 """`task.kwargs` passed to the video generator when the data directory does not exist."""
 
 
@@ -130,7 +130,7 @@ def _generate_if_missing(cfg: Config, train_file: Path) -> None:
     log.warning("generating %d videos into %s", n, train_file.parent)
     generate(train_file.parent, n, seed=cfg.task.seed, min_s=float(kw.get("min_seconds", 8.0)),
              max_s=float(kw.get("max_seconds", 30.0)), fps=int(kw.get("fps", 2)),
-             eval_frac=cfg.task.n_eval / n, kinds=kinds)
+             eval_frac=cfg.task.n_eval / n, kinds=kinds, slip=float(kw.get("slip", 0.0)))
 
 
 def _decode_all(examples: list[Example], sampling, split: str, clips: dict) -> list[Example]:
