@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 
 from longrl.config import load_config
-from longrl.data.registry import load_task
 from longrl.errors import UserError
 from longrl.eval.accuracy import evaluate
-from longrl.models.load import load_policy
 from longrl.utils import atomic_write_text, pick_device, seed_everything
 
 ALIASES = {"model": "model.path", "task": "task.name"}
@@ -20,10 +18,18 @@ def run_eval(overrides: list[str], config: str | None = None, out: str | None = 
     if not cfg.model.path:
         raise UserError("longrl eval needs model=PATH (a Hugging Face model directory or runs/<name>/checkpoints/step_<N>)")
     seed_everything(cfg.train.seed)
-    task = load_task(cfg.task, cfg.reward.correctness)
-    model, tokenizer = load_policy(cfg.model, pick_device(cfg.model.device))
-    result = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
-                      batch_size=cfg.eval.batch_size, return_items=out is not None)
+    from longrl.recipes.train import load_task_and_io
+
+    task, io, load = load_task_and_io(cfg)  # video tasks: the video recipe's task, VideoIO and VLM loader
+    model, tokenizer = load(cfg.model, pick_device(cfg.model.device))
+    if io is None:
+        result = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
+                          batch_size=cfg.eval.batch_size, return_items=out is not None)
+    else:
+        if out:
+            raise UserError("--out (per-item results) is not supported for task.name=videos yet; drop --out")
+        result = io.evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
+                             batch_size=cfg.eval.batch_size)
     items = result.pop("items", None)
     if out:
         atomic_write_text(out, "".join(json.dumps(it) + "\n" for it in items))
