@@ -153,10 +153,14 @@ def test_models_ulysses_cannot_shard_are_refused():
         check_sp_model(gla, 2, "chunked")
 
 
-def test_vision_language_models_are_refused_until_the_video_recipe_shards():
+def test_vision_language_models_pass_on_their_language_model():
+    """Qwen2.5-VL: the check reads the text model (the video recipe shards it with MR-SP)."""
     from longrl.models.vlm import build_tiny_vlm, build_vlm_tokenizer
 
     vlm = build_tiny_vlm(build_vlm_tokenizer())
-    with pytest.raises(UserError, match="video recipe"):
-        check_sp_model(vlm, 2, "chunked")
-    check_sp_model(vlm, 1, "chunked")
+    assert vlm.config.get_text_config().num_attention_heads == 4
+    check_sp_model(vlm, 2, "chunked")
+    with pytest.raises(UserError, match="divide the model's 4 attention heads"):
+        check_sp_model(vlm, 3, "chunked")
+    with pytest.raises(UserError, match="train.backprop=streambp"):
+        check_sp_model(vlm, 2, "streambp")

@@ -16,8 +16,9 @@ Backprop modes with SP: 'chunked' (the default) and 'checkpoint' (activation
 checkpointing; attention is recomputed inside the backward, still sharded).
 'standard' (full [B, T, V] logits) and 'streambp' (the sequence-chunked layer
 backward, which runs the whole sequence through each layer on one rank) are
-refused before training starts (`check_sp_model`), as are vision-language models: the
-video recipe's passes (`recipes/video.py`) do not go through these functions yet.
+refused before training starts (`check_sp_model`). A vision-language model (Qwen2.5-VL)
+passes the same check on its language model; the video recipe's passes run on cached
+video embeddings through `parallel/sp_video.py` instead of these functions.
 """
 from __future__ import annotations
 
@@ -38,9 +39,6 @@ def check_sp_model(model, sp_size: int, backprop: str) -> None:
                         f"(parallel.sp_size={sp_size}); use train.backprop=chunked or train.backprop=checkpoint")
     get_text_config = getattr(model.config, "get_text_config", None)  # absent: not a transformers model
     cfg = get_text_config() if get_text_config else None
-    if cfg is not None and cfg is not model.config:  # a vision-language model: the video recipe's passes
-        raise UserError(f"parallel.sp_size={sp_size}: sequence parallelism is not wired into the video recipe yet "
-                        "(its passes run on cached embeddings, unsharded); use parallel.sp_size=1")
     modules = _attention_modules(model, cfg) if cfg is not None else []
     if not modules:
         raise UserError(f"parallel.sp_size={sp_size}: {type(model).__name__} has no softmax attention layers that "

@@ -26,9 +26,15 @@ Letters: N prompts per step, G samples per prompt, B = N*G, T tokens, D hidden, 
 Departures:
 - Clips are decoded once at start and held in memory as uint8 frames (fine for the small
   generated sets; a large set would stream them).
-- Rollouts are synchronous: no APRIL (`rollout.partial`) and no top-p for video yet; no
-  sequence parallelism (`parallel.sp_size` must be 1); torchrun data parallelism goes
-  through the same code as text but has not been tested with video.
+- Rollouts are synchronous: no APRIL (`rollout.partial`) and no top-p for video yet.
+- Sequence parallelism (`parallel.sp_size` = P > 1) is MR-SP: each video's temporal
+  patches are split over the P ranks of the SP group and the embeddings all-gathered once
+  (`parallel.mrsp_encode`); each rank samples 1/P of the step's rollout rows (shares
+  all-gathered, as the text recipe does); the teacher-forced passes run Ulysses on whole
+  rows (`parallel.sp_video`), so the shared-prompt saving is not used there. Evaluation
+  is not split: every rank of a group decodes the whole held-out set. Plain torchrun data
+  parallelism (sp_size 1) splits the prompts as for text. Both are tested equal to one
+  process (`tests/parallel/test_parallel_sp_video.py`).
 - The update runs the chunked LM head with an ordinary backward through the layers
   (`train.backprop=chunked`); StreamBP's sequence-chunked layer backward is text-only here.
 - A trainable vision tower gets one backward per micro-batch (one per step with the default
@@ -46,6 +52,7 @@ import torch
 from longrl.config import Config, ModelConfig
 from longrl.data.example import Example
 from longrl.errors import UserError
+from longrl.parallel import dist
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +107,6 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"rollout.top_p={cfg.rollout.top_p}: video rollouts sample from the full distribution; set rollout.top_p=1.0")
     if cfg.train.backprop != "chunked":
         raise UserError(f"train.backprop={cfg.train.backprop}: the video recipe uses the chunked head only; set train.backprop=chunked")
-    if cfg.parallel.sp_size > 1:
-        raise UserError(f"parallel.sp_size={cfg.parallel.sp_size}: sequence parallelism is text-only for now; set parallel.sp_size=1 for video")
     if cfg.video.train_vision and cfg.rl.ppo_epochs > 1:
         raise UserError("video.train_vision=true needs rl.ppo_epochs=1 (the step's single encode is stale after the first update)")
     if cfg.video.train_vision and cfg.rl.kl_coef > 0:
@@ -169,7 +174,17 @@ def load_video_task(cfg: Config) -> VideoTask:
 
     check_config(cfg)
     train_file = Path(cfg.task.train_file)
-    _generate_if_missing(cfg, train_file)
+    # Under torchrun one rank generates missing data while the others wait for it (and for
+    # its error, so that every rank stops with the same message rather than hanging).
+    error = None
+    if dist.is_main():
+        try:
+            _generate_if_missing(cfg, train_file)
+        except UserError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error:
+        raise UserError(error)
     eval_file = Path(cfg.task.eval_file) if cfg.task.eval_file else train_file.parent / "eval.jsonl"
     train = load_jsonl_examples(train_file)[: cfg.task.n_train]
     held = load_jsonl_examples(eval_file)[: cfg.task.n_eval]
@@ -246,13 +261,34 @@ class VideoIO:
         return out
 
     def _encode(self, model, path: str, grad: bool):
-        from longrl.models.vlm import encode_video, patchify
+        """The vision tower over one clip. Under SP, MR-SP stage 1: this rank encodes its run
+        of temporal patches and every rank of the group gets all embeddings (collective:
+        the ranks of a group encode the same videos in the same order)."""
+        from longrl.models.vlm import VideoEmbeds, encode_video, patchify
+        from longrl.parallel.mrsp_encode import mrsp_encode_video
 
         clip = self.task.clips[path]
         device = next(model.parameters()).device
         pv, grid = patchify(clip.frames)
+        pv, grid = pv.to(device), grid.to(device)
+        lay = dist.layout()
         with torch.set_grad_enabled(grad):
-            return encode_video(model, pv.to(device), grid.to(device), clip.second_per_grid)
+            if lay.sp_size == 1:
+                return encode_video(model, pv, grid, clip.second_per_grid)
+            embeds = mrsp_encode_video(model.model.visual, pv, grid, lay.sp_group)  # [Nv, D]
+            return VideoEmbeds(embeds, grid.view(3), clip.second_per_grid)
+
+    def _cached(self, key: str, compute):
+        """`cache.get_or_compute`; under SP the group agrees on hit or miss first, since the
+        encode is collective and a shared disk cache may hold a file for one rank only."""
+        lay = dist.layout()
+        if lay.sp_size == 1:
+            return self.cache.get_or_compute(key, compute)
+        found = self.cache.get(key)
+        if dist.all_reduce_sum(float(found is None), lay.sp_group) > 0:
+            found = compute()
+            self.cache.put(key, found)
+        return found
 
     def _video(self, model, path: str):
         """This step's embeddings of `path`: encoded at most once per step (never again
@@ -274,7 +310,7 @@ class VideoIO:
                 v = self._encode(model, path, grad=False)
                 return {"embeds": v.embeds, "grid_thw": v.grid_thw, "spg": torch.tensor(v.second_per_grid, dtype=torch.float64)}
 
-            t = self.cache.get_or_compute(cache_key(path, self.task.sampling.key(), self._tag), compute)
+            t = self._cached(cache_key(path, self.task.sampling.key(), self._tag), compute)
             self.totals["cache_hits"] += self.cache.hits - hits
             device = next(model.parameters()).device
             video = VideoEmbeds(t["embeds"].to(device), t["grid_thw"].long().to(device), float(t["spg"]))
@@ -298,11 +334,15 @@ class VideoIO:
     # ---- rollouts -----------------------------------------------------------------------
 
     def rollout(self, model, tokenizer, examples: list[Example], task, cfg: Config, sampler, version: int):
-        """G samples per prompt on cached embeddings -> `grpo.Rollouts` (groups contiguous)."""
-        from longrl.models.vlm import VideoEmbeds, sample_prompts
-        from longrl.recipes.grpo import _score
+        """G samples per prompt on cached embeddings -> `grpo.Rollouts` (groups contiguous).
 
-        G, max_new = cfg.rl.group_size, cfg.rollout.max_new_tokens
+        Sequence parallel: every rank of the group encodes the videos (MR-SP: its share of
+        each), then samples a contiguous 1/P of the N*G rows with its own sampler; the shares
+        are all-gathered, so the ranks hold the same rows, each sampled once (as `grpo.rollout`)."""
+        from longrl.models.vlm import VideoEmbeds
+        from longrl.recipes.grpo import _concat, _score
+
+        G = cfg.rl.group_size
         self.start_step(version)
         prompts = self.encode_prompts(tokenizer, examples)
         # With a trainable tower the step's encode keeps its graph for the update; the
@@ -311,13 +351,44 @@ class VideoIO:
             videos = [self._video(model, ex.media[0]) for ex in examples]
         videos = [VideoEmbeds(v.embeds.detach(), v.grid_thw, v.second_per_grid) for v in videos]
         positions = [self._positions_of(model, ex, v) for ex, v in zip(examples, videos)]
-        responses, logps = sample_prompts(model, videos, prompts, positions, G, max_new, tokenizer.eos_token_id,
-                                          cfg.rollout.temperature, sampler)
         self.totals["naive_encodes"] += G * len(examples)  # a pixel pipeline encodes in every rollout
-        finish = ["stop" if r and r[-1] == tokenizer.eos_token_id else "length" for r in responses]
-        return _score(tokenizer, task, cfg, [ex for ex in examples for _ in range(G)],
-                      [p for p in prompts for _ in range(G)], responses, logps,
-                      [[version] * len(r) for r in responses], finish)
+        lay = dist.layout()
+        mine = dist.shard_indices(len(examples) * G, lay.sp_rank, lay.sp_size)  # all rows when sp_size == 1
+        part = None
+        if mine:
+            responses, logps = self._sample_rows(model, videos, prompts, positions, [i // G for i in mine], cfg,
+                                                 tokenizer.eos_token_id, sampler)
+            finish = ["stop" if r and r[-1] == tokenizer.eos_token_id else "length" for r in responses]
+            part = _score(tokenizer, task, cfg, [examples[i // G] for i in mine], [prompts[i // G] for i in mine],
+                          responses, logps, [[version] * len(r) for r in responses], finish)
+        if lay.sp_size == 1:
+            return part
+        return _concat([r for r in dist.all_gather_object(part, lay.sp_group) if r is not None])
+
+    @staticmethod
+    def _sample_rows(model, videos, prompts, positions, row_prompt: list[int], cfg: Config, eos_id: int, sampler):
+        """Samples for rows that answer prompts `row_prompt` (sorted, each prompt's rows
+        contiguous): prompts with the same number of rows are decoded together, each prompt
+        prefilled once. -> (responses, log-probs) in row order."""
+        from longrl.models.vlm import sample_prompts
+
+        runs: list[list[int]] = []  # [prompt, rows]; one run per prompt in a whole group
+        for j in row_prompt:
+            if runs and runs[-1][0] == j:
+                runs[-1][1] += 1
+            else:
+                runs.append([j, 1])
+        out: dict[int, tuple] = {}
+        for n in sorted({c for _, c in runs}):  # one size without SP; an edge prompt of a share may differ
+            ks = [k for k, (_, c) in enumerate(runs) if c == n]
+            js = [runs[k][0] for k in ks]
+            resp, lp = sample_prompts(model, [videos[j] for j in js], [prompts[j] for j in js],
+                                      [positions[j] for j in js], n, cfg.rollout.max_new_tokens, eos_id,
+                                      cfg.rollout.temperature, sampler)
+            for t, k in enumerate(ks):
+                out[k] = (resp[t * n : (t + 1) * n], lp[t * n : (t + 1) * n])
+        return ([r for k in range(len(runs)) for r in out[k][0]],
+                [x for k in range(len(runs)) for x in out[k][1]])
 
     # ---- teacher-forced passes ----------------------------------------------------------
 
@@ -346,9 +417,15 @@ class VideoIO:
         """Teacher-forced log-probs [b, T] of `mb` (no grad), on the step's embeddings."""
         from longrl.streambp.logprobs import chunked_logprobs
 
+        from longrl.parallel.sp_video import sp_video_logprobs
+
         self.totals["naive_encodes"] += len(examples)  # one encode per sequence in a pixel pipeline
+        lay = dist.layout()
         with torch.no_grad():
             videos = {ex.media[0]: self._detached(model, ex.media[0]) for ex in examples}
+            if lay.sp_size > 1:  # Ulysses on whole rows; every rank gets all [b, T] log-probs
+                return sp_video_logprobs(model, [videos[ex.media[0]] for ex in examples], mb, lay.sp_group,
+                                         chunk, temperature)
             hidden = self._hidden(model, mb, examples, videos)  # [b, T, D]
             head = model.get_output_embeddings()
             return chunked_logprobs(hidden, head.weight, head.bias, mb.targets, mb.mask, chunk, temperature)
@@ -361,23 +438,37 @@ class VideoIO:
 
     def loss_and_backward(self, model, mb, examples: list[Example], loss_fn, chunk: int, temperature: float = 1.0):
         """Forward, loss and backward for a micro-batch; gradients accumulate in `.grad`
-        (the vision tower's too when it is trainable). -> (loss, metrics, logprobs [b, T])"""
+        (the vision tower's too when it is trainable). -> (loss, metrics, logprobs [b, T])
+
+        Sequence parallel: Ulysses on whole rows; the gradients are this rank's positions'
+        share (summed over the world by the recipe), and a trainable tower's backward goes
+        through the MR-SP gather, which sums the embedding gradient over the group first."""
         from longrl.models.vlm import as_leaf
+        from longrl.parallel.sp_video import sp_video_loss_and_backward
         from longrl.streambp.logprobs import backward_chunked_head
 
         self.totals["naive_encodes"] += len(examples)
         with torch.set_grad_enabled(self.train_vision):
             full = {ex.media[0]: self._video(model, ex.media[0]) for ex in examples}
         leaves = {p: as_leaf(v) if self.train_vision else v for p, v in full.items()}
-        hidden = self._hidden(model, mb, examples, leaves)  # [b, T, D]
-        head = model.get_output_embeddings()
-        loss, metrics, grad_h, logp = backward_chunked_head(hidden, head.weight, head.bias, mb.targets, mb.mask,
-                                                            loss_fn, chunk, temperature)
-        hidden.backward(grad_h)
+        lay = dist.layout()
+        if lay.sp_size > 1:
+            loss, metrics, logp = sp_video_loss_and_backward(model, [leaves[ex.media[0]] for ex in examples], mb,
+                                                             loss_fn, lay.sp_group, chunk=chunk,
+                                                             temperature=temperature)
+        else:
+            hidden = self._hidden(model, mb, examples, leaves)  # [b, T, D]
+            head = model.get_output_embeddings()
+            loss, metrics, grad_h, logp = backward_chunked_head(hidden, head.weight, head.bias, mb.targets, mb.mask,
+                                                                loss_fn, chunk, temperature)
+            hidden.backward(grad_h)
         if self.train_vision:  # one backward through the tower per video, from its summed gradient;
             for p, v in full.items():  # the graph is kept: a later micro-batch of the step may use it
-                if leaves[p].embeds.grad is not None:
-                    v.embeds.backward(leaves[p].embeds.grad, retain_graph=True)
+                grad = leaves[p].embeds.grad
+                if grad is None and lay.sp_size > 1:  # the gather's backward is collective: join it
+                    grad = torch.zeros_like(leaves[p].embeds)
+                if grad is not None:
+                    v.embeds.backward(grad, retain_graph=True)
         return loss, metrics, logp
 
     # ---- evaluation and counts ----------------------------------------------------------
