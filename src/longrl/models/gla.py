@@ -24,6 +24,11 @@ Departures from the paper:
   output uses RMSNorm per head (not LayerNorm) and a swish output gate.
 - The hybrid model's sliding-window softmax layers (InfiniteVL-style) use no
   positional encoding: the GLA layers already make the model order-aware.
+
+Decoding: each layer takes a `LayerState` (GLA: the recurrent state; sliding window:
+the last window-1 keys/values), so one new token costs O(1) in the sequence length.
+`GLAForCausalLM` below is a plain module (sequence-parallel tests and benchmarks);
+the recipes train the same layers as the Hugging Face model of `gla_hf.py`.
 """
 from __future__ import annotations
 
@@ -185,7 +190,7 @@ class GLAttention(nn.Module):
             k, g = k * m, g * m
         init = None if state is None else state.S
         if sp is not None:
-            o, _ = sp.attend(q, k, v, g, self.chunk_size)
+            o, final = sp.attend(q, k, v, g, self.chunk_size)
         elif T == 1 and init is not None:  # one decoding step: the recurrence, no chunk padding
             o, final = gla_recurrent(q, k, v, g, initial_state=init)
         else:
@@ -338,6 +343,9 @@ class GLABlock(GradientCheckpointingLayer):
 
 class GLAForCausalLM(nn.Module):
     """Embedding, blocks of [RMSNorm -> mixer -> residual, RMSNorm -> SwiGLU -> residual], lm head.
+
+    A plain module with no cache; `LongrlGLAForCausalLM` (gla_hf.py) is the Hugging Face
+    model with the same blocks that `longrl train model.arch=gla` builds.
 
     `forward_hidden` returns the final normed hidden states [B, T, D] so callers
     can compute log-probs chunk by chunk with `lm_head` (no full [B, T, V] logits).
