@@ -19,12 +19,22 @@ backward, which runs the whole sequence through each layer on one rank) are
 refused before training starts (`check_sp_model`). A vision-language model (Qwen2.5-VL)
 passes the same check on its language model; the video recipe's passes run on cached
 video embeddings through `parallel/sp_video.py` instead of these functions.
+
+GLA models (`longrl train model.arch=gla`, model_type longrl_gla) have no softmax
+attention to shard: each rank runs its contiguous shard of the sequence and the
+recurrent state passes between ranks by ZeCO All-Scan (`parallel/gla_sp.py`), forward
+and backward; the head, gather and loss are as above. Pure GLA with
+train.backprop=chunked only (the hybrid's sliding-window layers are not sharded).
 """
 from __future__ import annotations
 
+import torch
+import torch.distributed as tdist
+
 from longrl.errors import UserError
 from longrl.parallel.dist import layout
-from longrl.parallel.ulysses import _attention_modules, sp_loss_and_backward, sp_sequence_logprobs
+from longrl.parallel.ulysses import (_attention_modules, gather_sequence, shard_batch, sp_loss_and_backward,
+                                     sp_sequence_logprobs)
 from longrl.streambp import logprobs as streambp
 
 SP_BACKPROP = ("chunked", "checkpoint")
@@ -37,6 +47,13 @@ def check_sp_model(model, sp_size: int, backprop: str) -> None:
     if backprop not in SP_BACKPROP:
         raise UserError(f"train.backprop={backprop} does not support sequence parallelism "
                         f"(parallel.sp_size={sp_size}); use train.backprop=chunked or train.backprop=checkpoint")
+    if _is_gla(model):
+        if model.config.softmax_every:
+            raise UserError(f"parallel.sp_size={sp_size}: the hybrid GLA model's sliding-window softmax layers are "
+                            "not sequence-parallel; use model.gla.softmax_every=0 or parallel.sp_size=1")
+        if backprop != "chunked":
+            raise UserError(f"parallel.sp_size={sp_size} with a GLA model supports train.backprop=chunked only")
+        return
     get_text_config = getattr(model.config, "get_text_config", None)  # absent: not a transformers model
     cfg = get_text_config() if get_text_config else None
     modules = _attention_modules(model, cfg) if cfg is not None else []
@@ -77,6 +94,8 @@ def loss_and_backward(model, batch: streambp.TokenBatch, loss_fn: streambp.LossF
         return streambp.loss_and_backward(model, batch, loss_fn, mode=mode, chunk=chunk, temperature=temperature)
     if mode not in SP_BACKPROP:
         raise ValueError(f"backprop mode {mode!r} does not support sequence parallelism; use one of {SP_BACKPROP}")
+    if _is_gla(model):
+        return _gla_sp_loss_and_backward(model, batch, loss_fn, lay.sp_group, chunk=chunk, temperature=temperature)
     _set_checkpointing(model, mode == "checkpoint")
     return sp_loss_and_backward(model, batch, loss_fn, lay.sp_group, chunk=chunk, temperature=temperature)
 
@@ -86,4 +105,53 @@ def sequence_logprobs(model, batch: streambp.TokenBatch, chunk: int, temperature
     lay = layout()
     if lay.sp_size == 1:
         return streambp.sequence_logprobs(model, batch, chunk, temperature)
+    if _is_gla(model):
+        with torch.no_grad():
+            shard, T = _gla_shard(batch, lay.sp_group)
+            hidden = _gla_sp_hidden(model, shard, lay.sp_group)  # [B, L, D]
+            weight, bias = streambp._head(model)
+            logp = streambp.chunked_logprobs(hidden, weight, bias, shard.targets, shard.mask, chunk, temperature)
+            return gather_sequence(logp, lay.sp_group)[:, :T]  # [B, T]
     return sp_sequence_logprobs(model, batch, lay.sp_group, chunk=chunk, temperature=temperature)
+
+
+# ---------------------------------------------------------------------------------------
+# GLA models (model_type longrl_gla): the state is passed between ranks by ZeCO All-Scan
+# (`parallel/gla_sp.py`) instead of Ulysses' all-to-all around softmax attention.
+# ---------------------------------------------------------------------------------------
+
+def _is_gla(model) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "longrl_gla"
+
+
+def _gla_shard(batch: streambp.TokenBatch, group):
+    """This rank's contiguous shard of the right-padded batch, and the unpadded length T. Padding
+    at the end of the last shard comes after every real token, so causality keeps it out."""
+    return shard_batch(batch, tdist.get_rank(group), tdist.get_world_size(group))[0], batch.input_ids.shape[1]
+
+
+def _gla_sp_hidden(model, shard: streambp.TokenBatch, group):
+    from longrl.parallel.gla_sp import GLASequenceParallel
+
+    return model.model(shard.input_ids, sp=GLASequenceParallel(group)).last_hidden_state  # [B, L, D]
+
+
+def _gla_sp_loss_and_backward(model, batch, loss_fn, group, *, chunk, temperature):
+    """As `ulysses.sp_body_loss_and_backward` for a GLA body: every rank runs its shard, the
+    [B, L] log-probs are all-gathered so `loss_fn` sees whole rows, and each rank
+    back-propagates through its own positions (All-Scan passes the state gradients back).
+    Parameter gradients of the group's ranks must be summed, as with Ulysses."""
+    shard, T = _gla_shard(batch, group)
+    weight, bias = streambp._head(model)
+    full_logp = {}
+
+    def shard_loss(logp_shard):  # [B, L] -> the loss of the whole rows
+        logp = gather_sequence(logp_shard, group)[:, :T]  # [B, T]
+        full_logp["value"] = logp.detach()
+        return loss_fn(logp)
+
+    hidden = _gla_sp_hidden(model, shard, group)  # [B, L, D]
+    loss, metrics, grad_h, _ = streambp.backward_chunked_head(hidden, weight, bias, shard.targets, shard.mask,
+                                                              shard_loss, chunk, temperature)
+    hidden.backward(grad_h)
+    return loss, metrics, full_logp["value"]
