@@ -39,3 +39,13 @@ def test_eval_on_a_video_task_refuses_per_item_output_clearly(tmp_path, capsys):
     assert main(["eval", f"model={ckpt}", *TINY, data, "--out", str(tmp_path / "items.jsonl")]) == 2
     assert "not supported for task.name=videos" in capsys.readouterr().err
     assert not (tmp_path / "items.jsonl").exists()
+
+
+def test_video_task_without_pyav_fails_before_writing_anything(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    data = tmp_path / "data" / "vids"
+    assert main(["train", *TINY, f"task.train_file={data}/train.jsonl", f"run.out_dir={tmp_path}/runs"]) == 2
+    assert "needs PyAV" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()

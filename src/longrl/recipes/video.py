@@ -173,6 +173,9 @@ def load_video_task(cfg: Config) -> VideoTask:
     from longrl.rewards.verifiers import answer_scorer
 
     check_config(cfg)
+    from longrl.media.decode import import_av
+
+    import_av()  # before generating anything: without PyAV, one clear error and nothing written
     train_file = Path(cfg.task.train_file)
     # Under torchrun one rank generates missing data while the others wait for it (and for
     # its error, so that every rank stops with the same message rather than hanging).
