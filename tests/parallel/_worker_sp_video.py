@@ -21,7 +21,6 @@ with greedy decoding, which makes the reference reproducible.
 import json
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
