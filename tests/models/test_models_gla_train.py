@@ -166,3 +166,14 @@ def test_sequence_parallel_refuses_what_gla_cannot_shard():
         check_sp_model(_model(2), 2, "chunked")
     with pytest.raises(UserError, match="chunked"):
         check_sp_model(_model(0), 2, "checkpoint")
+
+
+def test_a_gla_checkpoint_with_april_is_refused_before_anything_is_written(tmp_path, capsys):
+    assert main(["train", f"run.out_dir={tmp_path}", "run.name=g", *TINY_GLA, "rl.steps=0"]) == 0
+    ckpt = tmp_path / "g" / "checkpoints" / "step_0"
+    capsys.readouterr()
+    args = [a for a in TINY_GLA if not a.startswith(("model.arch", "model.gla", "model.tiny"))]
+    assert main(["train", f"model.path={ckpt}", "rollout.partial=true", f"run.out_dir={tmp_path}", "run.name=april",
+                 *args]) == 2
+    assert "is a GLA model" in capsys.readouterr().err
+    assert not (tmp_path / "april").exists()

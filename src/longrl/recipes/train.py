@@ -80,6 +80,7 @@ def train(cfg: Config) -> dict:
     task, io, load = load_task_and_io(cfg)
     if resume_ckpt is None:
         model, tokenizer = load(cfg.model, device)
+        _check_loaded_model(model, cfg)
         check_sp_model(model, cfg.parallel.sp_size, cfg.train.backprop)
         run_dir = prepare_run_dir(cfg) if main else None
         if main:
@@ -179,6 +180,13 @@ def _trainer_state(state: GRPOState, results: dict) -> dict:
         "april": None if state.april is None else {"buffer": state.april.buffer,
                                                    "next_group_id": state.april._next_group_id},
     }
+
+
+def _check_loaded_model(model, cfg: Config) -> None:
+    """Checks that need the loaded checkpoint (model.path), not just the config."""
+    if cfg.rollout.partial and getattr(model.config, "model_type", "") == "longrl_gla":
+        raise UserError(f"model.path '{cfg.model.path}' is a GLA model: APRIL's continuous-batching engine keeps a "
+                        "softmax key/value cache, GLA a recurrent state; use rollout.partial=false")
 
 
 def load_task_and_io(cfg: Config):
