@@ -34,6 +34,9 @@ from longrl.recipes import grpo, sft
 from longrl.recipes import video as V
 from longrl.rewards.verifiers import answer_scorer
 
+# The text SP worker's gradient recorder and comparison (this file's directory is on sys.path).
+from _worker_sp_recipes import _compare, _err, _params, _record_grads  # noqa: E402
+
 N_PROMPTS, G = 4, 3
 VIDEOS = {"v0": 6, "v1": 4, "v2": 2}  # frames: 3, 2 and 1 temporal patches
 PROMPT_VIDEO = ("v0", "v1", "v2", "v0")  # the last prompt asks another question of v0
@@ -83,37 +86,6 @@ def _policy(cfg):
     torch.manual_seed(0)
     model, tok = V.load_video_policy(cfg.model, torch.device("cpu"), train_vision=cfg.video.train_vision)
     return model.double(), tok
-
-
-def _record_grads(module):
-    """Wrap the recipe's clip_and_step so every optimizer step's gradients are kept."""
-    original, steps = module.clip_and_step, []
-
-    def wrapped(model, *args):
-        steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-        return original(model, *args)
-
-    module.clip_and_step = wrapped
-    return steps, lambda: setattr(module, "clip_and_step", original)
-
-
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _err(a, b, floor):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=floor)).item()
-
-
-def _compare(got, ref):
-    errs = {}
-    for i, (g, r) in enumerate(zip(got["grads"], ref["grads"])):
-        assert g.keys() == r.keys(), (sorted(g), sorted(r))
-        errs.update({f"grad{i}_{n}": _err(g[n], r[n], 1e-6) for n in r})
-    errs.update({f"param_{n}": _err(got["params"][n], ref["params"][n], 1.0) for n in ref["params"]})
-    errs.update({k: _err(torch.tensor(got["metrics"][k]), torch.tensor(ref["metrics"][k]), 1e-6)
-                 for k in got["metrics"]})
-    return errs
 
 
 # ----------------------------------------------------------------------------------------
