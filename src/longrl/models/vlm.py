@@ -318,6 +318,18 @@ def backward_vision(video: VideoEmbeds, leaf: VideoEmbeds) -> None:
 
 
 @torch.no_grad()
+def _next_token(logits: torch.Tensor, temperature: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step from `logits` [n, V]: greedy (temperature 0) or sampled on the CPU
+    generator; returns the tokens [n] and their log-probs [n] (float64 logits stay float64)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature == 0:
+        tok = logits.argmax(-1)  # [n]
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+    lp_all = torch.log_softmax(logits / temperature, -1)  # [n, V]
+    tok = torch.multinomial(lp_all.exp().cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    return tok, lp_all.gather(-1, tok[:, None]).squeeze(-1)
+
+
 def sample_with_video(model, video: VideoEmbeds, prompt_ids: list[int], n: int, max_new_tokens: int,
                       eos_id: int, temperature: float = 1.0, generator: torch.Generator | None = None,
                       share_prefill: bool = True) -> tuple[list[list[int]], list[list[float]]]:
@@ -348,14 +360,7 @@ def sample_with_video(model, video: VideoEmbeds, prompt_ids: list[int], n: int, 
     tokens, logps = [], []
     done = torch.zeros(n, dtype=torch.bool)
     for step in range(max_new_tokens):
-        logits = head(h).float()  # [n, V]
-        if temperature == 0:
-            tok = logits.argmax(-1)  # [n]
-            logp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-        else:
-            lp_all = torch.log_softmax(logits / temperature, -1)  # [n, V]
-            tok = torch.multinomial(lp_all.exp(), 1, generator=generator).squeeze(-1)
-            logp = lp_all.gather(-1, tok[:, None]).squeeze(-1)
+        tok, logp = _next_token(head(h), temperature, generator)  # [n], [n]
         tokens.append(torch.where(done, torch.full_like(tok, -1), tok))
         logps.append(logp)
         done |= tok == eos_id
@@ -460,15 +465,7 @@ def sample_prompts(model, videos: list[VideoEmbeds], prompts: list[list[int]], p
     tokens, logps = [], []
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        logits = head(h)  # [N*n, V]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
-        if temperature == 0:
-            tok = logits.argmax(-1)
-            logp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-        else:
-            lp_all = torch.log_softmax(logits / temperature, -1)  # [N*n, V]
-            tok = torch.multinomial(lp_all.exp().cpu(), 1, generator=generator).squeeze(-1).to(device)
-            logp = lp_all.gather(-1, tok[:, None]).squeeze(-1)
+        tok, logp = _next_token(head(h), temperature, generator)  # [N*n], [N*n]
         tokens.append(torch.where(done, torch.full_like(tok, -1), tok))
         logps.append(logp)
         done |= tok == eos_id
