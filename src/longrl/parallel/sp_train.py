@@ -68,21 +68,6 @@ def check_sp_model(model, sp_size: int, backprop: str) -> None:
         raise UserError(f"parallel.sp_size={sp_size}: sliding-window attention is not supported by Ulysses here")
 
 
-def _set_checkpointing(model, on: bool) -> None:
-    """As `streambp.logprobs.loss_and_backward` does for its 'checkpoint' mode (and undoes otherwise)."""
-    new_api = hasattr(type(model), "is_activation_checkpointing")  # transformers >= 5.x names
-    if on == bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False)):
-        return
-    kwargs = {"use_reentrant": False}
-    if new_api:
-        if on:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_disable()
 
 
 def loss_and_backward(model, batch: streambp.TokenBatch, loss_fn: streambp.LossFn, *, mode: str = "chunked",
@@ -96,7 +81,7 @@ def loss_and_backward(model, batch: streambp.TokenBatch, loss_fn: streambp.LossF
         raise ValueError(f"backprop mode {mode!r} does not support sequence parallelism; use one of {SP_BACKPROP}")
     if _is_gla(model):
         return _gla_sp_loss_and_backward(model, batch, loss_fn, lay.sp_group, chunk=chunk, temperature=temperature)
-    _set_checkpointing(model, mode == "checkpoint")
+    streambp.set_checkpointing(model, mode == "checkpoint")
     return sp_loss_and_backward(model, batch, loss_fn, lay.sp_group, chunk=chunk, temperature=temperature)
 
 

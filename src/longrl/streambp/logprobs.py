@@ -151,6 +151,24 @@ def backward_chunked_head(hidden, weight, bias, targets, mask, loss_fn: LossFn, 
     return loss.detach(), metrics, grad_h.reshape(B, T, D), logp
 
 
+def set_checkpointing(model, on: bool) -> None:
+    """Turn the model's activation checkpointing on or off (either transformers API, no
+    deprecation warning); a no-op when it is already so."""
+    new_api = hasattr(type(model), "is_activation_checkpointing")  # transformers >= 5.x names
+    if on == bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False)):
+        return
+    kwargs = {"use_reentrant": False}
+    if new_api:
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = "streambp",
                       chunk: int = 256, temperature: float = 1.0):
     """Forward, loss and backward for one micro-batch; gradients accumulate in `.grad`.
@@ -161,8 +179,7 @@ def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = 
     sequence-chunked layer backward of `streambp/layers.py` (activation memory independent
     of T). Returns (loss, metrics, logprobs [B, T]).
     """
-    if mode != "checkpoint" and getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()  # a later non-checkpoint call must not stay checkpointed
+    set_checkpointing(model, mode == "checkpoint")  # a later non-checkpoint call must not stay checkpointed
     weight, bias = _head(model)
     if mode == "standard":
         logits = _upcast(model(input_ids=batch.input_ids, use_cache=False).logits)  # [B, T, V]
@@ -177,11 +194,6 @@ def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = 
 
         layers.check_supported(model)
         return layers.loss_and_backward(model, batch, loss_fn, chunk=chunk, temperature=temperature)
-    if mode == "checkpoint" and not model.is_gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hidden = final_hidden(model, batch.input_ids)  # [B, T, D]
     loss, metrics, grad_h, logp = backward_chunked_head(
         hidden, weight, bias, batch.targets, batch.mask, loss_fn, chunk, temperature
