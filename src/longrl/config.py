@@ -88,7 +88,13 @@ class TaskConfig:
     seed: int = 1234
     """Seed of the task generator; the eval split uses a disjoint seed."""
     kwargs: dict = field(default_factory=dict)
-    """Extra keyword arguments for the task generator (e.g. reasoning-gym config)."""
+    """Extra keyword arguments for the task generator (e.g. reasoning-gym config). For a
+    reasoning-gym task taught by a scripted teacher, `slip` (default 0.6) is the teacher's
+    slip probability and the rest go to reasoning-gym."""
+    teacher: str = "auto"
+    """Demonstrations for reasoning-gym tasks: 'auto' (the scripted CoT teacher of
+    `longrl.data.teachers` where the family has one: chain_sum, simple_equations; bare
+    answers otherwise) or 'none' (always bare `<answer>` demonstrations)."""
 
 
 @dataclass

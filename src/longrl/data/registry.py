@@ -1,7 +1,8 @@
 """Task registry: `task.name` -> train examples, held-out examples and a correctness scorer.
 
 - a built-in family (`addition`, `sort`): generated in code, CoT demonstrations included;
-- `rg:<name>`: a reasoning-gym dataset, scored by its own `score_answer`;
+- `rg:<name>`: a reasoning-gym dataset, scored by its own `score_answer`; its CoT-SFT
+  demonstrations come from a scripted teacher (`data/teachers.py`) where the family has one;
 - `jsonl`: the user's files, scored by `reward.correctness` (normalised match by default).
 
 Held-out examples use a different generator seed, and any training example whose prompt
@@ -49,9 +50,21 @@ def load_task(cfg: TaskConfig, correctness: str = "auto") -> TaskData:
 
         if "seed" in cfg.kwargs:
             raise UserError("task.kwargs.seed: set the generator seed with task.seed, not task.kwargs")
-        task = ReasoningGymTask(name[3:], seed=cfg.seed, **cfg.kwargs)
+        from longrl.data.teachers import TEACHERS, teach
+
+        if cfg.teacher not in ("auto", "none"):
+            raise UserError(f"task.teacher={cfg.teacher!r}: choose 'auto' or 'none'")
+        family, kwargs = name[3:], dict(cfg.kwargs)
+        taught = cfg.teacher == "auto" and family in TEACHERS
+        slip = kwargs.pop("slip", 0.6) if taught else None
+        if "slip" in kwargs:
+            why = "task.teacher=none" if family in TEACHERS else f"rg:{family} has no scripted teacher (those with one: {', '.join(sorted(TEACHERS))})"
+            raise UserError(f"task.kwargs.slip is a scripted teacher's setting, but {why}; drop it")
+        task = ReasoningGymTask(family, seed=cfg.seed, **kwargs)
         train = task.examples(cfg.n_train, cfg.seed)
         held = task.examples(cfg.n_eval, cfg.seed + 7919)
+        if taught:
+            train = teach(family, train, float(slip), cfg.seed)
         score = task.score if correctness == "auto" else answer_scorer(correctness)
     elif name == "jsonl":
         from longrl.data.jsonl import load_jsonl_examples
