@@ -103,3 +103,22 @@ def test_streambp_training_path_matches_the_chunked_one(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == (b[k] if isinstance(b[k], str) else pytest.approx(b[k], rel=1e-3, abs=1e-5)), k
+
+
+def test_demonstrations_longer_than_the_generation_limit_are_warned_about(tmp_path, capsys):
+    from longrl.config import load_config
+    from longrl.data.registry import load_task
+    from longrl.models.tiny import build_tiny_tokenizer
+    from longrl.recipes.train import demonstration_length_warning
+
+    cfg = load_config(None, ["task.n_train=50", "task.n_eval=5"])
+    task, tok = load_task(cfg.task), build_tiny_tokenizer()
+    assert demonstration_length_warning(task, tok, cfg) is None  # the default's demonstrations fit
+    longest = max(len(tok(ex.solution)["input_ids"]) for ex in task.train) + 1
+    cfg = load_config(None, ["task.n_train=50", "task.n_eval=5", f"rollout.max_new_tokens={longest - 1}"])
+    warning = demonstration_length_warning(task, tok, cfg)
+    assert f"longer than the {longest - 1} new tokens" in warning and f"longest {longest} tokens" in warning
+    assert demonstration_length_warning(task, tok, load_config(None, ["sft.steps=0"])) is None
+    # The CLI prints it once, to stderr, and still runs.
+    assert main(["train", f"run.out_dir={tmp_path}", "run.name=w", *TINY]) == 0
+    assert capsys.readouterr().err.count("SFT demonstrations are longer than the 12 new tokens") == 1

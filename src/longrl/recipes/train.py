@@ -11,6 +11,7 @@ so a stopped-and-resumed run logs the same metrics as an uninterrupted one.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import replace
 from functools import partial
@@ -81,6 +82,9 @@ def train(cfg: Config) -> dict:
     if resume_ckpt is None:
         model, tokenizer = load(cfg.model, device)
         _check_loaded_model(model, cfg)
+        warning = demonstration_length_warning(task, tokenizer, cfg) if io is None and main else None
+        if warning:
+            print(warning, file=sys.stderr)
         check_sp_model(model, cfg.parallel.sp_size, cfg.train.backprop)
         run_dir = prepare_run_dir(cfg) if main else None
         if main:
@@ -187,6 +191,23 @@ def _check_loaded_model(model, cfg: Config) -> None:
     if cfg.rollout.partial and getattr(model.config, "model_type", "") == "longrl_gla":
         raise UserError(f"model.path '{cfg.model.path}' is a GLA model: APRIL's continuous-batching engine keeps a "
                         "softmax key/value cache, GLA a recurrent state; use rollout.partial=false")
+
+
+def demonstration_length_warning(task, tokenizer, cfg: Config) -> str | None:
+    """A warning when SFT would teach responses longer than rollouts and evaluation may
+    generate (they would be cut off and score 0), or None. Text tasks only."""
+    if cfg.sft.steps == 0 or not task.train:
+        return None
+    from longrl.data.registry import demonstration
+
+    limit = min(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    lengths = [len(tokenizer(demonstration(ex), add_special_tokens=False)["input_ids"]) + 1 for ex in task.train]
+    over = sum(n > limit for n in lengths)
+    if not over:
+        return None
+    return (f"warning: {over} of {len(lengths)} SFT demonstrations are longer than the {limit} new tokens that "
+            f"rollouts and evaluation may generate (longest {max(lengths)} tokens with EOS); those responses "
+            f"will be cut off and score 0. Raise rollout.max_new_tokens and eval.max_new_tokens, or shorten the task.")
 
 
 def load_task_and_io(cfg: Config):
