@@ -122,3 +122,47 @@ def test_demonstrations_longer_than_the_generation_limit_are_warned_about(tmp_pa
     # The CLI prints it once, to stderr, and still runs.
     assert main(["train", f"run.out_dir={tmp_path}", "run.name=w", *TINY]) == 0
     assert capsys.readouterr().err.count("SFT demonstrations are longer than the 12 new tokens") == 1
+
+
+def _torchrun(tmp_path, *args):
+    import os
+    import subprocess
+    import sys
+
+    from longrl.parallel.local_spawn import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "longrl", "train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_april_under_torchrun_resumes_every_rank_exactly(tmp_path):
+    april = ["rollout.partial=true", "rollout.over_provision=2.0", "rollout.offpolicy=tis", "rl.prompts_per_step=4"]
+    r = _torchrun(tmp_path, f"run.out_dir={tmp_path}", "run.name=full", *TINY, *april)
+    assert r.returncode == 0, r.stderr[-2000:]
+    full = tmp_path / "full"
+    recs = _rl_records(full / "metrics.jsonl")
+    assert [x["step"] for x in recs] == [0, 1, 2, 3, 4]
+    assert all(x["rollout/groups"] == 4 for x in recs[1:])  # 2 complete groups on each rank
+    saved = torch.load(full / "checkpoints" / "step_2" / "trainer_state.pt", weights_only=False)
+    a, b = saved["ranks"]
+    assert not torch.equal(a["sampler"], b["sampler"])  # each rank keeps its own streams
+    parked = [{s.prompt_id for s in r["april"]["buffer"]} for r in saved["ranks"]]
+    assert all(parked) and not parked[0] & parked[1]  # each rank parks its own; the ranks draw disjoint prompts
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step_4")
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(lines[: len(lines) - 1]) + "\n")
+    (crashed / "summary.json").unlink()
+    r = _torchrun(tmp_path, f"resume={crashed}", "run.progress=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _rl_records(crashed / "metrics.jsonl") == recs
+    from safetensors.torch import load_file
+
+    wa = load_file(full / "checkpoints" / "step_4" / "model.safetensors")
+    wb = load_file(crashed / "checkpoints" / "step_4" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # One process cannot take over two ranks' APRIL streams.
+    assert main(["train", f"resume={crashed}", "run.progress=false"]) == 2

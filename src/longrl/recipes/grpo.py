@@ -81,12 +81,17 @@ def init_state(model, cfg: Config, n_train: int) -> GRPOState:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     state = GRPOState(optimizer, scheduler, sampler, DataCursor(cfg.train.seed, n_train), reference=reference)
     if cfg.rollout.partial:
-        engine = ContinuousEngine(model, cfg.rollout.slots or cfg.rl.prompts_per_step * cfg.rl.group_size,
+        # Data parallel: each rank runs its own engine and scheduler on its share of the
+        # step's groups, drawing its own prompts (see `rollout_partial`) with its own seed.
+        lay = dist.layout()
+        n_local = len(dist.shard_indices(cfg.rl.prompts_per_step, lay.dp_rank, lay.dp_size))
+        seed = cfg.train.seed + lay.dp_rank
+        engine = ContinuousEngine(model, cfg.rollout.slots or max(1, n_local) * cfg.rl.group_size,
                                   eos_token_id=model.config.eos_token_id if model.config.eos_token_id is not None else 0,
                                   temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                  seed=cfg.train.seed, pad_token_id=model.config.pad_token_id or 0)
+                                  seed=seed, pad_token_id=model.config.pad_token_id or 0)
         state.april = AprilScheduler(engine, cfg.rl.group_size, cfg.rollout.over_provision, cfg.rollout.max_staleness,
-                                     partial=True, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.train.seed)
+                                     partial=True, max_new_tokens=cfg.rollout.max_new_tokens, seed=seed)
     return state
 
 
@@ -136,13 +141,21 @@ def rollout(model, tokenizer, examples: list[Example], task: TaskData, cfg: Conf
 
 def rollout_partial(tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> tuple[Rollouts, dict]:
     """APRIL: over-provisioned groups on the continuous-batching engine; unfinished samples
-    are parked in the scheduler's buffer and resumed (from their token ids) next step."""
+    are parked in the scheduler's buffer and resumed (from their token ids) next step.
+
+    Data parallel: rank r completes its share of the step's groups from every D-th prompt
+    of the shared order (offset r), so the ranks never draw the same prompt; each consumes
+    prompts at its own pace, and its cursor and parked samples are its own (checkpointed
+    per rank)."""
+    lay = dist.layout()
+
     def prompts():
         while True:
-            (i,) = state.cursor.take(1)
+            i = state.cursor.take(lay.dp_size)[lay.dp_rank]
             yield i, encode_prompts(tokenizer, [task.train[i]])[0]
 
-    groups, stats = state.april.next_step(prompts(), cfg.rl.prompts_per_step)
+    n_local = len(dist.shard_indices(cfg.rl.prompts_per_step, lay.dp_rank, lay.dp_size))
+    groups, stats = state.april.next_step(prompts(), n_local)
     samples = [s for g in groups for s in g]  # groups contiguous
     roll = _score(tokenizer, task, cfg, [task.train[s.prompt_id] for s in samples], [s.prompt_ids for s in samples],
                   [s.response_ids for s in samples], [s.logprobs for s in samples], [s.versions for s in samples],

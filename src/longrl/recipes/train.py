@@ -31,8 +31,8 @@ from longrl.parallel.sp_train import check_sp_model
 from longrl.recipes.common import progress
 from longrl.recipes.grpo import DataCursor, GRPOState, grpo_step, init_state
 from longrl.recipes.sft import run_sft
-from longrl.utils import (atomic_write_json, atomic_write_text, pick_device, quiet_libraries, seed_everything,
-                          set_rng_state)
+from longrl.utils import (atomic_write_json, atomic_write_text, pick_device, quiet_libraries, rng_state,
+                          seed_everything, set_rng_state)
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -70,8 +70,9 @@ def train(cfg: Config) -> dict:
     ctx = dist.init_from_env()  # torchrun: one process per rank; otherwise a single process
     device = ctx.device if ctx.world > 1 else pick_device(cfg.model.device)
     main = dist.is_main()  # only the main rank writes files and prints
-    if ctx.world > 1 and cfg.rollout.partial:
-        raise UserError("rollout.partial=true is not supported with torchrun data parallelism yet; run APRIL on one process")
+    if cfg.rollout.partial and cfg.parallel.sp_size > 1:
+        raise UserError("rollout.partial=true (APRIL) runs with data parallelism but not with sequence parallelism yet: "
+                        "use parallel.sp_size=1 or rollout.partial=false")
     dist.setup_layout(cfg.parallel.sp_size)  # SP groups of parallel.sp_size ranks; the rest is data parallel
     quiet_libraries()
     if cfg.train.threads > 0:
@@ -166,24 +167,48 @@ def train(cfg: Config) -> dict:
 
 
 def checkpoint(run_dir, step, model, tokenizer, state, results, cfg) -> None:
-    """The main rank writes; every rank waits, so none runs ahead of a half-written step."""
+    """The main rank writes; every rank waits, so none runs ahead of a half-written step.
+    Each rank's own state (sampler, data cursor, APRIL's parked samples, RNG) is gathered
+    into the checkpoint, so a resumed torchrun run continues every rank where it was."""
+    ranks = dist.all_gather_object(_rank_state(state)) if dist.world() > 1 else [_rank_state(state)]
     if dist.is_main():
-        save_checkpoint(run_dir, step, model, tokenizer, _trainer_state(state, results), cfg.run.keep_checkpoints)
+        save_checkpoint(run_dir, step, model, tokenizer, _trainer_state(state, results, ranks), cfg.run.keep_checkpoints)
     dist.barrier()
 
 
-def _trainer_state(state: GRPOState, results: dict) -> dict:
+def _rank_state(state: GRPOState) -> dict:
+    return {
+        "sampler": state.sampler.get_state(),
+        "cursor": {"epoch": state.cursor.epoch, "index": state.cursor.index},
+        # APRIL's parked samples (plain dataclasses), so a resumed run resumes them too.
+        "april": None if state.april is None else {"buffer": state.april.buffer,
+                                                   "next_group_id": state.april._next_group_id},
+        "rng": rng_state(),
+    }
+
+
+def _trainer_state(state: GRPOState, results: dict, ranks: list[dict]) -> dict:
     return {
         "step": state.step,
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
-        "sampler": state.sampler.get_state(),
-        "cursor": {"epoch": state.cursor.epoch, "index": state.cursor.index},
         "results": dict(results),
-        # APRIL's parked samples (plain dataclasses), so a resumed run resumes them too.
-        "april": None if state.april is None else {"buffer": state.april.buffer,
-                                                   "next_group_id": state.april._next_group_id},
+        "ranks": ranks,  # one `_rank_state` per process, in rank order
+        **ranks[0],  # also at the top level, as checkpoints before per-rank state had it
     }
+
+
+def _saved_rank_state(saved: dict, ckpt: Path, cfg: Config) -> dict:
+    """This rank's part of a checkpoint. Resuming on another number of processes is exact
+    only where the ranks' states agree: without APRIL every rank continues from rank 0's
+    data position; APRIL's per-rank prompt streams and parked samples cannot be re-split."""
+    ranks = saved.get("ranks") or [saved]  # checkpoints before per-rank state: one entry
+    if len(ranks) == dist.world():
+        return ranks[dist.rank()]
+    if cfg.rollout.partial:
+        raise UserError(f"checkpoint {ckpt} holds APRIL state for {len(ranks)} process(es) and this run has "
+                        f"{dist.world()}: resume with the same number (torchrun --nproc-per-node {len(ranks)})")
+    return {**ranks[0], "sampler": torch.Generator().manual_seed(cfg.train.seed + 1 + dist.rank()).get_state()}
 
 
 def _check_loaded_model(model, cfg: Config) -> None:
@@ -231,12 +256,13 @@ def _restore(cfg: Config, ckpt: Path, device, n_train: int, load=load_policy):
         state.reference = ref.eval().requires_grad_(False)
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
-    state.sampler.set_state(saved["sampler"])
-    state.cursor = DataCursor(cfg.train.seed, n_train, **saved["cursor"])
     state.step = saved["step"]
-    if state.april is not None and saved.get("april"):
-        state.april.buffer = saved["april"]["buffer"]
-        state.april._next_group_id = saved["april"]["next_group_id"]
+    mine = _saved_rank_state(saved, ckpt, cfg)
+    state.sampler.set_state(mine["sampler"])
+    state.cursor = DataCursor(cfg.train.seed, n_train, **mine["cursor"])
+    if state.april is not None and mine.get("april"):
+        state.april.buffer = mine["april"]["buffer"]
+        state.april._next_group_id = mine["april"]["next_group_id"]
         state.april.engine.policy_version = state.step
-    set_rng_state(saved["rng"])
+    set_rng_state(mine["rng"])
     return model, tokenizer, state, dict(saved["results"])
