@@ -309,3 +309,24 @@ def test_batched_sampling_of_several_prompts_matches_one_at_a_time(model, tok):
         tf = video_logprobs(model, videos[i], batch)
         for j in range(3):
             np.testing.assert_allclose(tf[j][batch.mask[j] > 0].numpy(), lps[3 * i + j], atol=1e-9)
+
+
+def test_top_p_sampling_keeps_the_nucleus_and_reports_full_distribution_logprobs(model, tok):
+    pv, grid = patchify(frames(4, 56, 56, seed=1))
+    with torch.no_grad():
+        video = encode_video(model, pv.double(), grid, 1.0)
+    prompt = video_prompt_ids(tok, video.n_tokens, "what colour?")
+    positions = [vlm.prompt_positions(model, prompt, video)]
+    greedy, _ = vlm.sample_prompts(model, [video], [prompt], positions, 1, 8, tok.eos_token_id, temperature=0.0)
+    # A nucleus this small holds only the most likely token: top-p sampling decodes greedily,
+    # while each token's log-prob is still that of the full tempered distribution.
+    resp, lps = vlm.sample_prompts(model, [video], [prompt], positions, 3, 8, tok.eos_token_id, 0.7,
+                                   torch.Generator().manual_seed(0), top_p=1e-9)
+    assert resp == greedy * 3
+    batch = make_batch([prompt] * 3, resp, tok.pad_token_id)
+    tf = video_logprobs(model, video, batch, temperature=0.7)
+    for j in range(3):
+        np.testing.assert_allclose(tf[j][batch.mask[j] > 0].numpy(), lps[j], atol=1e-9)
+    resp_full, _ = vlm.sample_prompts(model, [video], [prompt], positions, 3, 8, tok.eos_token_id, 0.7,
+                                      torch.Generator().manual_seed(0))
+    assert resp_full != greedy * 3  # without top-p the same draws leave the greedy path

@@ -1,5 +1,6 @@
 """The batched engine: behaviour log-probs equal a teacher-forced pass; batching changes nothing."""
 
+import pytest
 import torch
 
 from longrl.rollout.engine import generate
@@ -51,3 +52,15 @@ def test_top_p_keeps_smallest_set_reaching_mass():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     out = _top_p_filter(probs, 0.7)  # 0.5 + 0.3 reaches 0.7: keep two tokens
     assert torch.allclose(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_model_samples_with_the_trainers_cpu_generator(tiny_qwen):
+    """The GRPO sampler is a CPU generator; a CUDA model draws from it the same tokens."""
+    model = tiny_qwen(dtype=torch.float64)
+    on_cpu = generate(model, PROMPTS, max_new_tokens=8, eos_id=1, pad_id=0, temperature=1.0,
+                      generator=torch.Generator().manual_seed(0))
+    on_gpu = generate(model.cuda(), PROMPTS, max_new_tokens=8, eos_id=1, pad_id=0, temperature=1.0,
+                      generator=torch.Generator().manual_seed(0))
+    assert [g.response_ids for g in on_gpu] == [c.response_ids for c in on_cpu]

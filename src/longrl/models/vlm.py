@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from longrl.errors import UserError
+from longrl.rollout.sampling import sample_next
 
 VISION_START, VISION_END, VIDEO_PAD, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"
 VIDEO_MARK = VISION_START + VIDEO_PAD + VISION_END
@@ -318,28 +319,18 @@ def backward_vision(video: VideoEmbeds, leaf: VideoEmbeds) -> None:
 
 
 @torch.no_grad()
-def _next_token(logits: torch.Tensor, temperature: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step from `logits` [n, V]: greedy (temperature 0) or sampled on the CPU
-    generator; returns the tokens [n] and their log-probs [n] (float64 logits stay float64)."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if temperature == 0:
-        tok = logits.argmax(-1)  # [n]
-        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-    lp_all = torch.log_softmax(logits / temperature, -1)  # [n, V]
-    tok = torch.multinomial(lp_all.exp().cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
-    return tok, lp_all.gather(-1, tok[:, None]).squeeze(-1)
-
-
 def sample_with_video(model, video: VideoEmbeds, prompt_ids: list[int], n: int, max_new_tokens: int,
                       eos_id: int, temperature: float = 1.0, generator: torch.Generator | None = None,
-                      share_prefill: bool = True) -> tuple[list[list[int]], list[list[float]]]:
+                      share_prefill: bool = True, top_p: float = 1.0) -> tuple[list[list[int]], list[list[float]]]:
     """G = `n` samples for one video prompt with a KV cache. -> (responses, their log-probs)
 
     The prompt (with the video's embeddings) is prefilled once and its KV cache copied to
     the n rows (`share_prefill`); otherwise each row prefills it. Decode positions continue
     from the prompt's last position, exactly as `mrope_position_ids` numbers a teacher-forced
     prompt + response, so these log-probs equal `video_logprobs` on the same tokens.
-    temperature 0 is greedy. A response ends at (and includes) `eos_id`.
+    temperature 0 is greedy; `top_p` < 1 samples from the nucleus (log-probs stay those of the
+    full tempered distribution, as `rollout.sampling.sample_next`). A response ends at (and
+    includes) `eos_id`.
     """
     from transformers import DynamicCache
 
@@ -360,7 +351,7 @@ def sample_with_video(model, video: VideoEmbeds, prompt_ids: list[int], n: int, 
     tokens, logps = [], []
     done = torch.zeros(n, dtype=torch.bool)
     for step in range(max_new_tokens):
-        tok, logp = _next_token(head(h), temperature, generator)  # [n], [n]
+        tok, logp = sample_next(head(h), temperature, top_p, generator)  # [n], [n]
         tokens.append(torch.where(done, torch.full_like(tok, -1), tok))
         logps.append(logp)
         done |= tok == eos_id
@@ -439,7 +430,7 @@ def _pad_cache_left(caches: list, width: int, config):
 @torch.no_grad()
 def sample_prompts(model, videos: list[VideoEmbeds], prompts: list[list[int]], positions: list[torch.Tensor],
                    n: int, max_new_tokens: int, eos_id: int, temperature: float = 1.0,
-                   generator: torch.Generator | None = None) -> tuple[list[list[int]], list[list[float]]]:
+                   generator: torch.Generator | None = None, top_p: float = 1.0) -> tuple[list[list[int]], list[list[float]]]:
     """`n` samples for each of N video prompts, decoded together in one batch of N*n rows.
 
     Each prompt is prefilled once on its own (no padding inside a prefill); the caches are
@@ -465,7 +456,7 @@ def sample_prompts(model, videos: list[VideoEmbeds], prompts: list[list[int]], p
     tokens, logps = [], []
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        tok, logp = _next_token(head(h), temperature, generator)  # [N*n], [N*n]
+        tok, logp = sample_next(head(h), temperature, top_p, generator)  # [N*n], [N*n]
         tokens.append(torch.where(done, torch.full_like(tok, -1), tok))
         logps.append(logp)
         done |= tok == eos_id

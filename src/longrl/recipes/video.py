@@ -26,7 +26,7 @@ Letters: N prompts per step, G samples per prompt, B = N*G, T tokens, D hidden, 
 Departures:
 - Clips are decoded once at start and held in memory as uint8 frames (fine for the small
   generated sets; a large set would stream them).
-- Rollouts are synchronous: no APRIL (`rollout.partial`) and no top-p for video yet.
+- Rollouts are synchronous: no APRIL (`rollout.partial`) for video yet.
 - Sequence parallelism (`parallel.sp_size` = P > 1) is MR-SP: each video's temporal
   patches are split over the P ranks of the SP group and the embeddings all-gathered once
   (`parallel.mrsp_encode`); each rank samples 1/P of the step's rollout rows (shares
@@ -103,8 +103,6 @@ def check_config(cfg: Config) -> None:
         raise UserError("task.name=videos needs task.train_file=DIR/train.jsonl (generated there if DIR does not exist)")
     if cfg.rollout.partial:
         raise UserError("rollout.partial=true (APRIL) is not supported for video yet; set rollout.partial=false")
-    if cfg.rollout.top_p < 1.0:
-        raise UserError(f"rollout.top_p={cfg.rollout.top_p}: video rollouts sample from the full distribution; set rollout.top_p=1.0")
     if cfg.train.backprop != "chunked":
         raise UserError(f"train.backprop={cfg.train.backprop}: the video recipe uses the chunked head only; set train.backprop=chunked")
     if cfg.video.train_vision and cfg.rl.ppo_epochs > 1:
@@ -387,7 +385,7 @@ class VideoIO:
             js = [runs[k][0] for k in ks]
             resp, lp = sample_prompts(model, [videos[j] for j in js], [prompts[j] for j in js],
                                       [positions[j] for j in js], n, cfg.rollout.max_new_tokens, eos_id,
-                                      cfg.rollout.temperature, sampler)
+                                      cfg.rollout.temperature, sampler, top_p=cfg.rollout.top_p)
             for t, k in enumerate(ks):
                 out[k] = (resp[t * n : (t + 1) * n], lp[t * n : (t + 1) * n])
         return ([r for k in range(len(runs)) for r in out[k][0]],

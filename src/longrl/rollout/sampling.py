@@ -16,8 +16,12 @@ import torch
 def sample_next(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] -> (tokens [B], logprobs [B])."""
-    logits = logits.float()
+    """logits [B, V] -> (tokens [B], logprobs [B]).
+
+    float64 logits stay float64 (tests compare log-probs to 1e-12); lower precisions are
+    upcast to float32. Tokens are drawn on the generator's device (a CPU generator for a
+    CUDA model: the same draws on any device) and returned on the logits' device."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature == 0.0:
         logp = torch.log_softmax(logits, dim=-1)  # [B, V]
         tokens = logits.argmax(dim=-1)  # [B]
@@ -26,7 +30,8 @@ def sample_next(
     probs = logp.exp()
     if top_p < 1.0:
         probs = _top_p_filter(probs, top_p)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+    where = generator.device if generator is not None else probs.device
+    tokens = torch.multinomial(probs.to(where), 1, generator=generator).squeeze(-1).to(logits.device)  # [B]
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
