@@ -32,13 +32,15 @@ def test_eval_on_a_video_checkpoint_matches_the_training_runs_final_accuracy(tmp
     assert result["response_len"] > 0
 
 
-def test_eval_on_a_video_task_refuses_per_item_output_clearly(tmp_path, capsys):
+def test_eval_on_a_video_task_writes_per_item_results(tmp_path, capsys):
     data = f"task.train_file={tmp_path}/vids/train.jsonl"
     assert main(["train", *TINY, data, f"run.out_dir={tmp_path}", "run.name=v", "rl.steps=0"]) == 0
     ckpt = tmp_path / "v" / "checkpoints" / "step_0"
-    assert main(["eval", f"model={ckpt}", *TINY, data, "--out", str(tmp_path / "items.jsonl")]) == 2
-    assert "not supported for task.name=videos" in capsys.readouterr().err
-    assert not (tmp_path / "items.jsonl").exists()
+    result = run_eval([f"model={ckpt}", *TINY, data], out=str(tmp_path / "items.jsonl"))
+    items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 3 and all(it["media"] and it["media"][0].endswith(".mp4") for it in items)
+    assert sum(it["correct"] for it in items) / 3 == pytest.approx(result["accuracy"])
+    assert {it["id"] for it in items} == {json.loads(x)["id"] for x in (tmp_path / "vids" / "eval.jsonl").read_text().splitlines()}
 
 
 def test_video_task_without_pyav_fails_before_writing_anything(tmp_path, monkeypatch, capsys):

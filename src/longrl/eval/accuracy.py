@@ -29,18 +29,28 @@ def evaluate(model, tokenizer, examples: list[Example], score: Callable[[str, Ex
              max_new_tokens: int, batch_size: int, return_items: bool = False) -> dict:
     """Greedy accuracy over `examples`: {"eval/accuracy", "eval/format", "eval/response_len"}."""
     prompts = encode_prompts(tokenizer, examples)
-    correct, fmt, lengths, items = [], [], [], []
+    responses = []
     for s in range(0, len(examples), batch_size):
         gens = generate(model, prompts[s : s + batch_size], max_new_tokens=max_new_tokens,
                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=0.0)
-        for ex, g in zip(examples[s : s + batch_size], gens):
-            text = decode_response(tokenizer, g.response_ids)
-            c = float(score(text, ex))
-            correct.append(c)
-            fmt.append(format_reward(text))
-            lengths.append(len(g.response_ids))
-            if return_items:
-                items.append({"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "response": text, "correct": c})
+        responses += [g.response_ids for g in gens]
+    return score_responses_greedy(tokenizer, examples, responses, score, return_items)
+
+
+def score_responses_greedy(tokenizer, examples: list[Example], responses: list[list[int]],
+                           score: Callable[[str, Example], float], return_items: bool = False) -> dict:
+    """Accuracy, format and length of one response per example (text and video evaluation);
+    with `return_items`, also one record per example under "items"."""
+    correct, fmt, lengths, items = [], [], [], []
+    for ex, r in zip(examples, responses):
+        text = decode_response(tokenizer, r)
+        c = float(score(text, ex))
+        correct.append(c)
+        fmt.append(format_reward(text))
+        lengths.append(len(r))
+        if return_items:
+            item = {"id": ex.id, "prompt": ex.prompt, "answer": ex.answer, "response": text, "correct": c}
+            items.append({**item, "media": ex.media} if ex.media else item)
     n = max(1, len(correct))
     out = {"eval/accuracy": sum(correct) / n, "eval/format": sum(fmt) / n, "eval/response_len": sum(lengths) / n}
     if return_items:

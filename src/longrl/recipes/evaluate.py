@@ -26,10 +26,8 @@ def run_eval(overrides: list[str], config: str | None = None, out: str | None = 
         result = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
                           batch_size=cfg.eval.batch_size, return_items=out is not None)
     else:
-        if out:
-            raise UserError("--out (per-item results) is not supported for task.name=videos yet; drop --out")
         result = io.evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
-                             batch_size=cfg.eval.batch_size)
+                             batch_size=cfg.eval.batch_size, return_items=out is not None)
     items = result.pop("items", None)
     if out:
         atomic_write_text(out, "".join(json.dumps(it) + "\n" for it in items))

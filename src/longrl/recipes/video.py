@@ -476,27 +476,21 @@ class VideoIO:
 
     @torch.no_grad()
     def evaluate(self, model, tokenizer, examples: list[Example], score, *, max_new_tokens: int,
-                 batch_size: int) -> dict:
-        """Greedy accuracy: {"eval/accuracy", "eval/format", "eval/response_len"}."""
-        from longrl.eval.accuracy import decode_response
+                 batch_size: int, return_items: bool = False) -> dict:
+        """Greedy accuracy: {"eval/accuracy", "eval/format", "eval/response_len"} (+ "items")."""
+        from longrl.eval.accuracy import score_responses_greedy
         from longrl.models.vlm import sample_prompts
-        from longrl.rewards.answer import format_reward
 
         prompts = self.encode_prompts(tokenizer, examples)
-        correct, fmt, lengths = [], [], []
+        responses = []
         for s in range(0, len(examples), batch_size):
             exs = examples[s : s + batch_size]
             videos = [self._eval_video(model, ex.media[0]) for ex in exs]
             positions = [self._positions_of(model, ex, v) for ex, v in zip(exs, videos)]
-            responses, _ = sample_prompts(model, videos, prompts[s : s + batch_size], positions, 1, max_new_tokens,
-                                          tokenizer.eos_token_id, temperature=0.0)
-            for ex, r in zip(exs, responses):
-                text = decode_response(tokenizer, r)
-                correct.append(float(score(text, ex)))
-                fmt.append(format_reward(text))
-                lengths.append(len(r))
-        n = max(1, len(correct))
-        return {"eval/accuracy": sum(correct) / n, "eval/format": sum(fmt) / n, "eval/response_len": sum(lengths) / n}
+            batch, _ = sample_prompts(model, videos, prompts[s : s + batch_size], positions, 1, max_new_tokens,
+                                      tokenizer.eos_token_id, temperature=0.0)
+            responses += batch
+        return score_responses_greedy(tokenizer, examples, responses, score, return_items)
 
     def _eval_video(self, model, path: str):
         """Embeddings for evaluation, outside any training step and its counts."""
