@@ -285,9 +285,6 @@ class Config:
             if self.train.backprop == "streambp":
                 raise UserError("train.backprop=streambp re-runs Hugging Face softmax-attention layers chunk by chunk; "
                                 "model.arch=gla has none: use train.backprop=chunked (or checkpoint)")
-            if self.rollout.partial:
-                raise UserError("rollout.partial (APRIL) decodes on the continuous-batching engine, which shares one "
-                                "softmax key/value cache; model.arch=gla has a recurrent state: use rollout.partial=false")
             for key, value in [("model.gla.chunk_size", self.model.gla.chunk_size), ("model.gla.window", self.model.gla.window)]:
                 if value < 1:
                     raise UserError(f"{key}={value} must be at least 1")

@@ -217,3 +217,51 @@ def test_mix_seed_is_stable_and_spreads():
     seeds = {mix_seed(0, g, i) for g in range(20) for i in range(20)}
     assert len(seeds) == 400
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+# ---- GLA: a recurrent state per row instead of key/value columns --------------------------
+
+
+def _gla(softmax_every, seed=0):
+    from longrl.models.gla import GLAConfig, build_gla_model
+
+    torch.manual_seed(seed)
+    shape = GLAConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=2, mlp_hidden=64, chunk_size=4,
+                      softmax_every=softmax_every, window=6)
+    return build_gla_model(shape, pad_token_id=0, eos_token_id=1).double().eval()
+
+
+@pytest.mark.parametrize("softmax_every", [0, 2], ids=["gla", "hybrid"])
+def test_gla_greedy_continuous_equals_one_by_one_with_exact_logprobs(softmax_every):
+    model = _gla(softmax_every)
+    reqs = _requests(10, 50, seed=7)
+    reqs.append(Request("long", [random.Random(1).randrange(50) for _ in range(25)], 9))  # longer than the window
+    engine = ContinuousEngine(model, num_slots=3, eos_token_id=None, temperature=0.0)
+    results = engine.generate(reqs)
+    for req, res in zip(reqs, results):
+        assert res.token_ids == _reference(model, req.prompt_ids, req.max_new_tokens, set())
+        torch.testing.assert_close(torch.tensor(res.logprobs, dtype=torch.float64),
+                                   _teacher_forced(model, req.prompt_ids, res.token_ids), atol=1e-6, rtol=0)
+    assert engine.steps * 3 >= engine.busy_slot_steps > engine.steps * 2  # rows joined and left mid-run
+
+
+@pytest.mark.parametrize("softmax_every", [0, 2], ids=["gla", "hybrid"])
+def test_gla_sampling_resume_and_abort(softmax_every):
+    model = _gla(softmax_every, seed=3)
+    prompt = [3, 14, 15, 9, 2, 6, 5, 3]
+    engine = ContinuousEngine(model, num_slots=2, eos_token_id=None, temperature=1.0)
+    (full,) = engine.generate([Request("a", prompt, 20, seed=11)])
+    torch.testing.assert_close(torch.tensor(full.logprobs, dtype=torch.float64),
+                               _teacher_forced(model, prompt, full.token_ids), atol=1e-6, rtol=0)
+    # Abort part-way while other rows decode beside it, then resume from the partial tokens.
+    engine.submit([Request("a", prompt, 20, seed=11), Request("b", [7, 7], 30), Request("c", [4], 30)])
+    for _ in range(6):
+        engine.step()
+    head = engine.abort("a")
+    assert head.finish_reason == "abort" and head.token_ids == full.token_ids[: len(head.token_ids)]
+    engine.abort_all()
+    greedy = ContinuousEngine(model, num_slots=2, eos_token_id=None, temperature=0.0)
+    (g_full,) = greedy.generate([Request("g", prompt, 12)])
+    (g_head,) = greedy.generate([Request("h", prompt, 5)])
+    (g_tail,) = greedy.generate([Request("t", prompt, 7, resume_ids=g_head.token_ids)])
+    assert g_head.token_ids + g_tail.token_ids == g_full.token_ids

@@ -102,8 +102,7 @@ class LongrlGLAModel(LongrlGLAPreTrainedModel):
         valid = None
         if attention_mask is not None:
             if attention_mask.dim() != 2:
-                raise ValueError(f"{type(self).__name__} takes a 2-D [B, T] padding mask, got {attention_mask.dim()}-D "
-                                 "(APRIL's continuous-batching engine, rollout.partial=true, does not support GLA)")
+                raise ValueError(f"{type(self).__name__} takes a 2-D [B, T] padding mask, got {attention_mask.dim()}-D")
             valid = attention_mask[:, -T:].bool()  # [B, T]
         cache = None
         if use_cache:

@@ -82,7 +82,6 @@ def train(cfg: Config) -> dict:
     task, io, load = load_task_and_io(cfg)
     if resume_ckpt is None:
         model, tokenizer = load(cfg.model, device)
-        _check_loaded_model(model, cfg)
         warning = demonstration_length_warning(task, tokenizer, cfg) if io is None and main else None
         if warning:
             print(warning, file=sys.stderr)
@@ -209,13 +208,6 @@ def _saved_rank_state(saved: dict, ckpt: Path, cfg: Config) -> dict:
         raise UserError(f"checkpoint {ckpt} holds APRIL state for {len(ranks)} process(es) and this run has "
                         f"{dist.world()}: resume with the same number (torchrun --nproc-per-node {len(ranks)})")
     return {**ranks[0], "sampler": torch.Generator().manual_seed(cfg.train.seed + 1 + dist.rank()).get_state()}
-
-
-def _check_loaded_model(model, cfg: Config) -> None:
-    """Checks that need the loaded checkpoint (model.path), not just the config."""
-    if cfg.rollout.partial and getattr(model.config, "model_type", "") == "longrl_gla":
-        raise UserError(f"model.path '{cfg.model.path}' is a GLA model: APRIL's continuous-batching engine keeps a "
-                        "softmax key/value cache, GLA a recurrent state; use rollout.partial=false")
 
 
 def demonstration_length_warning(task, tokenizer, cfg: Config) -> str | None:

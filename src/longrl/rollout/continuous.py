@@ -39,6 +39,8 @@ Departures and limits
   while APRIL needs synchronous control, aborts that return partial work, and trainer
   log-probs. A hand-written engine of this size does what is needed.
 - Needs `eager` or `sdpa` attention (we pass a 4-D mask) and no sliding-window layers.
+  GLA models (`model.arch=gla`, pure or hybrid) instead keep one recurrent state per row
+  (plus the sliding-window layers' last keys), joined and dropped by row (`_RecurrentRows`).
 - Memory is `B * C` per layer with C = the longest active context: rows shorter than the
   longest waste padded columns (no paging).
 """
@@ -126,8 +128,11 @@ class ContinuousEngine:
         seed: int = 0,
         pad_token_id: int = 0,
     ):
+        # GLA models (`longrl.models.gla_hf`) keep a recurrent state per row instead of keys
+        # and values; see `_RecurrentRows`.
+        self._recurrent = getattr(model.config, "model_type", "") == "longrl_gla"
         attn = getattr(model.config, "_attn_implementation", None) or "eager"
-        if attn not in ("eager", "sdpa"):
+        if not self._recurrent and attn not in ("eager", "sdpa"):
             raise ValueError(f"ContinuousEngine passes a 4-D attention mask; needs eager or sdpa attention, got {attn!r}")
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be at least 1")
@@ -202,13 +207,17 @@ class ContinuousEngine:
         C = self._columns()
         dev = self.device
         input_ids = torch.tensor([[r.next_input] for r in self._rows], device=dev)  # [B, 1]
-        cached = torch.tensor([r.cached for r in self._rows], device=dev)  # [B]
-        mask = _decode_mask(cached, C, self.model.dtype)  # [B, 1, 1, C+1]
-        cache = self._cache if self._cache is not None else DynamicCache()
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=cached[:, None],
-            past_key_values=cache, use_cache=True,
-        )
+        if self._recurrent:  # every row's state is current: no mask, no positions
+            out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             past_key_values=self._cache, use_cache=True)
+        else:
+            cached = torch.tensor([r.cached for r in self._rows], device=dev)  # [B]
+            mask = _decode_mask(cached, C, self.model.dtype)  # [B, 1, 1, C+1]
+            cache = self._cache if self._cache is not None else DynamicCache()
+            out = self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=cached[:, None],
+                past_key_values=cache, use_cache=True,
+            )
         self._cache = out.past_key_values
         logits = out.logits[:, -1].float()  # [B, V]
         u = torch.tensor([r.rng.random() for r in self._rows], device=dev)  # [B]
@@ -283,6 +292,11 @@ class ContinuousEngine:
         # Prefill in buckets of similar length: one long resumed context in a batch of short
         # prompts would otherwise pad every row to its length.
         new.sort(key=lambda r: r.cached)
+        if self._recurrent:
+            parts = [self._cache] + [_RecurrentRows.prefill(self, new[b]) for b in _length_buckets([r.cached for r in new])]
+            self._rows.extend(new)
+            self._cache = _RecurrentRows.concat([p for p in parts if p is not None])
+            return
         parts = [(None if self._cache is None else _cache_tensors(self._cache), len(self._rows))]
         for bucket in _length_buckets([r.cached for r in new]):
             rows = new[bucket]
@@ -320,6 +334,9 @@ class ContinuousEngine:
     def _keep_rows(self, keep: list[int]) -> None:
         """Drop all rows not in `keep` and trim columns that no remaining row uses."""
         self._rows = [self._rows[i] for i in keep]
+        if self._recurrent:
+            self._cache = _RecurrentRows.select(self._cache, torch.tensor(keep, device=self.device)) if self._rows else None
+            return
         if not self._rows or self._cache is None:
             self._cache = None if not self._rows else self._cache
             return
@@ -328,6 +345,67 @@ class ContinuousEngine:
         kv = [(k.index_select(0, idx)[..., k.shape[-2] - need:, :], v.index_select(0, idx)[..., v.shape[-2] - need:, :])
               for k, v in _cache_tensors(self._cache)]  # each [B', H, need, D]
         self._cache = DynamicCache(ddp_cache_data=kv) if need > 0 else None
+
+
+class _RecurrentRows:
+    """Row operations on a GLA model's decoding state (`GLACache`), in place of the key/value
+    columns above.
+
+    A GLA layer's state is S [B, H, K, V], one per row whatever its length: rows join by
+    concatenation and leave by indexing, with no masks and no positions (GLA has none). A
+    sliding-window layer (hybrid model) keeps its last window-1 keys and values [B, H, L, hd]
+    with their validity [B, L]: rows with fewer columns are left-padded with invalid ones.
+    Prefill feeds each context minus its last token, left-padded; a padding token leaves
+    a GLA state untouched and is never attended to, so a row's state is what it would be
+    alone (the model's own padding contract, tested in tests/models)."""
+
+    @staticmethod
+    def prefill(engine: "ContinuousEngine", rows: list[_Row]):
+        from longrl.models.gla_hf import GLACache
+
+        contexts = [(list(r.request.prompt_ids) + list(r.request.resume_ids))[:-1] for r in rows]
+        P = max(1, max(len(c) for c in contexts))  # an all-padding column when every context is empty
+        dev = engine.device
+        ids = torch.full((len(rows), P), engine.pad_token_id, dtype=torch.long, device=dev)  # [n, P]
+        valid = torch.zeros((len(rows), P), dtype=torch.long, device=dev)  # [n, P]
+        for i, c in enumerate(contexts):
+            if c:
+                ids[i, P - len(c):] = torch.tensor(c, device=dev)
+                valid[i, P - len(c):] = 1
+        cache = GLACache(engine.model.config.num_hidden_layers)
+        engine.model(input_ids=ids, attention_mask=valid, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        engine.prefill_tokens += sum(len(c) for c in contexts)
+        return cache
+
+    @staticmethod
+    def concat(caches: list):
+        """Stack the rows of several `GLACache`s (in order)."""
+        if len(caches) == 1:
+            return caches[0]
+        out = type(caches[0])(len(caches[0].layers))
+        out.seen = max(c.seen for c in caches)
+        for i, layer in enumerate(out.layers):
+            states = [c.layers[i] for c in caches]
+            if states[0].S is not None:
+                layer.S = torch.cat([st.S for st in states])
+            if states[0].k is not None:
+                L = max(st.k.shape[2] for st in states)
+                layer.k = torch.cat([F.pad(st.k, (0, 0, L - st.k.shape[2], 0)) for st in states])
+                layer.v = torch.cat([F.pad(st.v, (0, 0, L - st.v.shape[2], 0)) for st in states])
+                layer.valid = torch.cat([torch.cat([st.valid.new_zeros(st.valid.shape[0], L - st.valid.shape[1]), st.valid], 1)
+                                         for st in states])
+        return out
+
+    @staticmethod
+    def select(cache, idx: torch.Tensor):
+        """The rows `idx` of a `GLACache` (a new one)."""
+        out = type(cache)(len(cache.layers))
+        out.seen = cache.seen
+        for src, dst in zip(cache.layers, out.layers):
+            for name in ("S", "k", "v", "valid"):
+                t = getattr(src, name)
+                setattr(dst, name, None if t is None else t.index_select(0, idx))
+        return out
 
 
 # ---------------------------------------------------------------------- tensor helpers
