@@ -124,44 +124,47 @@ def _sp_rank(rank, world, errs_path):
     from longrl.parallel import sp_train
     from longrl.streambp import logprobs as streambp
 
-    model = _model(0).double()
-    prompts = _prompts()
-    batch = make_batch(prompts, [[3, 4, 5, 6][: 1 + i % 4] for i in range(len(prompts))], PAD)  # T = 15, odd
-    weights = torch.linspace(0.5, 2.0, batch.input_ids.shape[1], dtype=torch.float64)
-
-    def loss_fn(lp):  # token and sequence-level terms: the loss needs whole rows
-        return -(lp * weights).sum() + 0.1 * (lp.sum(-1) ** 2).sum()
-
-    model.zero_grad()
-    ref_loss, _, ref_logp = streambp.loss_and_backward(model, batch, loss_fn, mode="chunked", chunk=4)
-    ref_grads = [p.grad.clone() for p in model.parameters()]
-    ref_seq = streambp.sequence_logprobs(model, batch, chunk=4)
     ldist.setup_layout(world)
-    model.zero_grad()
-    loss, _, logp = sp_train.loss_and_backward(model, batch, loss_fn, mode="chunked", chunk=4)
-    for p in model.parameters():  # the SP ranks' gradient shares add up to the whole
-        torch.distributed.all_reduce(p.grad)
-    seq = sp_train.sequence_logprobs(model, batch, chunk=4)
-    errs = [(loss - ref_loss).abs().item(), (logp - ref_logp).abs().max().item(), (seq - ref_seq).abs().max().item()]
-    errs += [(p.grad - g).abs().max().item() for p, g in zip(model.parameters(), ref_grads)]
-    assert max(errs) < 1e-9, errs
+    out = {}
+    for softmax_every in (0, 2):  # pure GLA (All-Scan) and the hybrid (+ sliding-window halo)
+        model = _model(softmax_every).double()
+        prompts = _prompts()
+        batch = make_batch(prompts, [[3, 4, 5, 6][: 1 + i % 4] for i in range(len(prompts))], PAD)  # T = 15, odd
+        weights = torch.linspace(0.5, 2.0, batch.input_ids.shape[1], dtype=torch.float64)
+
+        def loss_fn(lp, weights=weights):  # token and sequence-level terms: the loss needs whole rows
+            return -(lp * weights).sum() + 0.1 * (lp.sum(-1) ** 2).sum()
+
+        model.zero_grad()
+        ref_loss, _, ref_logp = streambp.loss_and_backward(model, batch, loss_fn, mode="chunked", chunk=4)
+        ref_grads = [p.grad.clone() for p in model.parameters()]
+        ref_seq = streambp.sequence_logprobs(model, batch, chunk=4)
+        model.zero_grad()
+        loss, _, logp = sp_train.loss_and_backward(model, batch, loss_fn, mode="chunked", chunk=4)
+        for p in model.parameters():  # the SP ranks' gradient shares add up to the whole
+            torch.distributed.all_reduce(p.grad)
+        seq = sp_train.sequence_logprobs(model, batch, chunk=4)
+        errs = [(loss - ref_loss).abs().item(), (logp - ref_logp).abs().max().item(), (seq - ref_seq).abs().max().item()]
+        errs += [(p.grad - g).abs().max().item() for p, g in zip(model.parameters(), ref_grads)]
+        assert max(errs) < 1e-9, (softmax_every, errs)
+        out[softmax_every] = errs
     if rank == 0:
-        errs_path.write_text(json.dumps(errs))
+        errs_path.write_text(json.dumps(out))
 
 
 def test_sequence_parallel_gla_equals_one_process(tmp_path):
     from longrl.parallel.local_spawn import spawn_local
 
     spawn_local(_sp_rank, 2, tmp_path / "errs.json", start_method="fork")
-    assert len(json.loads((tmp_path / "errs.json").read_text())) > 3
+    errs = json.loads((tmp_path / "errs.json").read_text())
+    assert set(errs) == {"0", "2"} and all(len(e) > 3 for e in errs.values())
 
 
 def test_sequence_parallel_refuses_what_gla_cannot_shard():
     from longrl.parallel.sp_train import check_sp_model
 
     check_sp_model(_model(0), 2, "chunked")  # pure GLA: All-Scan
-    with pytest.raises(UserError, match="sliding-window"):
-        check_sp_model(_model(2), 2, "chunked")
+    check_sp_model(_model(2), 2, "chunked")  # hybrid: All-Scan + the sliding-window halo
     with pytest.raises(UserError, match="chunked"):
         check_sp_model(_model(0), 2, "checkpoint")
 

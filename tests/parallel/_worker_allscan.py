@@ -96,11 +96,14 @@ def layer_case(group, dtype, method):
                 method=method, errs=errs)
 
 
-def model_case(group, method):
-    """Two-layer GLA language model (tied embeddings): logits and every parameter gradient."""
+def model_case(group, method, window=0):
+    """Two-layer GLA language model (tied embeddings): logits and every parameter gradient.
+    window > 0: the hybrid, layer 2 sliding-window softmax attention over `window` tokens
+    (window - 1 > the shard length at P = 4 reaches back over two ranks)."""
     T = 10
     torch.manual_seed(3)
-    cfg = GLAConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, mlp_hidden=24, chunk_size=4)
+    cfg = GLAConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, mlp_hidden=24, chunk_size=4,
+                    softmax_every=2 if window else 0, window=window or 64)
     ref_model = GLAForCausalLM(cfg).double()
     model = GLAForCausalLM(cfg).double()
     model.load_state_dict(ref_model.state_dict())
@@ -114,8 +117,8 @@ def model_case(group, method):
     (logits * shard_sequence(w, group, dim=1)[0]).sum().backward()
     errs = {"out": _max_err(logits[:, valid], shard_sequence(logits_ref.detach(), group, 1)[0][:, valid])}
     errs.update(_param_grad_errs(model, ref_model, group))
-    return dict(kind="model", P=dist.get_world_size(group), rank=dist.get_rank(group), dtype="torch.float64",
-                method=method, errs=errs)
+    return dict(kind="hybrid" if window else "model", P=dist.get_world_size(group), rank=dist.get_rank(group),
+                dtype="torch.float64", method=method, window=window, errs=errs)
 
 
 def run(rank, world, out_path):
@@ -128,6 +131,8 @@ def run(rank, world, out_path):
                     records.append(function_case(group, dtype, T, chunk, blocks, method))
                 records.append(layer_case(group, dtype, method))
             records.append(model_case(group, method))
+            for window in (3, 5):
+                records.append(model_case(group, method, window))
     gathered = [None] * world
     dist.all_gather_object(gathered, records)
     if rank == 0:

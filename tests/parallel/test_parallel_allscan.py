@@ -2,8 +2,8 @@
 
 One 4-process gloo run (`_worker_allscan.py`) covers P = 4 and P = 2, float64
 and float32, several chunk sizes and All-Scan block counts, a length not
-divisible by P, the GLAttention layer and a two-layer GLA language model; the
-tests below judge its records.
+divisible by P, the GLAttention layer, a two-layer GLA language model and the
+hybrid with a sliding-window layer; the tests below judge its records.
 """
 import json
 import subprocess
@@ -72,6 +72,16 @@ def test_gla_language_model_matches(records, method):
     chosen = _select(records, kind="model", method=method)
     assert {r["P"] for r in chosen} == {2, 4}
     assert all("grad_embed.weight" in r["errs"] for r in chosen)
+    _assert_close(chosen)
+
+
+@pytest.mark.parametrize("window", [3, 5])
+def test_hybrid_gla_language_model_matches(records, window):
+    """Sliding-window layers take their window-1 earlier keys from the preceding ranks
+    (window 5 at P = 4: shards of 3 tokens, so the halo spans two ranks)."""
+    chosen = _select(records, kind="hybrid", window=window)
+    assert {r["P"] for r in chosen} == {2, 4}
+    assert all(any(k.startswith("grad_layers.1.mixer.qkv") for k in r["errs"]) for r in chosen)
     _assert_close(chosen)
 
 

@@ -262,12 +262,19 @@ class SlidingWindowAttention(nn.Module):
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x, sp=None, valid=None, state=None):
-        if sp is not None:
-            raise NotImplementedError("sliding-window layers are not sequence-parallel; use a pure GLA model")
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # [B, H, T, hd]
         valid = None if valid is None else valid.expand(B, T).bool()  # [B, T]
-        if state is not None and state.k is not None:
+        if sp is not None:  # this rank's shard: the window reaches back into the previous ranks' tokens
+            if state is not None:
+                raise ValueError("sequence-parallel sliding-window attention is for training passes, not decoding")
+            ok = valid if valid is not None else x.new_ones(B, T, dtype=torch.bool)
+            hk, hv, h_ok = sp.window_halo(k, v, ok, self.window - 1)  # [B, H, L, hd], [B, L]
+            L = hk.shape[2]
+            q = torch.cat([q.new_zeros(B, self.num_heads, L, q.shape[-1]), q], dim=2)  # halo queries: outputs dropped
+            o = window_attention_blocks(q, torch.cat([hk, k], 2), torch.cat([hv, v], 2), self.window,
+                                        torch.cat([h_ok, ok], 1))[:, :, L:]
+        elif state is not None and state.k is not None:
             k = torch.cat([state.k, k], dim=2)  # [B, H, L+T, hd]
             v = torch.cat([state.v, v], dim=2)
             valid = torch.cat([state.valid, valid if valid is not None else k.new_ones(B, T, dtype=torch.bool)], 1)

@@ -10,6 +10,9 @@ S_p is passed by ZeCO All-Scan (`allscan.py`, method "allscan") or by the
 LASP-2 all-gather (`lasp2.py`, method "lasp2"). The exchange is started as soon
 as L_p is known and finished after the local outputs, so the two overlap.
 
+Sliding-window softmax layers (the hybrid model) need only the window-1 keys and
+values before the shard: `window_halo` gathers them from the preceding ranks.
+
 Padding: a sequence whose length is not a multiple of P is padded at the end
 (`shard_sequence`); padded tokens must carry k = 0 and g = 0 (GLAttention does
 this from `valid`), so they change neither real outputs nor the final state.
@@ -76,6 +79,47 @@ class GLASequenceParallel:
     def attend(self, q, k, v, g, chunk_size, scale=None):
         return gla_sequence_parallel(q, k, v, g, self.group, method=self.method, num_blocks=self.num_blocks,
                                      chunk_size=chunk_size, scale=scale, counter=self.counter)
+
+    def window_halo(self, k, v, valid, n):
+        return window_halo(k, v, valid, n, self.group)
+
+
+class _GatherTails(torch.autograd.Function):
+    """Every rank's x stacked in rank order -> [P, ...]; backward: the gradient of every
+    rank's use of the stack is all-reduced and each rank keeps its own slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank], None
+
+
+def window_halo(k, v, valid, n, group=None):
+    """The `n` keys and values just before this rank's shard, for sliding-window attention.
+
+    k, v: [B, H, T, hd] this rank's shard; valid: [B, T] bool. Every rank sends its last
+    min(n, T) keys/values (one all-gather, P * min(n, T) tokens) and keeps what its
+    predecessors sent: the last n tokens before its shard (fewer on the first ranks). The
+    gradient flows back to the ranks the keys came from. Returns (k_halo, v_halo
+    [B, H, L, hd], valid_halo [B, L]) with L <= n; L = 0 on rank 0. Call on every rank.
+    """
+    B, H, T, hd = k.shape
+    rank, h = dist.get_rank(group), min(n, T)
+    kv = _GatherTails.apply(torch.stack([k[:, :, T - h:], v[:, :, T - h:]]), group)  # [P, 2, B, H, h, hd]
+    ok = [torch.empty_like(valid[:, T - h:]) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(ok, valid[:, T - h:].contiguous(), group=group)  # [B, h] each, no gradient
+    prev = kv[:rank].permute(1, 2, 3, 0, 4, 5).reshape(2, B, H, rank * h, hd)[:, :, :, max(0, rank * h - n):]
+    ok = torch.cat(ok[:rank], dim=1)[:, max(0, rank * h - n):] if rank else valid[:, :0]
+    return prev[0], prev[1], ok
 
 
 def shard_sequence(x, group=None, dim=1):

@@ -23,8 +23,9 @@ video embeddings through `parallel/sp_video.py` instead of these functions.
 GLA models (`longrl train model.arch=gla`, model_type longrl_gla) have no softmax
 attention to shard: each rank runs its contiguous shard of the sequence and the
 recurrent state passes between ranks by ZeCO All-Scan (`parallel/gla_sp.py`), forward
-and backward; the head, gather and loss are as above. Pure GLA with
-train.backprop=chunked only (the hybrid's sliding-window layers are not sharded).
+and backward; the hybrid's sliding-window layers take the window-1 keys and values
+before their shard from the preceding ranks (`gla_sp.window_halo`). The head, gather
+and loss are as above. train.backprop=chunked only.
 """
 from __future__ import annotations
 
@@ -48,9 +49,6 @@ def check_sp_model(model, sp_size: int, backprop: str) -> None:
         raise UserError(f"train.backprop={backprop} does not support sequence parallelism "
                         f"(parallel.sp_size={sp_size}); use train.backprop=chunked or train.backprop=checkpoint")
     if _is_gla(model):
-        if model.config.softmax_every:
-            raise UserError(f"parallel.sp_size={sp_size}: the hybrid GLA model's sliding-window softmax layers are "
-                            "not sequence-parallel; use model.gla.softmax_every=0 or parallel.sp_size=1")
         if backprop != "chunked":
             raise UserError(f"parallel.sp_size={sp_size} with a GLA model supports train.backprop=chunked only")
         return
