@@ -100,7 +100,9 @@ class TaskConfig:
 @dataclass
 class RewardConfig:
     correctness: str = "auto"
-    """Answer check: 'auto' (the task's own verifier), 'exact', 'normalized', 'math', 'mcq'."""
+    """Answer check: 'auto' (the task's own verifier), 'exact', 'normalized', 'math', 'mcq', or
+    'code' (run the answer as a Python program against the example's "tests" in a sandboxed
+    subprocess; reward = fraction passed; `longrl.rewards.code`)."""
     correctness_weight: float = 1.0
     """Weight of the correctness reward."""
     format_weight: float = 0.1
@@ -296,7 +298,7 @@ class Config:
         _choice("rollout.offpolicy", self.rollout.offpolicy, ["recompute", "mask", "tis"])
         _choice("rollout.backend", self.rollout.backend, ["hf", "vllm"])
         _choice("train.backprop", self.train.backprop, ["standard", "chunked", "checkpoint", "streambp"])
-        _choice("reward.correctness", self.reward.correctness, ["auto", "exact", "normalized", "math", "mcq"])
+        _choice("reward.correctness", self.reward.correctness, ["auto", "exact", "normalized", "math", "mcq", "code"])
         for key, value in [
             ("rl.group_size", self.rl.group_size),
             ("rl.prompts_per_step", self.rl.prompts_per_step),

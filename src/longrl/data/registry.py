@@ -85,6 +85,11 @@ def load_task(cfg: TaskConfig, correctness: str = "auto") -> TaskData:
         near = difflib.get_close_matches(name, options, n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise UserError(f"unknown task '{name}'{hint} Choose one of {options}")
+    if correctness == "code":  # every example must carry its tests: fail now, not mid-run
+        from longrl.rewards.code import tests_of
+
+        for ex in train + held:
+            tests_of(ex)
     held_prompts = {ex.prompt for ex in held}
     train = [ex for ex in train if ex.prompt not in held_prompts]
     if not train:

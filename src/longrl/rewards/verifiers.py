@@ -139,8 +139,12 @@ VERIFIERS: dict[str, Callable[[str | None, str], float]] = {
 def answer_scorer(name: str) -> Callable[[str, Example], float]:
     """A `correctness_fn(response_text, example)` for `score_responses`: the named
     verifier applied to the response's extracted answer and `example.answer`."""
+    if name == "code":  # runs the program against the example's tests (rewards/code.py)
+        from longrl.rewards.code import code_scorer
+
+        return code_scorer()
     if name not in VERIFIERS:
-        raise UserError(f"reward.correctness={name!r} is not one of {sorted(VERIFIERS)}")
+        raise UserError(f"reward.correctness={name!r} is not one of {sorted([*VERIFIERS, 'code'])}")
     verifier = VERIFIERS[name]
 
     def score(response_text: str, example: Example) -> float:
