@@ -153,6 +153,12 @@ class RolloutConfig:
 class RLConfig:
     steps: int = 60
     """GRPO steps (each: rollout, reward, advantages, PPO epochs, weight sync)."""
+    algorithm: str = "grpo"
+    """'grpo' (group advantages, PPO-clip or GSPO) or 'dpo': online DPO on verifier-labelled
+    pairs, the best and the worst of each group's G samples when their rewards differ,
+    against the frozen post-SFT policy (`rl.dpo_beta`; `recipes/dpo.py`)."""
+    dpo_beta: float = 0.1
+    """DPO's beta: how far the policy may move from the reference (with rl.algorithm=dpo)."""
     prompts_per_step: int = 16
     """Prompts (groups) per step."""
     group_size: int = 8
@@ -290,6 +296,14 @@ class Config:
             for key, value in [("model.gla.chunk_size", self.model.gla.chunk_size), ("model.gla.window", self.model.gla.window)]:
                 if value < 1:
                     raise UserError(f"{key}={value} must be at least 1")
+        _choice("rl.algorithm", self.rl.algorithm, ["grpo", "dpo"])
+        if self.rl.algorithm == "dpo":
+            if self.rl.dpo_beta <= 0:
+                raise UserError(f"rl.dpo_beta={self.rl.dpo_beta} must be positive")
+            if self.rollout.partial:
+                raise UserError("rl.algorithm=dpo samples its pairs synchronously; set rollout.partial=false")
+            if self.task.name == "videos":
+                raise UserError("rl.algorithm=dpo is for text tasks; the video recipe trains with GRPO (rl.algorithm=grpo)")
         _choice("rl.advantage", self.rl.advantage, ["grpo", "drgrpo", "rloo"])
         _choice("rl.loss", self.rl.loss, ["ppo", "gspo"])
         _choice("rl.loss_agg", self.rl.loss_agg, ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])

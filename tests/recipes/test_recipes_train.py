@@ -51,7 +51,8 @@ def test_train_writes_the_run_directory(tmp_path):
 @pytest.mark.parametrize("extra", [[], ["rl.kl_coef=0.05", "rl.dynamic_sampling=true", "rl.loss=gspo",
                                         "rl.advantage=rloo", "rl.ppo_epochs=2", "rl.overlong=soft"],
                                    ["rollout.partial=true", "rollout.offpolicy=tis", "rl.overlong=filter"],
-                                   ["rollout.partial=true", "rollout.offpolicy=mask", "rollout.max_staleness=1"]])
+                                   ["rollout.partial=true", "rollout.offpolicy=mask", "rollout.max_staleness=1"],
+                                   ["rl.algorithm=dpo", "rl.dpo_beta=0.5", "sft.steps=30", "sft.lr=1e-2"]])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     assert main(["train", f"run.out_dir={tmp_path}", "run.name=full", *TINY, *extra]) == 0
     full = tmp_path / "full"
@@ -64,6 +65,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     (crashed / "summary.json").unlink()
     assert main(["train", f"resume={crashed}", "run.progress=false"]) == 0
     assert _rl_records(crashed / "metrics.jsonl") == _rl_records(full / "metrics.jsonl")
+    if "rl.algorithm=dpo" in extra:  # the format reward varies after 30 SFT steps: there are pairs to train on
+        assert sum(r["dpo/pairs"] for r in _rl_records(full / "metrics.jsonl")[1:]) > 0
     a = json.loads((full / "summary.json").read_text())
     b = json.loads((crashed / "summary.json").read_text())
     assert a["accuracy_after_rl"] == b["accuracy_after_rl"] and a["accuracy_after_sft"] == b["accuracy_after_sft"]

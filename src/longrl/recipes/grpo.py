@@ -71,13 +71,18 @@ class GRPOState:
     april: "AprilScheduler | None" = None
 
 
+def needs_reference(cfg: Config) -> bool:
+    """A frozen copy of the post-SFT policy: for the KL term, and always for DPO."""
+    return cfg.rl.kl_coef > 0 or cfg.rl.algorithm == "dpo"
+
+
 def init_state(model, cfg: Config, n_train: int) -> GRPOState:
     optimizer = make_optimizer(model, cfg.rl.lr, cfg.train.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.rl.warmup_steps, cfg.rl.steps, decay=False)
     # Data-parallel ranks share the prompt order but sample with their own streams.
     sampler = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 1 + dist.rank())
     reference = None
-    if cfg.rl.kl_coef > 0:
+    if needs_reference(cfg):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     state = GRPOState(optimizer, scheduler, sampler, DataCursor(cfg.train.seed, n_train), reference=reference)
     if cfg.rollout.partial:

@@ -29,7 +29,8 @@ from longrl.models.load import load_policy
 from longrl.parallel import dist
 from longrl.parallel.sp_train import check_sp_model
 from longrl.recipes.common import progress
-from longrl.recipes.grpo import DataCursor, GRPOState, grpo_step, init_state
+from longrl.recipes.dpo import dpo_step
+from longrl.recipes.grpo import DataCursor, GRPOState, grpo_step, init_state, needs_reference
 from longrl.recipes.sft import run_sft
 from longrl.utils import (atomic_write_json, atomic_write_text, pick_device, quiet_libraries, rng_state,
                           seed_everything, set_rng_state)
@@ -121,10 +122,11 @@ def train(cfg: Config) -> dict:
             log.truncate_after(state.step)
         say(f"resumed from {resume_ckpt} at RL step {state.step}")
 
-    bar = progress(cfg.rl.steps, "grpo", cfg.run.progress and main, initial=state.step)
+    step_fn = dpo_step if cfg.rl.algorithm == "dpo" else grpo_step
+    bar = progress(cfg.rl.steps, cfg.rl.algorithm, cfg.run.progress and main, initial=state.step)
     t_rl = time.time()
     while state.step < cfg.rl.steps:
-        metrics = grpo_step(model, tokenizer, task, cfg, state, io)
+        metrics = step_fn(model, tokenizer, task, cfg, state, io)
         if io is not None:
             metrics.update(io.step_metrics())  # video encodes run / saved this step
         step = state.step
@@ -242,8 +244,8 @@ def _restore(cfg: Config, ckpt: Path, device, n_train: int, load=load_policy):
     """Weights from the checkpoint directory, then the trainer state on top."""
     model, tokenizer = load(replace(cfg.model, path=str(ckpt)), device)
     saved = load_trainer_state(ckpt)
-    state = init_state(model, replace(cfg, rl=replace(cfg.rl, kl_coef=0.0)), n_train)
-    if cfg.rl.kl_coef > 0:  # the reference is the post-SFT policy, kept as step_0
+    state = init_state(model, replace(cfg, rl=replace(cfg.rl, kl_coef=0.0, algorithm="grpo")), n_train)
+    if needs_reference(cfg):  # the reference is the post-SFT policy, kept as step_0
         ref, _ = load(replace(cfg.model, path=str(ckpt.parent / "step_0")), device)
         state.reference = ref.eval().requires_grad_(False)
     state.optimizer.load_state_dict(saved["optimizer"])

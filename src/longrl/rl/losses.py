@@ -253,3 +253,17 @@ def sft_loss(logprobs: Tensor, mask: Tensor, normalizer: float) -> Tensor:
     (`loss_normalizer(mask, "token-mean")`), so micro-batches sum to the full loss.
     """
     return -aggregate(logprobs, mask, "token-mean", normalizer)
+
+
+def dpo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float,
+             normalizer: float) -> tuple[Tensor, Tensor]:
+    """DPO (Rafailov et al., arXiv 2305.18290) on sequence log-probs, one entry per pair [n].
+
+    loss = -sum_i log sigmoid(beta * ((chosen_i - ref_chosen_i) - (rejected_i - ref_rejected_i)))
+    / normalizer, where `normalizer` is the number of pairs in the whole optimizer step (so
+    micro-batches sum to the full loss). The reference terms carry no gradient. Returns
+    (loss, margins [n], detached): a margin > 0 means the policy prefers the chosen response
+    more than the reference does.
+    """
+    margin = beta * ((chosen - ref_chosen.detach()) - (rejected - ref_rejected.detach()))  # [n]
+    return -torch.nn.functional.logsigmoid(margin).sum() / normalizer, margin.detach()
