@@ -31,7 +31,7 @@ from longrl.data.registry import load_task
 from longrl.models.tiny import build_tiny_tokenizer
 from longrl.parallel import dist
 from longrl.parallel.local_spawn import free_port
-from longrl.recipes import grpo, sft
+from longrl.recipes import dpo, grpo, sft
 
 TOKENIZER = build_tiny_tokenizer()
 N_PROMPTS, G = 4, 3
@@ -162,6 +162,25 @@ def grpo_case(loss, loss_agg, kl_coef):
             "clip_frac": metrics["clip/frac_low"] + metrics["clip/frac_high"]}
 
 
+def dpo_case():
+    """One online-DPO step on the same fixed rollouts (every group's rewards differ: a pair each)."""
+    cfg = Config()
+    cfg.rl = replace(cfg.rl, algorithm="dpo", dpo_beta=0.5, group_size=G, prompts_per_step=N_PROMPTS,
+                     micro_batch_size=4, lr=3e-2, warmup_steps=0)
+    cfg.train = replace(cfg.train, stream_chunk=4)
+    model = _model(torch.float64, tie=False)
+    state = grpo.init_state(model, cfg, n_train=N_PROMPTS)
+    grads, restore = _record_grads(dpo)
+    original_collect, dpo.collect = dpo.collect, _replica_collect
+    try:
+        metrics = dpo.dpo_step(model, TOKENIZER, None, cfg, state)
+    finally:
+        dpo.collect = original_collect
+        restore()
+    return {"grads": grads, "params": _params(model), "metrics": {k: metrics[k] for k in ("loss/dpo", "grad/norm")},
+            "pairs": metrics["dpo/pairs"]}
+
+
 # ----------------------------------------------------------------------------------------
 # Rollouts: each SP rank samples its share; greedy, so the reference is reproducible
 # ----------------------------------------------------------------------------------------
@@ -192,6 +211,7 @@ def references():
     REF["sft"] = {case: sft_case(*case) for case in SFT_CASES}
     REF["grpo"] = {case: grpo_case(*case) for case in GRPO_CASES}
     REF["rollout"] = rollout_case()
+    REF["dpo"] = dpo_case()
 
 
 def main(out_path, sp_size):
@@ -208,6 +228,8 @@ def main(out_path, sp_size):
         got = grpo_case(*case)
         records.append(dict(base, kind="grpo", loss=case[0], loss_agg=case[1], kl=case[2] > 0,
                             clip_frac=REF["grpo"][case]["clip_frac"], errs=_compare(got, REF["grpo"][case])))
+    got = dpo_case()
+    records.append(dict(base, kind="dpo", pairs=got["pairs"], errs=_compare(got, REF["dpo"])))
     roll = rollout_case()
     want = _replica_rows(REF["rollout"], N_PROMPTS - 1)
     behaviour_err = max(abs(a - b) for ra, rb in zip(roll["behaviour"], want["behaviour"]) for a, b in zip(ra, rb))

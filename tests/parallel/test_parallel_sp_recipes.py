@@ -4,8 +4,8 @@ Two gloo runs of `_worker_sp_recipes.py`: world 2 with parallel.sp_size=2 (one
 replica, each sequence split over both ranks) and world 4 with sp_size=2 (2
 data-parallel replicas of 2 SP ranks). In both, one SFT step (chunked and
 checkpoint backprop, float64 and float32) and one GRPO step (2 PPO epochs,
-micro-batches, PPO+KL and GSPO) leave every gradient and parameter equal to one
-process on the whole batch, with uneven prompt/response lengths (padding, and
+micro-batches, PPO+KL and GSPO) and one online-DPO step leave every gradient and
+parameter equal to one process on the whole batch, with uneven prompt/response lengths (padding, and
 sequence lengths that P does not divide). Then a real `torchrun ... -m longrl train
 parallel.sp_size=2` run, and the input checks.
 """
@@ -75,6 +75,14 @@ def test_grpo_step_equals_one_process(records, loss):
         # two optimizer steps (ppo_epochs=2); untied LM head
         assert {"grad0_lm_head.weight", "grad1_lm_head.weight", "param_lm_head.weight", "grad/norm"} <= r["errs"].keys()
         assert "loss/policy" in r["errs"] and (not r["kl"] or "loss/kl" in r["errs"])
+    _assert_close(chosen, TOL["torch.float64"])
+
+
+def test_dpo_step_equals_one_process(records):
+    chosen = _select(records, kind="dpo")
+    for r in chosen:
+        assert r["pairs"] == 4  # dpo/pairs: the whole step's pairs, on every rank
+        assert {"grad0_lm_head.weight", "param_lm_head.weight", "loss/dpo"} <= r["errs"].keys()
     _assert_close(chosen, TOL["torch.float64"])
 
 

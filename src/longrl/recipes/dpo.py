@@ -48,7 +48,7 @@ def dpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, io
     pairs = pick_pairs(roll.rewards, G)
     metrics["rollout/groups"] = len(roll.examples) // G
     n_total = dist.all_reduce_sum(float(len(pairs)), dist.layout().dp_group)  # the step's normaliser
-    metrics["dpo/pairs"] = float(len(pairs))
+    metrics["dpo/pairs"] = n_total  # the whole step's, over every data-parallel rank
     temperature = cfg.rollout.temperature or 1.0
     chunk = cfg.train.stream_chunk
     device = next(model.parameters()).device
