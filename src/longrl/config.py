@@ -267,6 +267,10 @@ class ParallelConfig:
     must be a multiple of it; world / sp_size groups of consecutive ranks run data parallel.
     Needs torchrun, train.backprop=chunked or checkpoint, and a text model whose attention
     heads it divides."""
+    zero_optimizer: bool = False
+    """Shard AdamW's moments over the ranks (ZeRO stage 1, torch's ZeroRedundancyOptimizer):
+    optimizer memory per rank / world, the same updates. Only under torchrun; weights and
+    gradients stay replicated."""
 
 
 @dataclass

@@ -77,7 +77,7 @@ def needs_reference(cfg: Config) -> bool:
 
 
 def init_state(model, cfg: Config, n_train: int) -> GRPOState:
-    optimizer = make_optimizer(model, cfg.rl.lr, cfg.train.weight_decay)
+    optimizer = make_optimizer(model, cfg.rl.lr, cfg.train.weight_decay, shard=cfg.parallel.zero_optimizer)
     scheduler = make_scheduler(optimizer, cfg.rl.warmup_steps, cfg.rl.steps, decay=False)
     # Data-parallel ranks share the prompt order but sample with their own streams.
     sampler = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 1 + dist.rank())

@@ -38,7 +38,7 @@ def run_sft(model, tokenizer, examples: list[Example], cfg: Config, device,
     if scfg.steps == 0:
         return
     prompts, responses = encode_demonstrations(tokenizer, examples, io)
-    optimizer = make_optimizer(model, scfg.lr, cfg.train.weight_decay)
+    optimizer = make_optimizer(model, scfg.lr, cfg.train.weight_decay, shard=cfg.parallel.zero_optimizer)
     scheduler = make_scheduler(optimizer, scfg.warmup_steps, scfg.steps, decay=True)
     rng = random.Random(cfg.train.seed)
     order: list[int] = []

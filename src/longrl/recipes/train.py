@@ -71,6 +71,9 @@ def train(cfg: Config) -> dict:
     ctx = dist.init_from_env()  # torchrun: one process per rank; otherwise a single process
     device = ctx.device if ctx.world > 1 else pick_device(cfg.model.device)
     main = dist.is_main()  # only the main rank writes files and prints
+    if cfg.parallel.zero_optimizer and ctx.world == 1:
+        raise UserError("parallel.zero_optimizer=true shards the optimizer over torchrun processes; run under "
+                        "torchrun --nproc-per-node N, or drop it for one process")
     if cfg.rollout.partial and cfg.parallel.sp_size > 1:
         raise UserError("rollout.partial=true (APRIL) runs with data parallelism but not with sequence parallelism yet: "
                         "use parallel.sp_size=1 or rollout.partial=false")
@@ -172,6 +175,8 @@ def checkpoint(run_dir, step, model, tokenizer, state, results, cfg) -> None:
     Each rank's own state (sampler, data cursor, APRIL's parked samples, RNG) is gathered
     into the checkpoint, so a resumed torchrun run continues every rank where it was."""
     ranks = dist.all_gather_object(_rank_state(state)) if dist.world() > 1 else [_rank_state(state)]
+    if hasattr(state.optimizer, "consolidate_state_dict"):  # ZeRO-1: the moments are gathered on rank 0
+        state.optimizer.consolidate_state_dict(to=0)
     if dist.is_main():
         save_checkpoint(run_dir, step, model, tokenizer, _trainer_state(state, results, ranks), cfg.run.keep_checkpoints)
     dist.barrier()
