@@ -159,6 +159,9 @@ class RLConfig:
     against the frozen post-SFT policy (`rl.dpo_beta`; `recipes/dpo.py`)."""
     dpo_beta: float = 0.1
     """DPO's beta: how far the policy may move from the reference (with rl.algorithm=dpo)."""
+    dpo_source: str = "online"
+    """Where DPO's pairs come from: 'online' (the policy's samples, labelled by the verifier) or
+    'data' (each training line's "chosen" and "rejected" responses, e.g. a JSONL task)."""
     prompts_per_step: int = 16
     """Prompts (groups) per step."""
     group_size: int = 8
@@ -302,6 +305,7 @@ class Config:
                     raise UserError(f"{key}={value} must be at least 1")
         _choice("rl.algorithm", self.rl.algorithm, ["grpo", "dpo"])
         if self.rl.algorithm == "dpo":
+            _choice("rl.dpo_source", self.rl.dpo_source, ["online", "data"])
             if self.rl.dpo_beta <= 0:
                 raise UserError(f"rl.dpo_beta={self.rl.dpo_beta} must be positive")
             if self.rollout.partial:

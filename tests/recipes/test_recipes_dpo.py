@@ -60,7 +60,7 @@ def _step_grads(model, cfg, monkeypatch):
     return grads, metrics, roll
 
 
-def _reference_grads(model, roll, beta):
+def _reference_grads(model, roll, beta, pairs=None):
     """Brute force: full logits of every pair's chosen and rejected sequence, one loss, one backward."""
     ref_model = grpo.copy.deepcopy(model)
 
@@ -70,7 +70,7 @@ def _reference_grads(model, roll, beta):
         targets = ids[0, 1:]
         return logp.gather(-1, targets[:, None]).squeeze(-1)[len(roll.prompt_ids[i]) - 1:].sum()
 
-    pairs = dpo.pick_pairs(roll.rewards, G)
+    pairs = dpo.pick_pairs(roll.rewards, G) if pairs is None else pairs
     model.zero_grad()
     loss = 0.0
     for c, r in pairs:
@@ -104,3 +104,84 @@ def test_config_refuses_what_dpo_does_not_run():
         load_config(None, ["rl.algorithm=dpo", "rl.dpo_beta=0"])
     with pytest.raises(UserError, match="rl.algorithm"):
         load_config(None, ["rl.algorithm=ppo"])
+
+
+# ---- offline DPO: pairs from the data's "chosen" / "rejected" responses ---------------------
+
+
+def _preference_file(path, n=40, broken_line=None):
+    import json
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for i in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        line = {"prompt": f"{a}+{b}=", "answer": str(a + b), "chosen": f"<answer>{a + b}</answer>",
+                "rejected": f"<answer>{a + b + rng.randint(1, 9)}</answer>"}
+        if i == broken_line:
+            del line["rejected"]
+        lines.append(json.dumps(line))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_offline_dpo_step_gradient_equals_the_full_batch_reference(tmp_path):
+    from longrl.data.registry import load_task
+    from longrl.models.tiny import build_tiny_tokenizer
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_tiny_tokenizer()
+    cfg = load_config(None, ["task.name=jsonl", f"task.train_file={_preference_file(tmp_path / 'p.jsonl')}",
+                             "rl.algorithm=dpo", "rl.dpo_source=data", "rl.dpo_beta=0.2", "rl.prompts_per_step=5",
+                             "rl.micro_batch_size=4", "train.stream_chunk=3"])
+    task = load_task(cfg.task)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).double()
+    state = grpo.init_state(model, cfg, n_train=len(task.train))
+    examples = [task.train[i] for i in grpo.DataCursor(cfg.train.seed, len(task.train)).take(5)]
+    prompts, responses, pairs = dpo.data_pairs(tok, task, cfg, grpo.GRPOState(None, None, None,
+                                                                              grpo.DataCursor(cfg.train.seed, len(task.train))))
+    assert pairs == [(i, 5 + i) for i in range(5)]
+    assert tok.decode(responses[0][:-1]) == examples[0].meta["chosen"] and responses[0][-1] == tok.eos_token_id
+    roll = SimpleNamespace(prompt_ids=prompts, response_ids=responses,
+                           rewards=torch.tensor([1.0] * 5 + [0.0] * 5))
+    reference = _reference_grads(grpo.copy.deepcopy(model), roll, beta=0.2, pairs=pairs)
+    grads = {}
+
+    def capture(model, optimizer, scheduler, grad_clip):
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return 0.0
+
+    original, dpo.clip_and_step = dpo.clip_and_step, capture
+    try:
+        metrics = dpo.dpo_step(model, tok, task, cfg, state)
+    finally:
+        dpo.clip_and_step = original
+    assert metrics["dpo/pairs"] == 5
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], atol=1e-12, rtol=1e-9, msg=name)
+
+
+def test_offline_dpo_trains_end_to_end_and_bad_data_is_refused(tmp_path, capsys):
+    import json
+
+    from longrl.cli import main
+
+    tiny = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
+            "task.name=jsonl", "task.n_eval=4", "sft.steps=0", "rl.steps=12", "rl.prompts_per_step=8",
+            "rl.lr=3e-3", "rl.warmup_steps=0", "rl.algorithm=dpo", "rl.dpo_source=data", "rl.dpo_beta=0.5",
+            "rl.eval_every=0", "eval.max_new_tokens=8", "run.progress=false"]
+    good = _preference_file(tmp_path / "good.jsonl")
+    assert main(["train", f"task.train_file={good}", f"run.out_dir={tmp_path}", "run.name=d", *tiny]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in recs if r["phase"] == "rl" and r["step"] > 0]
+    assert rl[0]["loss/dpo"] == pytest.approx(math.log(2), rel=1e-5)  # policy == reference at the start
+    assert rl[-1]["loss/dpo"] < 0.6 and rl[-1]["dpo/accuracy"] > 0.5  # it learns to prefer the chosen answers
+    bad = _preference_file(tmp_path / "bad.jsonl", broken_line=3)
+    capsys.readouterr()
+    assert main(["train", f"task.train_file={bad}", f"run.out_dir={tmp_path}", "run.name=b", *tiny]) == 2
+    assert '"chosen" and "rejected"' in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -11,6 +11,10 @@ per group (the first best and the first worst sample), groups whose samples all 
 same give no pair; the loss is divided by the number of pairs in the whole step over every
 data-parallel rank, so micro-batches and ranks sum to the full-batch gradient (tested).
 Rollouts, data parallelism and sequence parallelism are GRPO's (`recipes/grpo.py`).
+
+Offline DPO (`rl.dpo_source=data`): the pairs are the training lines' own "chosen" and
+"rejected" responses (JSONL fields next to "prompt" and "answer"), `rl.prompts_per_step`
+of them per step in the shared prompt order; nothing is sampled.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 
 from longrl.config import Config
 from longrl.data.registry import TaskData
+from longrl.errors import UserError
+from longrl.eval.accuracy import encode_prompts
 from longrl.parallel import dist
 from longrl.parallel.sp_train import loss_and_backward, sequence_logprobs  # Ulysses when parallel.sp_size > 1
 from longrl.recipes.common import clip_and_step
@@ -39,14 +45,42 @@ def pick_pairs(rewards: torch.Tensor, group_size: int) -> list[tuple[int, int]]:
     return pairs
 
 
+def check_preference_data(task: TaskData) -> None:
+    """`rl.dpo_source=data` needs "chosen" and "rejected" responses on every training example."""
+    for ex in task.train:
+        if not all(isinstance(ex.meta.get(k), str) and ex.meta[k] for k in ("chosen", "rejected")):
+            raise UserError(f'example {ex.id!r}: rl.dpo_source=data needs "chosen" and "rejected" response strings '
+                            'on every training line (e.g. "<answer>7</answer>"); or use rl.dpo_source=online')
+
+
+def data_pairs(tokenizer, task: TaskData, cfg: Config, state: GRPOState):
+    """This replica's share of the step's `rl.prompts_per_step` preference examples, in the
+    shared prompt order: (prompt ids, response ids, pairs) with rows [chosen..., rejected...]."""
+    lay = dist.layout()
+    step = state.cursor.take(cfg.rl.prompts_per_step)
+    examples = [task.train[step[j]] for j in dist.shard_indices(len(step), lay.dp_rank, lay.dp_size)]
+    prompts = encode_prompts(tokenizer, examples)
+    tokens = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]  # noqa: E731
+    n = len(examples)
+    responses = [tokens(ex.meta["chosen"]) for ex in examples] + [tokens(ex.meta["rejected"]) for ex in examples]
+    return prompts + prompts, responses, [(i, n + i) for i in range(n)]
+
+
 def dpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, io=None) -> dict:
-    """One online-DPO step; returns its metrics (the same rollout metrics as `grpo_step`)."""
+    """One DPO step; returns its metrics. Pairs come from the policy's own samples labelled
+    by the verifier (`rl.dpo_source=online`, the same rollout metrics as `grpo_step`) or
+    from the data's "chosen"/"rejected" responses (`rl.dpo_source=data`)."""
     rcfg, G = cfg.rl, cfg.rl.group_size
     t0 = time.time()
-    roll, metrics = collect(model, tokenizer, task, cfg, state, io)
+    if rcfg.dpo_source == "data":
+        prompt_ids, response_ids, pairs = data_pairs(tokenizer, task, cfg, state)
+        metrics = {}
+    else:
+        roll, metrics = collect(model, tokenizer, task, cfg, state, io)
+        pairs = pick_pairs(roll.rewards, G)
+        prompt_ids, response_ids = roll.prompt_ids, roll.response_ids
+        metrics["rollout/groups"] = len(roll.examples) // G
     t_rollout = time.time() - t0
-    pairs = pick_pairs(roll.rewards, G)
-    metrics["rollout/groups"] = len(roll.examples) // G
     n_total = dist.all_reduce_sum(float(len(pairs)), dist.layout().dp_group)  # the step's normaliser
     metrics["dpo/pairs"] = n_total  # the whole step's, over every data-parallel rank
     temperature = cfg.rollout.temperature or 1.0
@@ -58,8 +92,7 @@ def dpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, io
     for s in range(0, len(pairs), per_micro):
         part = pairs[s : s + per_micro]
         rows = [c for c, _ in part] + [r for _, r in part]  # chosen rows, then rejected rows
-        mb = make_batch([roll.prompt_ids[i] for i in rows], [roll.response_ids[i] for i in rows],
-                        tokenizer.pad_token_id).to(device)
+        mb = make_batch([prompt_ids[i] for i in rows], [response_ids[i] for i in rows], tokenizer.pad_token_id).to(device)
         n = len(part)
         ref = (sequence_logprobs(state.reference, mb, chunk, temperature) * mb.mask).sum(-1)  # [2n]
 

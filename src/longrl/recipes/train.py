@@ -29,7 +29,7 @@ from longrl.models.load import load_policy
 from longrl.parallel import dist
 from longrl.parallel.sp_train import check_sp_model
 from longrl.recipes.common import progress
-from longrl.recipes.dpo import dpo_step
+from longrl.recipes.dpo import check_preference_data, dpo_step
 from longrl.recipes.grpo import DataCursor, GRPOState, grpo_step, init_state, needs_reference
 from longrl.recipes.sft import run_sft
 from longrl.utils import (atomic_write_json, atomic_write_text, pick_device, quiet_libraries, rng_state,
@@ -84,6 +84,8 @@ def train(cfg: Config) -> dict:
     seed_everything(cfg.train.seed)
     # Everything that can fail on bad input happens before the run directory is touched.
     task, io, load = load_task_and_io(cfg)
+    if cfg.rl.algorithm == "dpo" and cfg.rl.dpo_source == "data":
+        check_preference_data(task)
     if resume_ckpt is None:
         model, tokenizer = load(cfg.model, device)
         warning = demonstration_length_warning(task, tokenizer, cfg) if io is None and main else None
@@ -140,7 +142,8 @@ def train(cfg: Config) -> dict:
             metrics.update(final)
             results["accuracy_after_rl"] = final["eval/accuracy"]
         log({"phase": "rl", "step": step, **metrics})
-        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+        live = {"reward": metrics["reward/mean"]} if "reward/mean" in metrics else {"dpo_loss": metrics.get("loss/dpo", 0.0)}
+        bar.set_postfix(**{k: f"{v:.3f}" for k, v in live.items()},
                         acc=f"{metrics['eval/accuracy']:.3f}" if "eval/accuracy" in metrics else "-")
         bar.update(1)
         if step % cfg.run.save_every == 0 or step == cfg.rl.steps:
