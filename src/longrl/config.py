@@ -70,6 +70,10 @@ class ModelConfig:
     """Parameter dtype: float32, bfloat16 or float16."""
     device: str = "auto"
     """'auto' (cuda when available, else cpu), 'cpu' or 'cuda'."""
+    system_prompt: str = "auto"
+    """System message for chat-template (instruct) models: 'auto' asks for the response format
+    (`longrl.models.load.FORMAT_INSTRUCTION`: reasoning in <think>, final answer in <answer>);
+    '' sends none; any other text is sent as it is. Unused by the tiny model (no template)."""
 
 
 @dataclass

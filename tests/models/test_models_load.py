@@ -43,3 +43,27 @@ def test_local_directory_loads_and_trains(tmp_path, arch):
     assert summary["rl_steps"] == 1
     again, _ = load_policy(ModelConfig(path=summary["checkpoint"]), torch.device("cpu"))
     assert type(again) is type(model)
+
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.mark.parametrize("setting,system", [("auto", "FORMAT"), ("", None), ("Answer in French.", "Answer in French.")])
+def test_chat_models_are_told_the_response_format(tmp_path, setting, system):
+    from longrl.eval.accuracy import encode_prompts
+    from longrl.models.load import FORMAT_INSTRUCTION, format_prompt
+    from longrl.data.example import Example
+
+    path = _save(tmp_path, "qwen2")
+    tok = build_tiny_tokenizer()
+    tok.chat_template = CHAT
+    tok.save_pretrained(path)  # an "instruct" checkpoint: its tokenizer has a chat template
+    _, tok = load_policy(ModelConfig(path=str(path), system_prompt=setting), torch.device("cpu"))
+    text = format_prompt(tok, "12+34=")
+    want = FORMAT_INSTRUCTION if system == "FORMAT" else system
+    head = f"<|system|>{want}\n" if want else ""
+    assert text == f"{head}<|user|>12+34=\n<|assistant|>"
+    assert tok.decode(encode_prompts(tok, [Example("e", "12+34=", "46")])[0]) == text  # rollouts and eval see it too
+    _, tiny = load_policy(ModelConfig(system_prompt=setting), torch.device("cpu"))
+    assert format_prompt(tiny, "12+34=") == "12+34="  # no template: the raw prompt

@@ -15,6 +15,12 @@ from longrl.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+FORMAT_INSTRUCTION = ("Reason step by step inside <think> </think>, then write only the final answer "
+                      "inside <answer> </answer>.")
+"""The system message `model.system_prompt=auto` gives chat models: the verifiers read the
+`<answer>` block and the format reward checks both tags, so an instruct checkpoint must be
+told the format before it can earn any reward."""
+
 
 def load_policy(cfg: ModelConfig, device: torch.device):
     """Return (model, tokenizer). The model is in train mode on `device`."""
@@ -43,7 +49,17 @@ def load_policy(cfg: ModelConfig, device: torch.device):
         tokenizer.padding_side = "left"
     model = model.to(device=device, dtype=DTYPES[cfg.dtype])
     model.config.use_cache = False
+    set_system_prompt(tokenizer, cfg.system_prompt)
     return model, tokenizer
+
+
+def set_system_prompt(tokenizer, setting: str) -> None:
+    """Attach the system message `format_prompt` uses: 'auto' gives chat-template tokenizers
+    `FORMAT_INSTRUCTION` (the tiny tokenizer has no template, so none), '' none, any other
+    text itself."""
+    if setting == "auto":
+        setting = FORMAT_INSTRUCTION if getattr(tokenizer, "chat_template", None) else ""
+    tokenizer.longrl_system_prompt = setting
 
 
 def build_tiny_gla(cfg: ModelConfig, tokenizer):
@@ -62,11 +78,12 @@ def build_tiny_gla(cfg: ModelConfig, tokenizer):
 
 def format_prompt(tokenizer, prompt: str) -> str:
     """Wrap a raw prompt in the tokenizer's chat template when it has one (real instruct
-    checkpoints); the tiny tokenizer has none and gets the raw prompt."""
+    checkpoints), after the system message `set_system_prompt` attached (model.system_prompt);
+    the tiny tokenizer has no template and gets the raw prompt."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        system = getattr(tokenizer, "longrl_system_prompt", "")
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return prompt
 
 
