@@ -106,9 +106,15 @@ class RewardConfig:
     correctness: str = "auto"
     """Answer check: 'auto' (the task's own verifier), 'exact', 'normalized', 'math', 'mcq', or
     'code' (run the answer as a Python program against the example's "tests" in a sandboxed
-    subprocess; reward = fraction passed; `longrl.rewards.code`)."""
+    subprocess; reward = fraction passed; `longrl.rewards.code`), or 'judge' (a local model
+    rates the answer: reward.judge_model)."""
     correctness_weight: float = 1.0
     """Weight of the correctness reward."""
+    judge_model: str = ""
+    """With reward.correctness=judge: a local Hugging Face causal LM that rates each answer
+    against the reference; reward = its p(yes) / (p(yes) + p(no)) (`longrl.rewards.judge`)."""
+    judge_template: str = ""
+    """The judge's question, with {question}, {reference} and {response}; empty: the default."""
     format_weight: float = 0.1
     """Weight of the format reward (<think>...</think><answer>...</answer>)."""
 
@@ -324,7 +330,9 @@ class Config:
         _choice("rollout.offpolicy", self.rollout.offpolicy, ["recompute", "mask", "tis"])
         _choice("rollout.backend", self.rollout.backend, ["hf", "vllm"])
         _choice("train.backprop", self.train.backprop, ["standard", "chunked", "checkpoint", "streambp"])
-        _choice("reward.correctness", self.reward.correctness, ["auto", "exact", "normalized", "math", "mcq", "code"])
+        _choice("reward.correctness", self.reward.correctness, ["auto", "exact", "normalized", "math", "mcq", "code", "judge"])
+        if self.reward.correctness == "judge" and not self.reward.judge_model:
+            raise UserError("reward.correctness=judge needs reward.judge_model=PATH (a local Hugging Face model directory)")
         for key, value in [
             ("rl.group_size", self.rl.group_size),
             ("rl.prompts_per_step", self.rl.prompts_per_step),

@@ -20,8 +20,9 @@ def run_eval(overrides: list[str], config: str | None = None, out: str | None = 
     seed_everything(cfg.train.seed)
     from longrl.recipes.train import load_task_and_io
 
-    task, io, load = load_task_and_io(cfg)  # video tasks: the video recipe's task, VideoIO and VLM loader
-    model, tokenizer = load(cfg.model, pick_device(cfg.model.device))
+    device = pick_device(cfg.model.device)
+    task, io, load = load_task_and_io(cfg, device)  # video tasks: the video recipe's task, VideoIO and VLM loader
+    model, tokenizer = load(cfg.model, device)
     if io is None:
         result = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
                           batch_size=cfg.eval.batch_size, return_items=out is not None)

@@ -83,7 +83,7 @@ def train(cfg: Config) -> dict:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     # Everything that can fail on bad input happens before the run directory is touched.
-    task, io, load = load_task_and_io(cfg)
+    task, io, load = load_task_and_io(cfg, device)
     if cfg.rl.algorithm == "dpo" and cfg.rl.dpo_source == "data":
         check_preference_data(task)
     if resume_ckpt is None:
@@ -237,15 +237,26 @@ def demonstration_length_warning(task, tokenizer, cfg: Config) -> str | None:
             f"will be cut off and score 0. Raise rollout.max_new_tokens and eval.max_new_tokens, or shorten the task.")
 
 
-def load_task_and_io(cfg: Config):
+def load_task_and_io(cfg: Config, device=None):
     """(task, io, load_policy): video tasks (`task.name=videos`) get the video recipe's
-    task, `VideoIO` and VLM loader; text tasks the registry, no io, `load_policy`."""
+    task, `VideoIO` and VLM loader; text tasks the registry, no io, `load_policy`. With
+    reward.correctness=judge the task's scorer is the judge model (loaded on `device`)."""
     from longrl.recipes import video
 
     if cfg.task.name != video.TASK_NAME:
-        return load_task(cfg.task, cfg.reward.correctness), None, load_policy
-    task = video.load_video_task(cfg)
-    return task, video.VideoIO(task, cfg), partial(video.load_video_policy, train_vision=cfg.video.train_vision)
+        judged = cfg.reward.correctness == "judge"
+        task, io, load = load_task(cfg.task, "auto" if judged else cfg.reward.correctness), None, load_policy
+    else:
+        task = video.load_video_task(cfg)
+        io, load = video.VideoIO(task, cfg), partial(video.load_video_policy, train_vision=cfg.video.train_vision)
+    if cfg.reward.correctness == "judge":
+        from longrl.models.load import DTYPES
+        from longrl.rewards.judge import Judge, judge_scorer
+
+        judge = Judge(cfg.reward.judge_model, device or pick_device(cfg.model.device), cfg.reward.judge_template,
+                      DTYPES[cfg.model.dtype])
+        task = replace(task, score=judge_scorer(judge))
+    return task, io, load
 
 
 def _restore(cfg: Config, ckpt: Path, device, n_train: int, load=load_policy):

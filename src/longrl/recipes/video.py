@@ -192,7 +192,8 @@ def load_video_task(cfg: Config) -> VideoTask:
     sampling = frame_sampling(cfg)
     clips: dict = {}
     train, held = _decode_all(train, sampling, "train", clips), _decode_all(held, sampling, "held-out", clips)
-    score = answer_scorer("mcq" if cfg.reward.correctness == "auto" else cfg.reward.correctness)
+    auto = cfg.reward.correctness in ("auto", "judge")  # a judge replaces the scorer later (train.load_task_and_io)
+    score = answer_scorer("mcq" if auto else cfg.reward.correctness)
     return VideoTask(f"videos:{train_file.parent.name}", train, held, score,
                      {p: c for p, c in clips.items() if c is not None}, sampling)
 
