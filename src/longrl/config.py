@@ -104,9 +104,9 @@ class TaskConfig:
 @dataclass
 class RewardConfig:
     correctness: str = "auto"
-    """Answer check: 'auto' (the task's own verifier), 'exact', 'normalized', 'math', 'mcq', or
+    """Answer check: 'auto' (the task's own verifier), 'exact', 'normalized', 'math', 'mcq',
     'code' (run the answer as a Python program against the example's "tests" in a sandboxed
-    subprocess; reward = fraction passed; `longrl.rewards.code`), or 'judge' (a local model
+    subprocess; reward = fraction passed; `longrl.rewards.code`) or 'judge' (a local model
     rates the answer: reward.judge_model)."""
     correctness_weight: float = 1.0
     """Weight of the correctness reward."""
