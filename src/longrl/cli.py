@@ -15,6 +15,7 @@ BENCHES = {
     "streambp": "longrl.bench.streambp",
     "allscan": "longrl.bench.allscan",
     "video-cache": "longrl.bench.video_cache",
+    "zero": "longrl.bench.zero",
 }
 DATA = {"videos": "longrl.data.videos"}
 
