@@ -45,9 +45,8 @@ def _rollouts(vocab):
                          torch.zeros(N * G, dtype=torch.bool), rewards, {"correctness": rewards})
 
 
-def _step_grads(model, cfg, monkeypatch):
-    roll = _rollouts(model.config.vocab_size)
-    monkeypatch.setattr(dpo, "collect", lambda *a, **k: (roll, {}))
+def _capture_grads(monkeypatch) -> dict:
+    """Replace the recipe's optimizer step with one that keeps the step's gradients (no update)."""
     grads = {}
 
     def capture(model, optimizer, scheduler, grad_clip):
@@ -55,6 +54,13 @@ def _step_grads(model, cfg, monkeypatch):
         return 0.0
 
     monkeypatch.setattr(dpo, "clip_and_step", capture)
+    return grads
+
+
+def _step_grads(model, cfg, monkeypatch):
+    roll = _rollouts(model.config.vocab_size)
+    monkeypatch.setattr(dpo, "collect", lambda *a, **k: (roll, {}))
+    grads = _capture_grads(monkeypatch)
     state = grpo.init_state(model, cfg, n_train=N)
     metrics = dpo.dpo_step(model, SimpleNamespace(pad_token_id=0), None, cfg, state)
     return grads, metrics, roll
@@ -126,7 +132,7 @@ def _preference_file(path, n=40, broken_line=None):
     return path
 
 
-def test_offline_dpo_step_gradient_equals_the_full_batch_reference(tmp_path):
+def test_offline_dpo_step_gradient_equals_the_full_batch_reference(tmp_path, monkeypatch):
     from longrl.data.registry import load_task
     from longrl.models.tiny import build_tiny_tokenizer
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -149,17 +155,8 @@ def test_offline_dpo_step_gradient_equals_the_full_batch_reference(tmp_path):
     roll = SimpleNamespace(prompt_ids=prompts, response_ids=responses,
                            rewards=torch.tensor([1.0] * 5 + [0.0] * 5))
     reference = _reference_grads(grpo.copy.deepcopy(model), roll, beta=0.2, pairs=pairs)
-    grads = {}
-
-    def capture(model, optimizer, scheduler, grad_clip):
-        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        return 0.0
-
-    original, dpo.clip_and_step = dpo.clip_and_step, capture
-    try:
-        metrics = dpo.dpo_step(model, tok, task, cfg, state)
-    finally:
-        dpo.clip_and_step = original
+    grads = _capture_grads(monkeypatch)
+    metrics = dpo.dpo_step(model, tok, task, cfg, state)
     assert metrics["dpo/pairs"] == 5
     for name in reference:
         torch.testing.assert_close(grads[name], reference[name], atol=1e-12, rtol=1e-9, msg=name)

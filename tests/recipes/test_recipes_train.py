@@ -48,6 +48,18 @@ def test_train_writes_the_run_directory(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0", "step_2", "step_4"]
 
 
+def _crashed_copy(full, crashed):
+    """A copy of the finished 4-step run `full` as a crash right after the step-2 checkpoint
+    would leave it: later checkpoints, the step-4 record and the summary never happened."""
+    if crashed != full:
+        shutil.copytree(full, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step_4")
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(lines[: len(lines) - 1]) + "\n")
+    (crashed / "summary.json").unlink(missing_ok=True)
+    return crashed
+
+
 @pytest.mark.parametrize("extra", [[], ["rl.kl_coef=0.05", "rl.dynamic_sampling=true", "rl.loss=gspo",
                                         "rl.advantage=rloo", "rl.ppo_epochs=2", "rl.overlong=soft"],
                                    ["rollout.partial=true", "rollout.offpolicy=tis", "rl.overlong=filter"],
@@ -56,13 +68,7 @@ def test_train_writes_the_run_directory(tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     assert main(["train", f"run.out_dir={tmp_path}", "run.name=full", *TINY, *extra]) == 0
     full = tmp_path / "full"
-    # A crash right after the step-2 checkpoint: later checkpoints and metrics never happened.
-    crashed = tmp_path / "crashed"
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "step_4")
-    lines = (crashed / "metrics.jsonl").read_text().splitlines()
-    (crashed / "metrics.jsonl").write_text("\n".join(lines[: len(lines) - 1]) + "\n")  # step 4 never logged
-    (crashed / "summary.json").unlink()
+    crashed = _crashed_copy(full, tmp_path / "crashed")
     assert main(["train", f"resume={crashed}", "run.progress=false"]) == 0
     assert _rl_records(crashed / "metrics.jsonl") == _rl_records(full / "metrics.jsonl")
     if "rl.algorithm=dpo" in extra:  # the format reward varies after 30 SFT steps: there are pairs to train on
@@ -77,7 +83,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, extra):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_torchrun_data_parallel_trains_and_only_rank0_writes(tmp_path):
+def _torchrun(*args):
     import os
     import subprocess
     import sys
@@ -86,8 +92,13 @@ def test_torchrun_data_parallel_trains_and_only_rank0_writes(tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "longrl", "train", f"run.out_dir={tmp_path}", "run.name=dp", *TINY]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+           "-m", "longrl", "train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+
+def test_torchrun_data_parallel_trains_and_only_rank0_writes(tmp_path):
+    r = _torchrun(f"run.out_dir={tmp_path}", "run.name=dp", *TINY)
     assert r.returncode == 0, r.stderr[-2000:]
     recs = _rl_records(tmp_path / "dp" / "metrics.jsonl")
     assert [x["step"] for x in recs] == [0, 1, 2, 3, 4]  # one writer: no duplicated records
@@ -127,22 +138,9 @@ def test_demonstrations_longer_than_the_generation_limit_are_warned_about(tmp_pa
     assert capsys.readouterr().err.count("SFT demonstrations are longer than the 12 new tokens") == 1
 
 
-def _torchrun(tmp_path, *args):
-    import os
-    import subprocess
-    import sys
-
-    from longrl.parallel.local_spawn import free_port
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "longrl", "train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-
-
 def test_april_under_torchrun_resumes_every_rank_exactly(tmp_path):
     april = ["rollout.partial=true", "rollout.over_provision=2.0", "rollout.offpolicy=tis", "rl.prompts_per_step=4"]
-    r = _torchrun(tmp_path, f"run.out_dir={tmp_path}", "run.name=full", *TINY, *april)
+    r = _torchrun(f"run.out_dir={tmp_path}", "run.name=full", *TINY, *april)
     assert r.returncode == 0, r.stderr[-2000:]
     full = tmp_path / "full"
     recs = _rl_records(full / "metrics.jsonl")
@@ -153,13 +151,8 @@ def test_april_under_torchrun_resumes_every_rank_exactly(tmp_path):
     assert not torch.equal(a["sampler"], b["sampler"])  # each rank keeps its own streams
     parked = [{s.prompt_id for s in r["april"]["buffer"]} for r in saved["ranks"]]
     assert all(parked) and not parked[0] & parked[1]  # each rank parks its own; the ranks draw disjoint prompts
-    crashed = tmp_path / "crashed"
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "step_4")
-    lines = (crashed / "metrics.jsonl").read_text().splitlines()
-    (crashed / "metrics.jsonl").write_text("\n".join(lines[: len(lines) - 1]) + "\n")
-    (crashed / "summary.json").unlink()
-    r = _torchrun(tmp_path, f"resume={crashed}", "run.progress=false")
+    crashed = _crashed_copy(full, tmp_path / "crashed")
+    r = _torchrun(f"resume={crashed}", "run.progress=false")
     assert r.returncode == 0, r.stderr[-2000:]
     assert _rl_records(crashed / "metrics.jsonl") == recs
     from safetensors.torch import load_file
@@ -174,9 +167,9 @@ def test_april_under_torchrun_resumes_every_rank_exactly(tmp_path):
 def test_zero_optimizer_under_torchrun_matches_plain_adamw_and_resumes(tmp_path):
     from safetensors.torch import load_file
 
-    r = _torchrun(tmp_path, f"run.out_dir={tmp_path}", "run.name=plain", *TINY)
+    r = _torchrun(f"run.out_dir={tmp_path}", "run.name=plain", *TINY)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _torchrun(tmp_path, f"run.out_dir={tmp_path}", "run.name=zero", *TINY, "parallel.zero_optimizer=true")
+    r = _torchrun(f"run.out_dir={tmp_path}", "run.name=zero", *TINY, "parallel.zero_optimizer=true")
     assert r.returncode == 0, r.stderr[-2000:]
     plain, zero = tmp_path / "plain", tmp_path / "zero"
     # The SFT and RL updates are the same: identical metrics and bit-equal weights.
@@ -189,10 +182,8 @@ def test_zero_optimizer_under_torchrun_matches_plain_adamw_and_resumes(tmp_path)
     saved = torch.load(zero / "checkpoints" / "step_2" / "trainer_state.pt", weights_only=False)
     plain_saved = torch.load(plain / "checkpoints" / "step_2" / "trainer_state.pt", weights_only=False)
     assert len(saved["optimizer"]["state"]) == len(plain_saved["optimizer"]["state"])
-    shutil.rmtree(zero / "checkpoints" / "step_4")
-    lines = (zero / "metrics.jsonl").read_text().splitlines()
-    (zero / "metrics.jsonl").write_text("\n".join(lines[: len(lines) - 1]) + "\n")
-    r = _torchrun(tmp_path, f"resume={zero}", "run.progress=false")
+    _crashed_copy(zero, zero)
+    r = _torchrun(f"resume={zero}", "run.progress=false")
     assert r.returncode == 0, r.stderr[-2000:]
     assert read(zero) == read(plain)
     wb = load_file(zero / "checkpoints" / "step_4" / "model.safetensors")
