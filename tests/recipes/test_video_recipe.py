@@ -93,6 +93,56 @@ def test_cached_and_uncached_logprobs_agree_for_a_rollout_batch(data_dir):
                                    atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("train_vision", [False, True])
+@pytest.mark.parametrize("rows, tol", [((0, 1, 2), 1e-9), ((0, 0, 1), 1e-7)], ids=["own-prompts", "shared-prompt"])
+def test_streambp_update_equals_the_chunked_one(data_dir, train_vision, rows, tol):
+    """One micro-batch of three rows (uneven lengths): StreamBP's layer-chunked backward on
+    whole rows gives the chunked path's loss, log-probs and every gradient, the vision
+    tower's included when it trains. Where two rows share a prompt the chunked path runs it
+    once and sums the two rows' gradients before the RMSNorm's float32 backward, StreamBP
+    after it: the same math, rounded differently (~3e-8 relative in float64)."""
+    from longrl.streambp.logprobs import make_batch
+
+    results = {}
+    for mode in ("chunked", "streambp"):
+        cfg = load_config(None, [*TINY, f"task.train_file={data_dir}/train.jsonl", f"train.backprop={mode}",
+                                 f"video.train_vision={str(train_vision).lower()}", "train.stream_chunk=5"])
+        task = V.load_video_task(cfg)
+        torch.manual_seed(0)
+        model, tok = V.load_video_policy(cfg.model, torch.device("cpu"), train_vision=train_vision)
+        model = model.double()
+        io = V.VideoIO(task, cfg)
+        io.start_step()
+        examples = [task.train[i] for i in rows]
+        prompts = io.encode_prompts(tok, examples)
+        responses = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+        batch = make_batch(prompts, responses, tok.pad_token_id)
+        weights = torch.linspace(0.5, 1.5, batch.input_ids.shape[1], dtype=torch.float64)
+
+        def loss_fn(logp):
+            return -(logp * weights).sum() + 0.1 * (logp.sum(-1) ** 2).sum()
+
+        model.zero_grad()
+        loss, _, logp = io.loss_and_backward(model, batch, examples, loss_fn, chunk=5)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[mode] = (loss, logp, grads)
+    (l_a, lp_a, g_a), (l_b, lp_b, g_b) = results["chunked"], results["streambp"]
+    torch.testing.assert_close(l_b, l_a, atol=1e-10, rtol=0)
+    torch.testing.assert_close(lp_b, lp_a, atol=1e-10, rtol=0)
+    assert g_a.keys() == g_b.keys() and any("visual" in n for n in g_a) == train_vision
+    for name in g_a:
+        err = float((g_b[name] - g_a[name]).abs().max()) / max(float(g_a[name].abs().max()), 1e-6)
+        assert err < tol, (name, err)  # relative to the gradient's largest entry (float64)
+
+
+def test_video_train_runs_with_streambp(tmp_path, data_dir):
+    assert main(["train", *TINY, f"task.train_file={data_dir}/train.jsonl", f"run.out_dir={tmp_path}",
+                 "run.name=s", "train.backprop=streambp", "train.stream_chunk=8"]) == 0
+    recs = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in recs if r["phase"] == "rl" and r["step"] > 0]
+    assert len(rl) == 2 and all(r["logprob/engine_trainer_gap"] < 1e-4 for r in rl)
+
+
 def _write_jsonl(path: Path, media: list[str]) -> None:
     lines = [json.dumps({"id": f"q{i}", "prompt": "What colour?\nA. red\nB. blue", "answer": "A", "media": [m]})
              for i, m in enumerate(media)]
@@ -134,7 +184,7 @@ def test_one_bad_video_is_skipped_with_a_count(tmp_path, data_dir, caplog):
 
 @pytest.mark.parametrize("override, message", [
     ("rollout.partial=true", "APRIL"),
-    ("train.backprop=streambp", "chunked"),
+    ("train.backprop=checkpoint", "chunked or streambp"),
     ("task.kwargs.colours=3", "task.kwargs.colours"),
 ])
 def test_unsupported_video_settings_are_refused(override, message, data_dir):

@@ -36,7 +36,12 @@ Departures:
   parallelism (sp_size 1) splits the prompts as for text. Both are tested equal to one
   process (`tests/parallel/test_parallel_sp_video.py`).
 - The update runs the chunked LM head with an ordinary backward through the layers
-  (`train.backprop=chunked`); StreamBP's sequence-chunked layer backward is text-only here.
+  (`train.backprop=chunked`, sharing each prompt's run between its rows), or StreamBP's
+  sequence-chunked layer backward on whole rows (`train.backprop=streambp`: the cached video
+  embeddings spliced into each row's token embeddings, the model's M-RoPE positions; the
+  gradient flows on into the token embeddings and a trainable tower). Equal gradients,
+  tested; StreamBP keeps activation memory independent of the row length, the point for
+  long videos. Not with sequence parallelism.
 - A trainable vision tower gets one backward per micro-batch (one per step with the default
   micro-batch >= B), through the graph of the step's single encode.
 """
@@ -103,8 +108,10 @@ def check_config(cfg: Config) -> None:
         raise UserError("task.name=videos needs task.train_file=DIR/train.jsonl (generated there if DIR does not exist)")
     if cfg.rollout.partial:
         raise UserError("rollout.partial=true (APRIL) is not supported for video yet; set rollout.partial=false")
-    if cfg.train.backprop != "chunked":
-        raise UserError(f"train.backprop={cfg.train.backprop}: the video recipe uses the chunked head only; set train.backprop=chunked")
+    if cfg.train.backprop not in ("chunked", "streambp"):
+        raise UserError(f"train.backprop={cfg.train.backprop}: the video recipe runs train.backprop=chunked or streambp")
+    if cfg.train.backprop == "streambp" and cfg.parallel.sp_size > 1:
+        raise UserError("train.backprop=streambp with parallel.sp_size>1 is not supported for video; use train.backprop=chunked")
     if cfg.video.train_vision and cfg.rl.ppo_epochs > 1:
         raise UserError("video.train_vision=true needs rl.ppo_epochs=1 (the step's single encode is stale after the first update)")
     if cfg.video.train_vision and cfg.rl.kl_coef > 0:
@@ -235,6 +242,7 @@ class VideoIO:
         from longrl.media.cache import EmbeddingCache
 
         self.task, self.train_vision = task, cfg.video.train_vision
+        self.streambp = cfg.train.backprop == "streambp"
         # Frozen tower: embeddings are constants, cached for the whole run (and on disk).
         self.cache = None if self.train_vision else EmbeddingCache(cfg.video.embed_cache_dir or None,
                                                                    max_items=len(task.clips) + 1)
@@ -458,6 +466,8 @@ class VideoIO:
             loss, metrics, logp = sp_video_loss_and_backward(model, [leaves[ex.media[0]] for ex in examples], mb,
                                                              loss_fn, lay.sp_group, chunk=chunk,
                                                              temperature=temperature)
+        elif self.streambp:
+            loss, metrics, logp = self._streambp(model, mb, examples, leaves, loss_fn, chunk, temperature)
         else:
             hidden = self._hidden(model, mb, examples, leaves)  # [b, T, D]
             head = model.get_output_embeddings()
@@ -472,6 +482,27 @@ class VideoIO:
                 if grad is not None:
                     v.embeds.backward(grad, retain_graph=True)
         return loss, metrics, logp
+
+    @staticmethod
+    def _streambp(model, mb, examples: list[Example], videos: dict, loss_fn, chunk: int, temperature: float):
+        """StreamBP on whole rows: each row's token embeddings with its video spliced in and
+        its M-RoPE positions, then `streambp.layers.loss_and_backward` (gradients flow on into
+        the embeddings: the token table and, when trainable, the video leaves)."""
+        from longrl.models.vlm import mrope_position_ids, video_inputs_embeds
+        from longrl.streambp import layers
+
+        embeds, positions = [None] * len(examples), [None] * len(examples)
+        by_video: dict[str, list[int]] = {}
+        for i, ex in enumerate(examples):
+            by_video.setdefault(ex.media[0], []).append(i)
+        for path, idx in by_video.items():
+            ids = mb.input_ids[idx]  # [n, T]
+            e = video_inputs_embeds(model, ids, videos[path])  # [n, T, D]
+            p = mrope_position_ids(model, ids, videos[path])  # [3, n, T]
+            for j, i in enumerate(idx):
+                embeds[i], positions[i] = e[j], p[:, j]
+        return layers.loss_and_backward(model, mb, loss_fn, chunk=chunk, temperature=temperature,
+                                        inputs_embeds=torch.stack(embeds), position_ids=torch.stack(positions, 1))
 
     # ---- evaluation and counts ----------------------------------------------------------
 
