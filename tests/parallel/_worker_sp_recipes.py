@@ -143,17 +143,23 @@ def _grpo_cfg(loss, loss_agg, kl_coef):
     return cfg
 
 
-def grpo_case(loss, loss_agg, kl_coef):
-    cfg = _grpo_cfg(loss, loss_agg, kl_coef)
+def _step_on_fixed_rollouts(module, step, cfg):
+    """One `step` (grpo_step or dpo_step) of `module` on this replica's fixed rollouts, with
+    every optimizer step's gradients recorded. -> (model, grads, metrics)"""
     model = _model(torch.float64, tie=False)
     state = grpo.init_state(model, cfg, n_train=N_PROMPTS)
-    grads, restore = _record_grads(grpo)
-    original_collect, grpo.collect = grpo.collect, _replica_collect
+    grads, restore = _record_grads(module)
+    original_collect, module.collect = module.collect, _replica_collect
     try:
-        metrics = grpo.grpo_step(model, TOKENIZER, None, cfg, state)
+        metrics = step(model, TOKENIZER, None, cfg, state)
     finally:
-        grpo.collect = original_collect
+        module.collect = original_collect
         restore()
+    return model, grads, metrics
+
+
+def grpo_case(loss, loss_agg, kl_coef):
+    model, grads, metrics = _step_on_fixed_rollouts(grpo, grpo.grpo_step, _grpo_cfg(loss, loss_agg, kl_coef))
     # Other metrics are means of per-replica means (as in plain data parallelism), not the
     # whole batch's; the engine/trainer gap is compared where there is one replica.
     keys = [k for k in metrics if k.startswith("loss/")] + ["grad/norm"]
@@ -168,15 +174,7 @@ def dpo_case():
     cfg.rl = replace(cfg.rl, algorithm="dpo", dpo_beta=0.5, group_size=G, prompts_per_step=N_PROMPTS,
                      micro_batch_size=4, lr=3e-2, warmup_steps=0)
     cfg.train = replace(cfg.train, stream_chunk=4)
-    model = _model(torch.float64, tie=False)
-    state = grpo.init_state(model, cfg, n_train=N_PROMPTS)
-    grads, restore = _record_grads(dpo)
-    original_collect, dpo.collect = dpo.collect, _replica_collect
-    try:
-        metrics = dpo.dpo_step(model, TOKENIZER, None, cfg, state)
-    finally:
-        dpo.collect = original_collect
-        restore()
+    model, grads, metrics = _step_on_fixed_rollouts(dpo, dpo.dpo_step, cfg)
     return {"grads": grads, "params": _params(model), "metrics": {k: metrics[k] for k in ("loss/dpo", "grad/norm")},
             "pairs": metrics["dpo/pairs"]}
 
