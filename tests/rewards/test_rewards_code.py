@@ -2,7 +2,10 @@
 fraction passed, and the reward hacks RL finds (early exit, fake output, hangs) score 0."""
 
 import json
+import os
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -30,35 +33,51 @@ def test_fraction_of_tests_passed():
     "import sys\nsys.exit(0)",  # exit before the tests: no result line
     "import os\nos._exit(0)",
     "print('\\n' + 'x' * 32 + ' 4')\nimport os\nos._exit(0)",  # a fake result without the nonce
-    "import sys\nsys.stdout.close()\ndef add(a, b): return 0",
+    "import sys\nsys.stdout.close()\ndef add(a, b): return None",
 ])
 def test_reward_hacks_score_zero(program):
     assert run_tests(program, TESTS, FAST) == 0.0
 
 
-def test_hangs_forks_and_memory_blowups_are_cut_off(tmp_path):
+def test_the_result_channel_is_not_the_programs_stdout():
+    # Its prints go nowhere and closing sys.stdout cannot stop the values coming back
+    # (add returning 0 is right for add(-1, 1) only).
+    assert run_tests("import sys\nprint('noise')\nsys.stdout.close()\ndef add(a, b): return 0", TESTS, FAST) == 0.25
+    assert run_tests("import sys\nsys.stdout.close()\ndef add(a, b): return a + b", TESTS, FAST) == 1.0
+
+
+def _running(marker: str) -> list[int]:
+    """Pids of live processes (any pid namespace) whose command line holds `marker`."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def test_hangs_forks_and_memory_blowups_are_cut_off():
     t0 = time.time()
     assert run_tests("while True:\n    pass", TESTS, SandboxLimits(timeout_s=1.0)) == 0.0
-    pid_file = tmp_path / "fork.pid"
-    fork = f"import os\nif os.fork() == 0:\n    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n    while True: pass\n"
+    marker = f"longrl-fork-{uuid.uuid4().hex}"  # the fork runs under this name, so we can look for it
+    fork = (f"import os, sys\nif os.fork() == 0:\n    os.execv(sys.executable, [sys.executable, '-c', "
+            f"'while True: pass', {marker!r}])\n")
     assert run_tests(fork + "def add(a, b): return a + b", TESTS, SandboxLimits(timeout_s=1.0)) == 1.0
-    time.sleep(0.2)
-    status = Path(f"/proc/{pid_file.read_text()}/status")  # gone, or a zombie nobody reaped yet
-    assert not status.exists() or "State:\tZ" in status.read_text()  # the fork died with the session
+    assert _running(marker) == []  # the fork died with the call
     assert time.time() - t0 < 10
     assert run_tests("x = bytearray(4 << 30)\ndef add(a, b): return a + b", TESTS,
                      SandboxLimits(memory_mb=512)) == 0.0  # MemoryError under the address-space limit
 
 
-def test_programs_run_in_a_fresh_empty_directory_that_is_removed(tmp_path):
-    probe = tmp_path / "where.txt"
-    program = f"import os\nopen({str(probe)!r}, 'w').write(os.getcwd() + '|' + ','.join(os.listdir('.')))\n"
-    assert run_tests(program, ["assert True"], FAST) == 1.0
-    cwd, listing = probe.read_text().split("|")
-    assert "longrl-sandbox-" in cwd and listing in ("", ".stdout")
-    import os
-
-    assert not os.path.exists(cwd)
+def test_programs_run_in_a_fresh_empty_directory_that_is_removed():
+    # The program reports what it sees as a test value (it cannot write outside its sandbox).
+    before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("longrl-sandbox-")}
+    program = "import os\ndef listing():\n    return os.listdir('.')\nstart = listing()\n"
+    assert run_tests(program, ["assert start == []", "assert listing() == []"], FAST) == 1.0
+    after = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("longrl-sandbox-")}
+    assert after <= before  # nothing left behind
 
 
 def test_program_comes_from_the_answer_block_fenced_or_not():

@@ -1,81 +1,184 @@
-"""Code verifier: run the response's program against the example's tests in a sandboxed
-subprocess; the reward is the fraction of tests that pass.
+"""Code verifier: run the response's program in a sandbox, have it return the values of the
+tests' expressions as data, and compare them with the expected values here, in the trainer.
+The reward is the fraction of tests that pass.
 
 `reward.correctness=code`. The program is the response's `<answer>` block (a fenced
 ```python block inside it is unwrapped). `Example.meta["tests"]` holds the tests: a list of
-Python snippets (each usually one `assert`), or one string (one test). In a JSONL task they
-come from a "tests" field; the "answer" field can hold a reference solution, which then
-serves as the SFT demonstration.
+one-line `assert`s, or one string (one test). In a JSONL task they come from a "tests" field;
+the "answer" field can hold a reference solution, which then serves as the SFT demonstration.
 
-The sandbox, per response: a fresh `python -I` process (isolated mode: no user site, no
-PYTHON* variables, the script directory not on sys.path) in a new empty temporary directory
-that is deleted afterwards, a minimal environment, its own session (the whole process group
-is killed at the end, forks included), and POSIX resource limits set by the harness before
-the program runs (soft = hard, so an unprivileged program cannot raise them): CPU seconds,
-address space, size of files written (stdout included: it goes to a file), no core dumps. The program runs first, then each test in the same
-namespace; a test passes when it raises nothing. A result counts only if the harness prints
-it after a random nonce that the parent sends on stdin and that the harness reads before
-the program runs, so a program that exits early (`sys.exit(0)`, `os._exit(0)`), crashes the
-interpreter or prints a fake result scores 0.
+A test is split here, when the task loads, into an expression and an expected value:
 
-Limits of this sandbox: it stops accidents and the reward hacks RL tends to find (early
-exit, infinite loops, memory blow-ups, stray files), not a determined attacker: the program
-runs as the training user, can read files and open sockets, and could inspect the harness's
-frames. Run untrusted code inside a container or VM (as verl's and slime's remote sandboxes
-do). POSIX only: on other systems the scorer refuses with a message.
+- `assert EXPR == VALUE` (or `VALUE == EXPR`; also `!=`, `<`, `<=`, `>`, `>=`, `in`,
+  `not in`), where VALUE is a Python literal (`ast.literal_eval`);
+- `assert EXPR is None` / `is True` / `is False` (and `is not`);
+- `assert EXPR` / `assert not EXPR`: the value's truthiness (meant for predicates such as
+  `is_palindrome('Level')`; the program's own value decides these).
+
+Only EXPR goes into the sandbox, and it may contain no comparison, so expected values never
+enter the untrusted process: it can return whatever it likes, but it scores only by
+returning the right values. The harness there runs the program, evaluates each EXPR in its
+namespace in order and writes one JSON line per test on stdout. Values travel as tagged
+JSON (None, bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict; see
+`decode`), never as objects, so the comparison here runs on plain built-in values and an
+object with a rigged `__eq__` or `__bool__` cannot even be sent. A program that fails to
+run scores 0; a test whose expression raises, or whose value is not data, fails.
+
+Departures from the earlier design (free-form test snippets run inside the sandbox after a
+nonce): tests must be one of the forms above (checked at load, with a message naming them);
+a test that is not data (e.g. `assert re.match(...)`) cannot be expressed; and a program
+that exits partway keeps the tests it answered before exiting (they were computed).
+
+Where the program runs, and what it can reach, is `rewards/sandbox.py`'s business.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
+import operator
 import os
 import re
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from longrl.data.example import Example
 from longrl.errors import UserError
 from longrl.rewards.answer import extract_answer
+from longrl.rewards.sandbox import Isolation, isolation, run_sandboxed
 
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)
 
-# Reads the nonce and the payload before any program code runs, then never exposes them as
-# module globals the program can look up by name.
+# Runs inside the sandbox. Limits first (soft = hard: the program cannot raise them), then
+# stdout is moved to a private descriptor so the program's prints go nowhere.
 _HARNESS = r"""
-import json, resource, sys
-def _run(nonce, payload):
-    for name, value in payload["limits"].items():  # soft = hard: the program cannot raise them
+import json, os, resource, sys
+def _enc(v, depth=0):
+    if depth > 64:
+        raise ValueError("too deep")
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float):
+        return float(v)
+    if isinstance(v, complex):
+        return {"complex": [v.real, v.imag]}
+    if isinstance(v, (bytes, bytearray)):
+        return {"bytes": bytes(v).hex()}
+    if isinstance(v, list):
+        return [_enc(x, depth + 1) for x in v]
+    for kind in (tuple, frozenset, set):
+        if isinstance(v, kind):
+            return {kind.__name__: [_enc(x, depth + 1) for x in v]}
+    if isinstance(v, dict):
+        return {"dict": [[_enc(k, depth + 1), _enc(x, depth + 1)] for k, x in v.items()]}
+    raise TypeError("not data: " + type(v).__name__)
+def _run(payload, exec=exec, eval=eval, compile=compile, dumps=json.dumps):  # bound first: replacing builtins cannot mute tests
+    for name, value in payload["limits"].items():
         resource.setrlimit(getattr(resource, name), (value, value))
+    out = os.fdopen(os.dup(1), "w")
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
     ns = {"__name__": "__solution__", "__builtins__": __builtins__}
-    passed = 0
     try:
         exec(compile(payload["program"], "<program>", "exec"), ns)
     except BaseException:
-        return nonce, 0
-    for test in payload["tests"]:
+        return
+    for i, expr in enumerate(payload["exprs"]):
         try:
-            exec(compile(test, "<test>", "exec"), ns)
-            passed += 1
-        except BaseException:
-            pass
-    return nonce, passed
-_nonce, _passed = _run(sys.stdin.readline().strip(), json.loads(sys.stdin.read()))
-sys.stdout.flush()
-sys.stdout.write("\n%s %d\n" % (_nonce, _passed))
+            line = dumps({"i": i, "v": _enc(eval(compile(expr, "<test>", "eval"), ns))})
+        except BaseException as e:
+            line = dumps({"i": i, "error": type(e).__name__})
+        out.write(line + "\n")
+        out.flush()
+_run(json.loads(sys.stdin.buffer.read()))
 """
+
 
 @dataclass
 class SandboxLimits:
     timeout_s: float = 5.0
     """Wall-clock limit per response (the CPU limit is this plus one second)."""
     memory_mb: int = 1024
-    """Address-space limit of the process."""
+    """Address-space limit of each process."""
     file_mb: int = 16
     """Largest file the program may write."""
+    disk_mb: int = 32
+    """Total it may write (a tmpfs of this size; enforced by the bwrap tier only)."""
+    output_mb: float = 4.0
+    """Most it may send back (the tests' values); past this the response scores 0."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One test, split: `expr` runs in the sandbox; `expected` and `op` stay here."""
+
+    expr: str
+    op: str
+    """A comparison operator ('==', 'in', 'is', ...), or 'truthy' / 'falsy'."""
+    expected: Any = None
+    value_first: bool = True
+    """`value op expected` (True) or `expected op value` (False, when the literal is on the left)."""
+
+    def passes(self, value: Any) -> bool:
+        if self.op in ("truthy", "falsy"):
+            return bool(value) == (self.op == "truthy")
+        fn = _OPS[self.op]
+        return bool(fn(value, self.expected) if self.value_first else fn(self.expected, value))
+
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt,
+    ">=": operator.ge, "in": lambda a, b: a in b, "not in": lambda a, b: a not in b,
+    "is": operator.is_, "is not": operator.is_not,
+}
+_AST_OPS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=",
+            ast.In: "in", ast.NotIn: "not in", ast.Is: "is", ast.IsNot: "is not"}
+_FORMS = ('write each test as "assert EXPR == VALUE" (VALUE a Python literal; also !=, <, <=, >, >=, in, '
+          'not in, "is None/True/False"), "assert EXPR" or "assert not EXPR", with no other comparison in '
+          'EXPR: expected values are compared outside the sandbox')
+
+
+def _literal(node: ast.expr) -> tuple[bool, Any]:
+    try:
+        return True, ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False, None
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_test(src: str) -> Check:
+    """Split one test into the expression the sandbox evaluates and what it is compared with.
+    ValueError names what is wrong when `src` is not one of the supported forms."""
+    try:
+        tree = ast.parse(src.strip())
+    except SyntaxError as e:
+        raise ValueError(f"test {src!r} does not parse ({e.msg})") from None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
+        raise ValueError(f"test {src!r} is not one assert statement")
+    test = tree.body[0].test
+    if isinstance(test, ast.Compare) and len(test.ops) == 1:
+        op = _AST_OPS[type(test.ops[0])]
+        left, right = test.left, test.comparators[0]
+        (right_lit, right_val), (left_lit, left_val) = _literal(right), _literal(left)
+        if right_lit:
+            check = Check(ast.unparse(left), op, right_val, value_first=True)
+        elif left_lit:
+            check = Check(ast.unparse(right), op, left_val, value_first=False)
+        else:
+            raise ValueError(f"test {src!r} compares two expressions; one side must be a Python literal")
+        if op in ("is", "is not") and not any(check.expected is c for c in (None, True, False)):
+            raise ValueError(f"test {src!r} uses 'is' with a value other than None, True or False")
+    elif isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        check = Check(ast.unparse(test.operand), "falsy")
+    else:
+        check = Check(ast.unparse(test), "truthy")
+    expr = ast.parse(check.expr, mode="eval")
+    if any(isinstance(n, (ast.Compare, ast.BoolOp)) for n in ast.walk(expr)):
+        raise ValueError(f"test {src!r} has a comparison or and/or inside its expression")
+    return check
 
 
 def program_of(response_text: str) -> str | None:
@@ -88,57 +191,104 @@ def program_of(response_text: str) -> str | None:
 
 
 def tests_of(example: Example) -> list[str]:
-    """The example's tests as a list of snippets; UserError when missing or malformed."""
+    """The example's tests as a list of snippets; UserError when missing, malformed or not
+    one of the forms the trainer can compare (see the module docstring)."""
     tests = example.meta.get("tests")
     if isinstance(tests, str):
         tests = [tests]
     if not isinstance(tests, list) or not tests or not all(isinstance(t, str) and t.strip() for t in tests):
         raise UserError(f'example {example.id!r}: reward.correctness=code needs "tests": a non-empty list of Python '
                         'snippets (e.g. ["assert add(1, 2) == 3"]) or one string')
+    for t in tests:
+        try:
+            parse_test(t)
+        except ValueError as e:
+            raise UserError(f"example {example.id!r}: {e}; {_FORMS}") from None
     return tests
 
 
-def run_tests(program: str, tests: list[str], limits: SandboxLimits | None = None) -> float:
-    """Fraction of `tests` that pass after `program` runs, in the sandbox described above."""
-    if os.name != "posix":
-        raise UserError("reward.correctness=code runs programs under POSIX resource limits; use Linux or macOS")
+def decode(node: Any, depth: int = 0) -> Any:
+    """A value the sandbox sent (tagged JSON) as a plain built-in value; ValueError if malformed."""
+    if depth > 64:
+        raise ValueError("nested too deep")
+    if node is None or type(node) in (bool, int, float, str):
+        return node
+    if type(node) is list:
+        return [decode(x, depth + 1) for x in node]
+    if type(node) is not dict or len(node) != 1:
+        raise ValueError("not a tagged value")
+    (tag, body), = node.items()
+    if tag == "bytes" and type(body) is str:
+        return bytes.fromhex(body)
+    if type(body) is not list:
+        raise ValueError(f"bad {tag!r} value")
+    if tag == "complex" and len(body) == 2 and all(type(x) in (int, float) for x in body):
+        return complex(body[0], body[1])
+    items = [decode(x, depth + 1) for x in body]
+    if tag in ("tuple", "set", "frozenset"):
+        return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
+    if tag == "dict" and all(type(kv) is list and len(kv) == 2 for kv in items):
+        return {k: v for k, v in items}
+    raise ValueError(f"bad tagged value {tag!r}")
+
+
+def _answers(stdout: bytes, n: int) -> dict[int, Any]:
+    """The first valid value sent for each test index; malformed lines are ignored."""
+    values: dict[int, Any] = {}
+    for line in stdout.splitlines():
+        try:
+            record = json.loads(line)
+            i = record["i"]
+            if type(i) is int and 0 <= i < n and i not in values and "v" in record:
+                values[i] = decode(record["v"])
+        except (ValueError, TypeError, KeyError, RecursionError, MemoryError):  # a hostile line is just no answer
+            continue
+    return values
+
+
+def _passes(check: Check, value: Any) -> bool:
+    try:
+        return check.passes(value)
+    except Exception:  # e.g. '<' between a str and an int: the test fails, as it would in Python
+        return False
+
+
+def run_tests(program: str, tests: list[str], limits: SandboxLimits | None = None,
+              isolation_tier: str = "auto") -> float:
+    """Fraction of `tests` whose expression, evaluated after `program` in the sandbox, returns
+    a value that compares as the test says. `isolation_tier`: 'auto' or one of sandbox.TIERS."""
     limits = limits or SandboxLimits()
-    nonce = secrets.token_hex(16)
+    try:
+        checks = [parse_test(t) for t in tests]
+    except ValueError as e:
+        raise UserError(f"{e}; {_FORMS}") from None
     rlimits = {"RLIMIT_CPU": int(limits.timeout_s) + 1, "RLIMIT_AS": limits.memory_mb << 20,
                "RLIMIT_FSIZE": limits.file_mb << 20, "RLIMIT_CORE": 0}
-    payload = json.dumps({"program": program, "tests": tests, "limits": rlimits})
-    with tempfile.TemporaryDirectory(prefix="longrl-sandbox-") as cwd:
-        env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "PYTHONHASHSEED": "0", "LANG": "C.UTF-8"}
-        # stdout goes to a file under the size limit, so a flood of prints cannot fill our memory
-        with open(os.path.join(cwd, ".stdout"), "w+b") as sink:
-            proc = subprocess.Popen([sys.executable, "-I", "-c", _HARNESS], stdin=subprocess.PIPE, stdout=sink,
-                                    stderr=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True)
-            try:
-                proc.communicate(f"{nonce}\n{payload}".encode(), timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the whole session: forks that outlive it too
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-            sink.seek(max(0, os.fstat(sink.fileno()).st_size - 4096))
-            out = sink.read()
-    for line in reversed(out.decode(errors="replace").splitlines()):
-        head, _, count = line.partition(" ")
-        if head == nonce and count.isdigit():
-            return min(int(count), len(tests)) / len(tests)
-    return 0.0
+    payload = json.dumps({"program": program, "exprs": [c.expr for c in checks], "limits": rlimits})
+    run = run_sandboxed(_HARNESS, payload.encode(), _resolve(isolation_tier), timeout_s=limits.timeout_s,
+                        disk_mb=limits.disk_mb, output_mb=limits.output_mb)
+    if run.truncated:
+        return 0.0
+    values = _answers(run.stdout, len(checks))
+    passed = sum(_passes(c, values[i]) for i, c in enumerate(checks) if i in values)
+    return passed / len(checks)
 
 
-def code_scorer(limits: SandboxLimits | None = None):
-    """`correctness(response_text, example)` for `reward.correctness=code`."""
+def _resolve(tier: str) -> Isolation:
+    if os.name != "posix":
+        raise UserError("reward.correctness=code runs programs in a POSIX sandbox; use Linux (or macOS)")
+    return isolation(tier)
+
+
+def code_scorer(limits: SandboxLimits | None = None, isolation_tier: str = "auto"):
+    """`correctness(response_text, example)` for `reward.correctness=code`. Picks the sandbox
+    tier now, so that a weak one is announced when the run starts, not at the first reward."""
+    _resolve(isolation_tier)
 
     def score(response_text: str, example: Example) -> float:
         program = program_of(response_text)
         if program is None or not program.strip():
             return 0.0
-        return run_tests(program, tests_of(example), limits)
+        return run_tests(program, tests_of(example), limits, isolation_tier)
 
     return score
