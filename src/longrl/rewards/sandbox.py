@@ -95,7 +95,7 @@ def bwrap_argv(disk_mb: int) -> list[str]:
     python, prefix = _interpreter()
     argv = ["bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID), "--hostname", "sandbox",
-            "--die-with-parent", "--new-session", "--clearenv"]
+            "--as-pid-1", "--die-with-parent", "--new-session", "--clearenv"]
     for key, value in _ENV.items():
         argv += ["--setenv", key, value]
     argv += ["--ro-bind", "/usr", "/usr"]
