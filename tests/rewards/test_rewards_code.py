@@ -14,7 +14,8 @@ from longrl.config import TaskConfig
 from longrl.data.example import Example
 from longrl.data.registry import load_task
 from longrl.errors import UserError
-from longrl.rewards.code import SandboxLimits, program_of, run_tests
+from longrl.rewards.code import Check, SandboxLimits, decode, parse_test, program_of, run_tests
+from longrl.rewards.code import tests_of as checked_tests  # (not named test*: pytest would collect it)
 from longrl.rewards.verifiers import answer_scorer
 
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4", "assert add('a', 'b') == 'ab'"]
@@ -111,3 +112,76 @@ def test_the_shipped_code_examples_pass_with_their_reference_solutions():
     for ex in task.train + task.eval:
         assert task.score(f"<answer>{ex.answer}</answer>", ex) == 1.0, ex.id
         assert task.score("<answer>pass</answer>", ex) == 0.0, ex.id
+
+
+@pytest.mark.parametrize("test, check", [
+    ("assert add(1, 2) == 3", Check("add(1, 2)", "==", 3)),
+    ("assert 3 == add(1, 2)", Check("add(1, 2)", "==", 3, value_first=False)),
+    ("assert f(-1, 2 ** 3) != (1, 'a')", Check("f(-1, 2 ** 3)", "!=", (1, "a"))),
+    ("assert 2 < f(x)", Check("f(x)", "<", 2, value_first=False)),
+    ("assert f(x)[0] in {1, 2}", Check("f(x)[0]", "in", {1, 2})),
+    ("assert f() is None", Check("f()", "is", None)),
+    ("assert is_palindrome('Level')", Check("is_palindrome('Level')", "truthy")),
+    ("assert not is_palindrome('abc'), 'message'", Check("is_palindrome('abc')", "falsy")),
+    ("assert math.isclose(celsius(0), -17.8, abs_tol=0.05)", Check("celsius(0)", "isclose", (-17.8, 1e-9, 0.05))),
+    ("assert abs(-17.8 - celsius(0)) <= 0.1", Check("celsius(0)", "abs<=", (-17.8, 0.1))),
+])
+def test_a_test_splits_into_the_sandboxed_expression_and_the_expected_value(test, check):
+    assert parse_test(test) == check
+
+
+@pytest.mark.parametrize("test, why", [
+    ("assert add(1, 2) == 3 and add(2, 2) == 4", "and/or"),  # the comparisons would run in the sandbox
+    ("assert (add(1, 2) == 3) == True", "comparison"),
+    ("assert abs(f(x) - 2.5) < tol", "tolerance must be a literal"),
+    ("assert f(x) - 2.5 == 0", "arithmetic with a literal"),  # f's value would receive 2.5
+    ("assert f() == g()", "one side must be a Python literal"),
+    ("assert f() is 3", "other than None, True or False"),
+    ("x = f()\nassert x == 3", "not one assert statement"),
+    ("assert f(", "does not parse"),
+])
+def test_tests_whose_expected_value_would_enter_the_sandbox_are_refused(test, why):
+    with pytest.raises(ValueError, match=why):
+        parse_test(test)
+    with pytest.raises(UserError, match=f"example 'e'.*{why}.*write each test as"):
+        checked_tests(Example("e", "p", "", meta={"tests": ["assert add(1, 2) == 3", test]}))
+
+
+def test_values_come_back_as_the_python_values_they_were():
+    # One sandbox run per program; each value compared here with the literal the test names.
+    program = ("def f(k):\n    return [(1, 'a'), {2, 3}, frozenset({4}), {'k': [None, True]}, b'\\x00\\xff', 1 + 2j,"
+               " 2.5, -7, {(1, 2): {3}}][k]")
+    tests = ["assert f(0) == (1, 'a')", "assert f(1) == {2, 3}", "assert f(2) == {4}",
+             "assert f(3) == {'k': [None, True]}", "assert f(4) == b'\\x00\\xff'", "assert f(5) == 1 + 2j",
+             "assert f(6) == 2.5", "assert f(7) == -7", "assert f(8) == {(1, 2): {3}}"]
+    assert run_tests(program, tests, FAST) == 1.0
+    # and as strictly as Python compares them: a list is not a tuple, 'a' is not b'a', 2.5 is not 2
+    wrong = ["assert f(0) == [1, 'a']", "assert f(4) == '\\x00\\xff'", "assert f(6) == 2", "assert f(7) == -7.5"]
+    assert run_tests(program, wrong, FAST) == 0.0
+    assert decode({"tuple": [1, {"set": ["a"]}]}) == (1, {"a"})
+    for bad in ({"obj": 1}, {"tuple": 1}, {"dict": [[1]]}, {"tuple": [1], "set": [2]}, {"bytes": "zz"}):
+        with pytest.raises(ValueError):
+            decode(bad)
+
+
+def test_float_tolerances_are_compared_here():
+    program = "def celsius(f):\n    return (f - 32) * 5 / 9"
+    assert run_tests(program, ["assert math.isclose(celsius(0), -17.78, abs_tol=0.01)",
+                               "assert abs(celsius(0) - -17.8) < 0.05", "assert abs(celsius(212) - 100) <= 0"], FAST) == 1.0
+    assert run_tests(program, ["assert math.isclose(celsius(0), -17.8)", "assert abs(celsius(0) - -17.8) < 0.01",
+                               "assert math.isclose(celsius, 1.0)"], FAST) == 0.0  # too far; not a number
+
+
+def test_a_program_that_dies_partway_keeps_the_tests_it_answered():
+    program = "import os\ndef add(a, b):\n    if a == 2:\n        os._exit(0)\n    return a + b"
+    assert run_tests(program, TESTS, FAST) == 0.5  # add(1, 2) and add(-1, 1) were answered, right
+
+
+def test_jsonl_code_task_refuses_a_test_the_trainer_cannot_compare(tmp_path):
+    lines = [{"prompt": f"Write add(a, b) #{i}.", "answer": "def add(a, b):\n    return a + b", "tests": TESTS}
+             for i in range(10)]
+    lines[3]["tests"] = ["assert add(1, 2) == 3 or True"]
+    path = tmp_path / "code.jsonl"
+    path.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    with pytest.raises(UserError, match="and/or"):
+        load_task(TaskConfig(name="jsonl", train_file=str(path)), correctness="code")

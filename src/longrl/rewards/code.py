@@ -12,11 +12,14 @@ A test is split here, when the task loads, into an expression and an expected va
 - `assert EXPR == VALUE` (or `VALUE == EXPR`; also `!=`, `<`, `<=`, `>`, `>=`, `in`,
   `not in`), where VALUE is a Python literal (`ast.literal_eval`);
 - `assert EXPR is None` / `is True` / `is False` (and `is not`);
+- `assert math.isclose(EXPR, VALUE, rel_tol=.., abs_tol=..)` and `assert abs(EXPR - VALUE) < TOL`
+  (or `<=`), for floats;
 - `assert EXPR` / `assert not EXPR`: the value's truthiness (meant for predicates such as
   `is_palindrome('Level')`; the program's own value decides these).
 
-Only EXPR goes into the sandbox, and it may contain no comparison, so expected values never
-enter the untrusted process: it can return whatever it likes, but it scores only by
+Only EXPR goes into the sandbox, and it may contain no comparison, and/or, or arithmetic
+between a value and a literal (literals there are inputs: call arguments, indices), so
+expected values never enter the untrusted process: it can return whatever it likes, but it scores only by
 returning the right values. The harness there runs the program, evaluates each EXPR in its
 namespace in order and writes one JSON line per test on stdout. Values travel as tagged
 JSON (None, bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict; see
@@ -37,6 +40,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import math
 import operator
 import os
 import re
@@ -117,7 +121,8 @@ class Check:
 
     expr: str
     op: str
-    """A comparison operator ('==', 'in', 'is', ...), or 'truthy' / 'falsy'."""
+    """A comparison operator ('==', 'in', 'is', ...), 'truthy' / 'falsy', or a tolerance:
+    'isclose' (expected = (value, rel_tol, abs_tol)), 'abs<' / 'abs<=' (expected = (value, tol))."""
     expected: Any = None
     value_first: bool = True
     """`value op expected` (True) or `expected op value` (False, when the literal is on the left)."""
@@ -125,6 +130,14 @@ class Check:
     def passes(self, value: Any) -> bool:
         if self.op in ("truthy", "falsy"):
             return bool(value) == (self.op == "truthy")
+        if self.op in ("isclose", "abs<", "abs<="):
+            if type(value) not in (int, float):
+                return False
+            if self.op == "isclose":
+                target, rel_tol, abs_tol = self.expected
+                return math.isclose(value, target, rel_tol=rel_tol, abs_tol=abs_tol)
+            target, tol = self.expected
+            return abs(value - target) < tol if self.op == "abs<" else abs(value - target) <= tol
         fn = _OPS[self.op]
         return bool(fn(value, self.expected) if self.value_first else fn(self.expected, value))
 
@@ -137,8 +150,9 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
 _AST_OPS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=",
             ast.In: "in", ast.NotIn: "not in", ast.Is: "is", ast.IsNot: "is not"}
 _FORMS = ('write each test as "assert EXPR == VALUE" (VALUE a Python literal; also !=, <, <=, >, >=, in, '
-          'not in, "is None/True/False"), "assert EXPR" or "assert not EXPR", with no other comparison in '
-          'EXPR: expected values are compared outside the sandbox')
+          'not in, "is None/True/False"), "assert math.isclose(EXPR, VALUE)", "assert abs(EXPR - VALUE) < TOL", '
+          '"assert EXPR" or "assert not EXPR", with no comparison, and/or or arithmetic on a literal inside EXPR: '
+          'expected values are compared outside the sandbox')
 
 
 def _literal(node: ast.expr) -> tuple[bool, Any]:
@@ -146,6 +160,74 @@ def _literal(node: ast.expr) -> tuple[bool, Any]:
         return True, ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return False, None
+
+
+def _split(node: ast.expr, src: str) -> tuple[ast.expr, Any, bool]:
+    """(expression side, literal value, literal-on-the-right) of a two-operand form."""
+    left, right = node
+    (right_lit, right_val), (left_lit, left_val) = _literal(right), _literal(left)
+    if right_lit:
+        return left, right_val, True
+    if left_lit:
+        return right, left_val, False
+    raise ValueError(f"test {src!r} compares two expressions; one side must be a Python literal")
+
+
+def _number(value: Any, src: str) -> float:
+    if type(value) not in (int, float):
+        raise ValueError(f"test {src!r} needs a number there, not {value!r}")
+    return value
+
+
+def _tolerance_check(test: ast.expr, src: str) -> Check | None:
+    """`math.isclose(EXPR, V, rel_tol=.., abs_tol=..)` or `abs(EXPR - V) < TOL`: compared here."""
+    if isinstance(test, ast.Call) and ast.unparse(test.func) in ("math.isclose", "isclose") and len(test.args) == 2:
+        expr, value, _ = _split(test.args, src)
+        tols = {"rel_tol": 1e-9, "abs_tol": 0.0}
+        for kw in test.keywords:
+            ok, tol = _literal(kw.value)
+            if kw.arg not in tols or not ok:
+                raise ValueError(f"test {src!r}: isclose takes literal rel_tol= and abs_tol= only")
+            tols[kw.arg] = _number(tol, src)
+        return Check(ast.unparse(expr), "isclose", (_number(value, src), tols["rel_tol"], tols["abs_tol"]))
+    if (isinstance(test, ast.Compare) and len(test.ops) == 1 and type(test.ops[0]) in (ast.Lt, ast.LtE)
+            and isinstance(test.left, ast.Call) and ast.unparse(test.left.func) == "abs" and len(test.left.args) == 1
+            and isinstance(test.left.args[0], ast.BinOp) and isinstance(test.left.args[0].op, ast.Sub)):
+        diff = test.left.args[0]
+        expr, value, _ = _split((diff.left, diff.right), src)
+        ok, tol = _literal(test.comparators[0])
+        if not ok:
+            raise ValueError(f"test {src!r}: the tolerance must be a literal")
+        op = "abs<" if isinstance(test.ops[0], ast.Lt) else "abs<="
+        return Check(ast.unparse(expr), op, (_number(value, src), _number(tol, src)))
+    return None
+
+
+def _check_of(test: ast.expr, src: str) -> Check:
+    tolerance = _tolerance_check(test, src)
+    if tolerance is not None:
+        return tolerance
+    if isinstance(test, ast.Compare) and len(test.ops) == 1:
+        op = _AST_OPS[type(test.ops[0])]
+        expr, value, value_first = _split((test.left, test.comparators[0]), src)
+        if op in ("is", "is not") and not any(value is c for c in (None, True, False)):
+            raise ValueError(f"test {src!r} uses 'is' with a value other than None, True or False")
+        return Check(ast.unparse(expr), op, value, value_first)
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        return Check(ast.unparse(test.operand), "falsy")
+    return Check(ast.unparse(test), "truthy")
+
+
+def _leaks(expr: ast.expr) -> str | None:
+    """Why `expr` could carry an expected value into the sandbox, or None. Literals are fine as
+    call arguments and indices (inputs); a comparison, and/or, or arithmetic between the
+    program's value and a literal would let the program see, or rig, the result."""
+    for node in ast.walk(expr):
+        if isinstance(node, (ast.Compare, ast.BoolOp)):
+            return "a comparison or and/or"
+        if isinstance(node, ast.BinOp) and _literal(node.left)[0] != _literal(node.right)[0]:
+            return f"arithmetic with a literal ({ast.unparse(node)})"
+    return None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -158,26 +240,10 @@ def parse_test(src: str) -> Check:
         raise ValueError(f"test {src!r} does not parse ({e.msg})") from None
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
         raise ValueError(f"test {src!r} is not one assert statement")
-    test = tree.body[0].test
-    if isinstance(test, ast.Compare) and len(test.ops) == 1:
-        op = _AST_OPS[type(test.ops[0])]
-        left, right = test.left, test.comparators[0]
-        (right_lit, right_val), (left_lit, left_val) = _literal(right), _literal(left)
-        if right_lit:
-            check = Check(ast.unparse(left), op, right_val, value_first=True)
-        elif left_lit:
-            check = Check(ast.unparse(right), op, left_val, value_first=False)
-        else:
-            raise ValueError(f"test {src!r} compares two expressions; one side must be a Python literal")
-        if op in ("is", "is not") and not any(check.expected is c for c in (None, True, False)):
-            raise ValueError(f"test {src!r} uses 'is' with a value other than None, True or False")
-    elif isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
-        check = Check(ast.unparse(test.operand), "falsy")
-    else:
-        check = Check(ast.unparse(test), "truthy")
-    expr = ast.parse(check.expr, mode="eval")
-    if any(isinstance(n, (ast.Compare, ast.BoolOp)) for n in ast.walk(expr)):
-        raise ValueError(f"test {src!r} has a comparison or and/or inside its expression")
+    check = _check_of(tree.body[0].test, src)
+    why = _leaks(ast.parse(check.expr, mode="eval"))
+    if why:
+        raise ValueError(f"test {src!r} has {why} inside the expression the program evaluates")
     return check
 
 
