@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from longrl.cli import main
+from longrl.errors import UserError
 
 
 def test_help_texts(capsys):
@@ -62,3 +63,36 @@ def test_unwritable_run_dir(tmp_path, capsys):
 def test_module_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "longrl", "train", "rl.bad_key=1"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown config key 'rl.bad_key'" in r.stderr
+
+
+def test_overrides_on_both_sides_of_config_are_kept_in_order(tmp_path):
+    from longrl.cli import parse_args
+
+    args = parse_args(["train", "rl.steps=2", "--config", "c.yaml", "rl.steps=3", "sft.steps=0"])
+    assert args.config == "c.yaml" and args.overrides == ["rl.steps=2", "rl.steps=3", "sft.steps=0"]
+    f = tmp_path / "c.yaml"
+    f.write_text("rl:\n  steps: 1\n")
+    from longrl.config import load_config
+
+    assert load_config(args.config and f, args.overrides).rl.steps == 3  # the later override wins
+    args = parse_args(["eval", "model=m", "--out", "o.jsonl", "task=sort", "--max-frames", "4", "eval.batch_size=2"])
+    assert args.overrides == ["model=m", "task=sort", "eval.batch_size=2"] and args.max_frames == 4
+    with pytest.raises(SystemExit) as e:  # an unknown option is still argparse's error
+        parse_args(["train", "rl.steps=2", "--bogus"])
+    assert e.value.code == 2
+
+
+def test_eval_out_is_checked_before_anything_runs(tmp_path, capsys):
+    from longrl.cli import check_out_path
+
+    check_out_path(tmp_path / "new" / "deeper" / "r.jsonl")  # missing parents: the writer makes them
+    check_out_path(tmp_path / "d", directory=True)
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="is a file; give a directory"):
+        check_out_path(tmp_path / "f", directory=True)
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(UserError, match="cannot write in"):
+            check_out_path(ro / "r.jsonl")

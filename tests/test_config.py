@@ -64,3 +64,55 @@ def test_example_configs_load():
     assert config_to_dict(tiny) == config_to_dict(Config())  # the file spells out the defaults
     qwen = load_config(root / "qwen_grpo.yaml")
     assert qwen.train.backprop == "streambp" and qwen.model.dtype == "bfloat16"
+
+
+def test_edges_of_the_survivable_ranges_are_accepted():
+    """The refusals stop at the boundary: the last sane value of each range still loads."""
+    cfg = load_config(None, ["sft.steps=0", "rl.steps=0", "rl.clip_low=0.999", "rl.kl_coef=0", "run.save_every=1",
+                             "rl.group_size=1024", "rl.prompts_per_step=64", "run.name=sweeps/a", "train.grad_clip=0",
+                             "model.tiny.hidden_size=8", "model.tiny.num_heads=4", "model.tiny.num_kv_heads=1"])
+    assert (cfg.rl.group_size, cfg.run.name, cfg.rl.clip_low) == (1024, "sweeps/a", 0.999)
+    for bad, message in [(["rl.group_size=1025"], "more than 1024"), (["rl.clip_low=1"], "must be in \\(0, 1\\)"),
+                         (["rl.clip_low=0"], "must be in \\(0, 1\\)"), (["model.tiny.hidden_size=12"], "even head width"),
+                         (["run.name=a/../../b"], "plain directory name"), (["run.name=."], "plain directory name"),
+                         (["rl.prompts_per_step=65", "rl.group_size=1024"], "66560 sequences"),
+                         (["rollout.partial=true", "rollout.over_provision=2", "rl.prompts_per_step=33", "rl.group_size=1000"],
+                          "66000 sequences")]:
+        with pytest.raises(UserError, match=message):
+            load_config(None, bad)
+
+
+def test_cuda_is_refused_only_where_no_gpu_is_visible(monkeypatch):
+    import longrl.config as config
+
+    monkeypatch.setattr(config, "gpu_visible", lambda: True)
+    assert load_config(None, ["model.device=cuda:1"]).model.device == "cuda:1"
+    monkeypatch.setattr(config, "gpu_visible", lambda: False)
+    with pytest.raises(UserError, match="model.device=cuda: no GPU is visible"):
+        load_config(None, ["model.device=cuda"])
+    assert load_config(None, ["model.device=cpu"]).model.device == "cpu"  # cpu and auto never look
+    with pytest.raises(UserError, match="did you mean 'cuda'"):
+        load_config(None, ["model.device=cdua"])
+
+
+def test_gpu_visible_honours_an_empty_cuda_visible_devices(monkeypatch):
+    from longrl.config import gpu_visible
+
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert gpu_visible() is False
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.delenv("HIP_VISIBLE_DEVICES", raising=False)
+    import glob
+    import os
+
+    assert gpu_visible() == (bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd"))
+
+
+def test_yaml_is_read_as_utf8(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_bytes("\ufeffrun:\n  name: café\n".encode("utf-8"))  # a BOM, as Windows editors write
+    assert load_config(f).run.name == "café"
+    f.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text .* at byte 16"):
+        load_config(f)

@@ -1,11 +1,16 @@
-"""`longrl train | eval | bench | data`: parse arguments, call a recipe. Nothing else lives here."""
+"""`longrl train | eval | bench | data`: parse arguments, call a recipe. Nothing else lives here.
+
+The config is loaded and validated before any recipe (so torch) is imported, and `eval
+--out` is checked before the evaluation: bad input answers at once, with one line, exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 from longrl.errors import UserError
 
@@ -40,9 +45,10 @@ def _train_help() -> str:
 
 def cmd_train(args) -> int:
     from longrl.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before torch: a bad value answers in a blink, not 30 s
     from longrl.recipes.train import train
 
-    cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
     from longrl.parallel import dist
 
@@ -66,7 +72,31 @@ def _print_summary(s: dict) -> None:
     print(f"      {s['checkpoint']}  (Hugging Face format)")
 
 
+def check_out_path(path: str | Path, directory: bool = False, flag: str = "--out") -> None:
+    """Refuse, before an evaluation runs, a results path it could not write at the end: a
+    directory where a file goes (or the reverse), a parent that is a file, or a place this
+    process cannot create files in. Creates nothing (the probe is an unnamed temp file);
+    missing parents are fine, the atomic writers make them."""
+    p = Path(path)
+    if directory and p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {path} is a file; give a directory for the per-question results")
+    if not directory and p.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file path, e.g. {p / 'results.jsonl'}")
+    parent = p if directory else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory; give a path under a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); give a writable location") from None
+
+
 def cmd_eval(args) -> int:
+    if args.out is not None:  # checked now: the results are written only after the whole evaluation
+        check_out_path(args.out, directory=bool(args.videomme))
     if args.videomme:
         from longrl.eval.videomme import run_videomme
 
@@ -150,8 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, plus `key=value` overrides on both sides of an option: argparse fills a
+    `nargs="*"` positional once, so `train a=1 --config f.yaml b=2` would leave b=2 over.
+    They are kept, in order (later ones win); anything else left over is still an error."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    late = [a for a in rest if hasattr(args, "overrides") and "=" in a and not a.startswith("-")]
+    if len(late) < len(rest):
+        parser.error("unrecognized arguments: " + " ".join(a for a in rest if a not in late))
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:

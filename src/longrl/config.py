@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -304,6 +308,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Check choices and cross-field constraints; raise UserError naming the key."""
+        check_survivable(self)
         _choice("model.dtype", self.model.dtype, ["float32", "bfloat16", "float16"])
         _choice("model.arch", self.model.arch, ["qwen2", "gla"])
         if self.model.arch == "gla" and not self.model.path:
@@ -371,6 +376,128 @@ def _choice(key: str, value: str, options: list[str]) -> None:
         near = difflib.get_close_matches(str(value), options, n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise UserError(f"{key}={value!r} is not one of {options}{hint}")
+
+
+# ----------------------------------------------------------------------------------------
+# Values a run cannot survive: refused at load time, before torch is imported or a file
+# is written (each one used to fail minutes into a run, or to write outside run.out_dir).
+# ----------------------------------------------------------------------------------------
+
+MAX_GROUP_SIZE = 1024
+"""Most samples per prompt. Published GRPO recipes use 4-64 (LongVILA-R1: 8, DAPO: 16); past
+a few hundred the group mean and std no longer change and the step is all rollout. 1024
+leaves an order of magnitude of room and refuses values whose first rollout cannot fit."""
+MAX_ROWS_PER_STEP = 65536
+"""Most sequences one step's rollout decodes together (prompts_per_step * group_size, times
+rollout.over_provision with APRIL; or rollout.slots). Each holds its ids, log-probs and a
+KV cache row of every layer: 65536 rows of the default tiny model's 1 KiB-per-token cache
+at ~100 tokens are ~6 GiB, so the bound sits at what a large host holds for the smallest
+model, not at what a GPU user asks for (P=1024 x G=64 fits)."""
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def check_survivable(cfg: "Config") -> None:
+    """Refuse ranges no run survives: non-finite floats, non-positive sizes and rates,
+    clips out of range, groups too large to roll out, devices that are not there, and a
+    run.name that leaves run.out_dir."""
+    _check_finite(cfg, "")
+    _at_least(1, ("run.save_every", cfg.run.save_every), ("eval.max_new_tokens", cfg.eval.max_new_tokens),
+              *((f"model.tiny.{k}", v) for k, v in dataclasses.asdict(cfg.model.tiny).items()))
+    _at_least(0, ("sft.steps", cfg.sft.steps), ("rl.steps", cfg.rl.steps), ("sft.warmup_steps", cfg.sft.warmup_steps),
+              ("rl.warmup_steps", cfg.rl.warmup_steps), ("rl.eval_every", cfg.rl.eval_every),
+              ("run.keep_checkpoints", cfg.run.keep_checkpoints), ("rollout.slots", cfg.rollout.slots),
+              ("rollout.max_staleness", cfg.rollout.max_staleness), ("rl.max_refill_rounds", cfg.rl.max_refill_rounds),
+              ("rl.overlong_buffer", cfg.rl.overlong_buffer), ("train.threads", cfg.train.threads),
+              ("task.n_train", cfg.task.n_train), ("model.gla.softmax_every", cfg.model.gla.softmax_every))
+    for key, lr in (("sft.lr", cfg.sft.lr), ("rl.lr", cfg.rl.lr)):
+        if lr <= 0:
+            raise UserError(f"{key}={lr} must be positive (AdamW's peak learning rate, e.g. {key}=1e-4)")
+    for key, value in (("rl.kl_coef", cfg.rl.kl_coef), ("train.grad_clip", cfg.train.grad_clip),
+                       ("train.weight_decay", cfg.train.weight_decay), ("video.fps", cfg.video.fps)):
+        if value < 0:
+            raise UserError(f"{key}={value} must be >= 0 (0 turns it off)")
+    if not 0 < cfg.rl.clip_low < 1:
+        raise UserError(f"rl.clip_low={cfg.rl.clip_low} must be in (0, 1): the ratio is clipped below at 1 - clip_low")
+    for key, value in (("rl.clip_high", cfg.rl.clip_high), ("rollout.tis_clip", cfg.rollout.tis_clip)):
+        if value <= 0:
+            raise UserError(f"{key}={value} must be positive")
+    _check_tiny_shape(cfg)
+    _check_rollout_size(cfg)
+    _check_device(cfg.model.device)
+    _check_run_name(cfg.run.name)
+
+
+def _check_finite(obj: Any, prefix: str) -> None:
+    """Every float field is finite: nan and inf parse as floats, and no knob here means them."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{prefix}{f.name}={value} is not a finite number; give a finite value")
+
+
+def _at_least(low: int, *items: tuple[str, int]) -> None:
+    for key, value in items:
+        if value < low:
+            raise UserError(f"{key}={value} must be at least {low}")
+
+
+def _check_tiny_shape(cfg: "Config") -> None:
+    """The built-in tiny model's heads: a whole, even width each (rotary embeddings rotate
+    pairs of channels), and query heads in whole groups per key/value head."""
+    if cfg.model.path:
+        return
+    t = cfg.model.tiny
+    if t.hidden_size % t.num_heads or (t.hidden_size // t.num_heads) % 2:
+        raise UserError(f"model.tiny.hidden_size={t.hidden_size} must divide by model.tiny.num_heads={t.num_heads} "
+                        "into an even head width (e.g. hidden_size=128, num_heads=4)")
+    if cfg.model.arch == "qwen2" and t.num_heads % t.num_kv_heads:
+        raise UserError(f"model.tiny.num_heads={t.num_heads} must be a multiple of model.tiny.num_kv_heads={t.num_kv_heads}")
+
+
+def _check_rollout_size(cfg: "Config") -> None:
+    if cfg.rl.group_size > MAX_GROUP_SIZE:
+        raise UserError(f"rl.group_size={cfg.rl.group_size} is more than {MAX_GROUP_SIZE} samples per prompt; "
+                        "group statistics stop changing long before (recipes use 4-64): lower it")
+    rows = cfg.rl.prompts_per_step * cfg.rl.group_size
+    if cfg.rollout.partial:
+        rows = math.ceil(rows * cfg.rollout.over_provision)
+    for what, n, fix in (("rl.prompts_per_step * rl.group_size", rows, "rl.prompts_per_step or rl.group_size"),
+                         ("rollout.slots", cfg.rollout.slots, "rollout.slots")):
+        if n > MAX_ROWS_PER_STEP:
+            raise UserError(f"{what} = {n} sequences decoded together is more than {MAX_ROWS_PER_STEP}, "
+                            f"whose KV caches would not fit in memory: lower {fix}")
+
+
+def _check_device(device: str) -> None:
+    """'cuda' is refused when this machine shows no GPU: a cheap look at the driver's device
+    nodes and CUDA_VISIBLE_DEVICES, so config errors never wait on importing torch."""
+    if device in ("auto", "cpu"):
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        near = difflib.get_close_matches(device, DEVICE_CHOICES, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise UserError(f"model.device={device!r} is not one of {list(DEVICE_CHOICES)}{hint}")
+    if not gpu_visible():
+        raise UserError(f"model.device={device}: no GPU is visible on this machine; use model.device=cpu "
+                        "(or auto: the GPU when there is one)")
+
+
+def gpu_visible() -> bool:
+    """Whether a CUDA (or ROCm, which torch also calls 'cuda') GPU can be seen, without torch."""
+    for var in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
+        if os.environ.get(var, None) is not None and os.environ[var].strip() in ("", "-1"):
+            return False
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd")
+
+
+def _check_run_name(name: str) -> None:
+    """run.name is a directory inside run.out_dir: relative, no '..', no NUL."""
+    parts = Path(name).parts
+    if "\0" in name or Path(name).is_absolute() or ".." in parts or (name and not parts):
+        raise UserError(f"run.name={name!r} must be a plain directory name inside run.out_dir "
+                        "(no '..', not an absolute path); put the location in run.out_dir instead")
 
 
 # ----------------------------------------------------------------------------------------
@@ -471,7 +598,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise UserError(f"config file '{path}' not found; pass an existing YAML file to --config")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file '{path}' is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise UserError(f"config file '{path}' is not valid YAML: {e}".splitlines()[0])
         if not isinstance(data, dict):

@@ -95,3 +95,18 @@ def test_missing_file_and_directory(tmp_path):
     assert "absent.jsonl" in str(err.value) and "JSONL file" in str(err.value)
     with pytest.raises(UserError, match="is a directory"):
         load_jsonl_examples(tmp_path)
+
+
+def test_line_size_cap(tmp_path):
+    """A line is read up to the cap and no further: at the cap it loads, one byte over it is
+    refused naming the line (the default cap, 4 MiB, is far past any usable prompt)."""
+    from longrl.data.jsonl import MAX_LINE_BYTES
+
+    line = json.dumps({"prompt": "p", "answer": "a"})
+    fits = _write(tmp_path, line + "\r\n" + line.replace('"p"', '"pq"'))  # line 2 is one byte longer
+    assert len(load_jsonl_examples(fits, max_line_bytes=len(line) + 1)) == 2
+    with pytest.raises(UserError, match=rf"set.jsonl:2: line longer than {len(line)} bytes"):
+        load_jsonl_examples(fits, max_line_bytes=len(line))
+    big = _write(tmp_path, line + "\n" + json.dumps({"prompt": "x" * MAX_LINE_BYTES, "answer": "a"}) + "\n", "big.jsonl")
+    with pytest.raises(UserError, match="big.jsonl:2: line longer than 4 MiB"):
+        load_jsonl_examples(big)

@@ -145,3 +145,42 @@ def test_run_videomme_with_the_tiny_model(bench, tmp_path):
     assert (report["n_questions"], report["n_asked"]) == (8, 6)
     rows = [json.loads(x) for x in (tmp_path / "o/videomme_results.jsonl").read_text().splitlines()]
     assert all(isinstance(r["response"], str) for r in rows if r["status"] == "ok")
+
+
+def test_parquet_annotations_read_as_the_json_ones(tmp_path):
+    """Video-MME is distributed as parquet (flat rows, `options` a list column): the same
+    questions come out as from the JSON export, whatever the file is named."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    flat = [r for r in RECORDS if "options" in r]
+    columns = sorted({k for r in flat for k in r})  # every row has every column; null where a record lacks it
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in flat]), tmp_path / "test-00000-of-00001.bin")
+    (tmp_path / "a.json").write_text(json.dumps(flat))
+    assert load_annotations(tmp_path / "test-00000-of-00001.bin") == load_annotations(tmp_path / "a.json")
+
+
+def test_unreadable_annotation_files_are_user_errors(tmp_path, monkeypatch):
+    bad = tmp_path / "a.json"
+    bad.write_bytes(json.dumps([rec("1", "v", "s", "d", "t", "A", question="Qu\u00e9?")]).encode().replace(b"\\u00e9", b"\xe9"))
+    with pytest.raises(UserError, match="a.json: not UTF-8 text"):
+        load_annotations(bad)
+    junk = tmp_path / "a.parquet"
+    junk.write_bytes(b"PAR1" + bytes(40))
+    with pytest.raises(UserError, match="a.parquet: not a readable parquet file"):
+        load_annotations(junk)
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)  # the videomme extra not installed
+    with pytest.raises(UserError, match=r"needs pyarrow: pip install -e \"\.\[videomme\]\""):
+        load_annotations(junk)
+
+
+def test_run_videomme_refuses_bad_arguments_before_loading_a_model(bench, tmp_path, monkeypatch):
+    import longrl.models.vlm as vlm
+    from longrl.eval.videomme import run_videomme
+
+    monkeypatch.setattr(vlm, "load_vlm", lambda *a, **k: pytest.fail("model loaded before the arguments were checked"))
+    ann, vids = bench
+    for kwargs, message in [({"max_frames": 0}, "--max-frames 0"), ({"fps": -1.0}, "fps=-1.0 must be positive"),
+                            ({"videos_dir": tmp_path / "nope"}, "video folder not found")]:
+        with pytest.raises(UserError, match=message):
+            run_videomme(ann, kwargs.pop("videos_dir", vids), **kwargs)

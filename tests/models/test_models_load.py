@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 from longrl.cli import main
 from longrl.config import ModelConfig
@@ -15,6 +16,7 @@ ARCHS = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
 }
 
 
@@ -67,3 +69,48 @@ def test_chat_models_are_told_the_response_format(tmp_path, setting, system):
     assert tok.decode(encode_prompts(tok, [Example("e", "12+34=", "46")])[0]) == text  # rollouts and eval see it too
     _, tiny = load_policy(ModelConfig(system_prompt=setting), torch.device("cpu"))
     assert format_prompt(tiny, "12+34=") == "12+34="  # no template: the raw prompt
+
+
+def test_supported_types_are_the_tested_ones():
+    """The loader's list is honest: every type it accepts is trained end to end above (GLA in
+    tests/models/test_models_gla_train.py), and its logits are lm_head(final hidden state)."""
+    from longrl.models.load import SUPPORTED_MODEL_TYPES
+
+    assert set(SUPPORTED_MODEL_TYPES) == set(ARCHS) | {"longrl_gla"}
+
+
+def test_a_bad_directory_is_refused_naming_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from longrl.errors import UserError
+    from longrl.models.load import check_model_dir
+
+    path = _save(tmp_path, "qwen2")
+    assert check_model_dir(path) == "qwen2"
+    weights = path / "model.safetensors"
+    good = weights.read_bytes()
+    for broken, reason in [(good[: len(good) - 1], "not fully covered"), (b"", "header too small"),
+                           (b"\xff" * 64, "header too large")]:
+        weights.write_bytes(broken)
+        with pytest.raises(UserError, match=f"model.safetensors: not a readable safetensors file .*{reason}"):
+            load_policy(ModelConfig(path=str(path)), torch.device("cpu"))
+    save_file({"a": torch.zeros(2)}, str(path / "model-00002-of-00002.safetensors"))
+    (path / "model-00002-of-00002.safetensors").write_bytes(b"\x08" + bytes(7))  # every shard is read
+    with pytest.raises(UserError, match="model-00002-of-00002.safetensors"):
+        check_model_dir(path, )
+    (path / "config.json").write_text('{"model_type": "gemma2"}')
+    with pytest.raises(UserError, match="'gemma2' model; this loader runs model types qwen2, qwen3, llama, mistral"):
+        check_model_dir(path)
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="config.json: not a JSON object"):
+        check_model_dir(path)
+
+
+def test_cuda_without_torch_cuda_is_a_user_error(monkeypatch):
+    from longrl.errors import UserError
+    from longrl.models.load import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="torch sees no CUDA GPU"):
+        check_device(torch.device("cuda"))
+    check_device(torch.device("cpu"))

@@ -10,7 +10,9 @@ Each non-blank line is an object with
                                           resolved against the JSONL file's directory
     anything else                         kept in `Example.meta`
 
-Any problem raises `UserError` naming the file, the 1-based line and the fix.
+Any problem raises `UserError` naming the file, the 1-based line and the fix. Lines are
+read one at a time with a size cap (`MAX_LINE_BYTES`), so a runaway line is refused before
+it is held in memory or reaches the tokenizer (a 200 MB line used to abort the process).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from longrl.errors import UserError
 
 _RESERVED = ("prompt", "answer", "id", "solution", "media")
 _SHAPE = '{"prompt": "...", "answer": "..."}'
+MAX_LINE_BYTES = 4 << 20
+"""Longest line read (4 MiB): about a million tokens of text, past every context window a
+model here has; a prompt that long could only be truncated, and tokenising it takes seconds."""
 
 
-def load_jsonl_examples(path: str | Path) -> list[Example]:
+def load_jsonl_examples(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> list[Example]:
     """Read every example of `path`; blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
@@ -34,7 +39,12 @@ def load_jsonl_examples(path: str | Path) -> list[Example]:
     examples: list[Example] = []
     first_line_of: dict[str, int] = {}
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        # + 2: room for the line's own "\r\n", so a line at the cap is read whole, never split
+        for lineno, raw in enumerate(iter(lambda: f.readline(max_line_bytes + 2), b""), start=1):
+            if len(raw.rstrip(b"\r\n")) > max_line_bytes:
+                limit = f"{max_line_bytes >> 20} MiB" if max_line_bytes >= 1 << 20 else f"{max_line_bytes} bytes"
+                raise UserError(f"{path}:{lineno}: line longer than {limit}; "
+                                "split or shorten it (media go in \"media\" as file paths, not inline)")
             line = _decode(raw, path, lineno)
             if not line.strip():
                 continue

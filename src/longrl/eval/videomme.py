@@ -3,8 +3,9 @@
 Video-MME (arXiv 2405.21075) is the long-video benchmark "Scaling RL to Long Videos"
 (arXiv 2507.07966) reports: 900 videos, 2,700 four-option questions, split by video length
 (`duration`: short < 2 min, medium 4-15 min, long 30-60 min), `domain`, `sub_category` and
-`task_type`. This module reads its annotation file (JSON list or JSONL, one question per
-record, fields as released) plus a folder of local videos, asks a `predict` callable each
+`task_type`. This module reads its annotation file (JSON list, JSONL, or the parquet the
+benchmark is distributed as, one question per record, fields as released; parquet needs the
+`videomme` extra, pyarrow) plus a folder of local videos, asks a `predict` callable each
 question, and writes per-question results and a breakdown.
 
 Records without `options` are open-ended questions (the spirit of VideoEval-Pro,
@@ -48,6 +49,8 @@ BREAKDOWNS = ("duration", "domain", "sub_category", "task_type")
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 OPEN_INSTRUCTION = "Answer the question with a short phrase."
 _OPTION = re.compile(r"^\s*\(?([A-Z])[.)]\s*")
+PARQUET_MAGIC = b"PAR1"
+"""A parquet file's first four bytes: the format is read from the content, not the name."""
 log = logging.getLogger(__name__)
 
 
@@ -79,20 +82,13 @@ class VideoQuestion:
 
 
 def load_annotations(path: str | Path) -> list[VideoQuestion]:
-    """Read a JSON list or JSONL of Video-MME records; `UserError` names any bad record."""
+    """Read a JSON list, JSONL or parquet of Video-MME records; `UserError` names any bad record."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"annotation file not found: {path} (give a Video-MME JSON or JSONL file)")
-    text = path.read_text(encoding="utf-8-sig")
-    try:
-        if text.lstrip().startswith("["):
-            records = list(enumerate(json.loads(text), start=1))
-            where = "record"
-        else:
-            records = [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-            where = "line"
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON/JSONL ({e.msg}, line {e.lineno}); export the annotations as JSON") from None
+        raise UserError(f"annotation file not found: {path} (give a Video-MME JSON, JSONL or parquet file)")
+    with path.open("rb") as f:
+        parquet = f.read(4) == PARQUET_MAGIC
+    records, where = (_read_parquet(path), "row") if parquet else _read_json(path)
     items: list[VideoQuestion] = []
     for n, rec in records:
         for q in _flatten(rec):
@@ -105,6 +101,33 @@ def load_annotations(path: str | Path) -> list[VideoQuestion]:
             raise UserError(f"{path}: question_id {it.question_id!r} appears twice; ids must be unique")
         seen.add(it.question_id)
     return items
+
+
+def _read_json(path: Path) -> tuple[list[tuple[int, object]], str]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); give the annotations as UTF-8 JSON or parquet") from None
+    try:
+        if text.lstrip().startswith("["):
+            return list(enumerate(json.loads(text), start=1)), "record"
+        return [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), start=1) if line.strip()], "line"
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON/JSONL ({e.msg}, line {e.lineno}); export the annotations as JSON") from None
+
+
+def _read_parquet(path: Path) -> list[tuple[int, object]]:
+    """Rows of a parquet table as plain dicts (list columns such as `options` as lists)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path} is parquet, which needs pyarrow: pip install -e \".[videomme]\" (or export it as JSON)") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable parquet file ({(str(e).splitlines() or ['?'])[0]}); copy it again") from None
+    return list(enumerate(rows, start=1))
 
 
 def _flatten(rec) -> Iterable[dict]:
@@ -258,6 +281,13 @@ def run_videomme(annotations: str | Path, videos_dir: str | Path, model_path: st
 
     from longrl.models.vlm import load_vlm, vlm_predictor
 
+    # Everything a user can get wrong is refused before the model loads and the videos decode.
+    if max_frames < 1:
+        raise UserError(f"--max-frames {max_frames}: sample at least 1 frame per video")
+    if fps is not None and not fps > 0:
+        raise UserError(f"fps={fps} must be positive (or None: max_frames spread over the video)")
+    if not Path(videos_dir).is_dir():
+        raise UserError(f"video folder not found: {videos_dir} (give --videos DIR holding <video_id>.mp4 files)")
     questions = load_annotations(annotations)
     model, tokenizer = load_vlm(model_path)
     model.eval()

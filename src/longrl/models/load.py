@@ -1,11 +1,16 @@
 """Load a policy (model + tokenizer) from a local Hugging Face directory or build the tiny default.
 
 No code path here downloads anything: `local_files_only=True` everywhere, and a missing
-directory is a `UserError`.
+directory is a `UserError`. So is a directory that would crash later: `check_model_dir`
+reads config.json and every safetensors header (random, empty or truncated weights) and
+refuses model types the recipes do not run, before any weights are loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -22,10 +27,75 @@ FORMAT_INSTRUCTION = ("Reason step by step inside <think> </think>, then write o
 told the format before it can earn any reward."""
 
 
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "longrl_gla")
+"""Causal LMs the text recipes run (`config.json`'s model_type), each trained end to end in
+tests/models/test_models_load.py: decoder-only, positions from `position_ids` (rollouts are
+left-padded), and logits = lm_head(last hidden state), which the chunked log-probs compute.
+Models that scale or soft-cap their logits (gemma2, granite, cohere) would train on wrong
+log-probs, and encoders such as bert crash in attention: all are refused by name."""
+VLM_MODEL_TYPES = ("qwen2_5_vl",)
+"""Vision-language models the video recipe and `longrl eval --videomme` load."""
+
+
+def check_device(device: torch.device) -> None:
+    """A CUDA device torch cannot open (a CPU-only build, no driver) is a UserError here,
+    not a RuntimeError at the first `.to(device)`."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"model.device={device}: torch sees no CUDA GPU (torch {torch.__version__}); use model.device=cpu or auto")
+
+
+def check_model_dir(path: str | Path, supported: tuple[str, ...] = SUPPORTED_MODEL_TYPES, key: str = "model.path") -> str:
+    """Refuse a model directory that would crash on load or in training; return its model_type.
+
+    Cheap: reads config.json and the safetensors headers (safetensors checks that a header's
+    tensors cover the file exactly, so truncation is caught), not the weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{key} '{path}' is not a directory; give a local Hugging Face model directory (config.json + weights), or leave model.path empty for the tiny default")
+    config = path / "config.json"
+    if not config.is_file():
+        raise UserError(f"{key} '{path}' has no config.json; it must be a Hugging Face model directory saved with save_pretrained")
+    try:
+        model_type = json.loads(config.read_bytes()).get("model_type")
+    except (ValueError, AttributeError, OSError) as e:
+        raise UserError(f"{config}: not a JSON object of model settings ({str(e).splitlines()[0]}); re-save the model with save_pretrained") from None
+    if model_type not in supported:
+        hint = " (a vision-language model: train it with task.name=videos)" if model_type in VLM_MODEL_TYPES else ""
+        raise UserError(f"{key} '{path}' is a {model_type!r} model{hint}; this loader runs model types {', '.join(supported)}")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights)
+    return model_type
+
+
+def check_safetensors(file: Path) -> None:
+    """The header of one weights file parses and covers the file: else a UserError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]}); "
+                        "the download or save was cut short or the file is corrupt: copy it again") from None
+
+
+@contextlib.contextmanager
+def loading(path: str | Path, key: str = "model.path"):
+    """What `from_pretrained` raises on a bad directory, as one UserError naming it (a weights
+    file can still fail past `check_model_dir`: a missing shard, a corrupt pickle)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        raise UserError(f"could not load {key} '{path}': {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+
+
 def load_policy(cfg: ModelConfig, device: torch.device):
     """Return (model, tokenizer). The model is in train mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_device(device)
     if not cfg.path:
         from longrl.models.tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -33,17 +103,12 @@ def load_policy(cfg: ModelConfig, device: torch.device):
         model = build_tiny_gla(cfg, tokenizer) if cfg.arch == "gla" else build_tiny_model(cfg.tiny, tokenizer)
     else:
         path = Path(cfg.path)
-        if not path.is_dir():
-            raise UserError(f"model.path '{cfg.path}' is not a directory; give a local Hugging Face model directory (config.json + weights), or leave model.path empty for the tiny default")
-        if not (path / "config.json").is_file():
-            raise UserError(f"model.path '{cfg.path}' has no config.json; it must be a Hugging Face model directory saved with save_pretrained")
+        check_model_dir(path)
         import longrl.models.gla  # noqa: F401  registers the GLA model type with AutoModelForCausalLM
 
-        try:
+        with loading(cfg.path):
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[cfg.dtype])
-        except (OSError, ValueError) as e:
-            raise UserError(f"could not load model.path '{cfg.path}': {str(e).splitlines()[0]}")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
