@@ -10,11 +10,14 @@ Isolation tiers, strongest first; `isolation("auto")` takes the first that runs 
   a read-only root holding only /usr (and the interpreter's prefix when it lives elsewhere),
   /dev/null, /dev/zero, /dev/urandom, a fresh /proc that shows only the sandbox's processes,
   and one writable tmpfs (/tmp, the working directory) capped at `disk_mb`. No /etc, no
-  project files, no home directory; the environment is cleared. Every process dies with the
-  namespace's init, setsid() or not.
+  project files, no home directory; the environment is cleared. The harness is the
+  namespace's init (`--as-pid-1`): when it exits or is killed the kernel kills every other
+  process in the namespace, setsid() or not, before the call returns.
 - `unshare` (util-linux): new user, pid, network, ipc, uts and mount namespaces with a fresh
-  /proc. Processes, network, signals and the trainer's environment are fenced off; files are
-  NOT (the program sees the host filesystem) and there is no total write cap.
+  /proc, the program as uid 65534 there (no capabilities, so it cannot unmount that /proc).
+  Processes, network, signals and the trainer's environment are fenced off; files are NOT
+  (the program sees the host filesystem with the trainer's rights) and there is no total
+  write cap.
 - `process`: a plain subprocess in its own session under resource limits. Nothing above is
   fenced off and a child that calls setsid() escapes the final kill. Last resort.
 
@@ -116,8 +119,10 @@ def bwrap_argv(disk_mb: int) -> list[str]:
 
 def unshare_argv() -> list[str]:
     python, _ = _interpreter()
-    return ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child", "--net", "--ipc", "--uts",
-            "--mount", "--mount-proc", "--", python, "-I"]
+    # mapped to a non-root uid, the program runs with no capabilities in its namespaces: as root
+    # there it could unmount the fresh /proc and see the host's processes beneath
+    return ["unshare", "--user", f"--map-user={_SANDBOX_UID}", f"--map-group={_SANDBOX_UID}", "--pid", "--fork",
+            "--kill-child", "--net", "--ipc", "--uts", "--mount", "--mount-proc", "--", python, "-I"]
 
 
 def _argv(tier: str, disk_mb: int) -> list[str]:
@@ -231,8 +236,9 @@ def _exchange(proc: subprocess.Popen, data: bytes, deadline: float, cap: int) ->
 
 def _kill_all(proc: subprocess.Popen, tier: str) -> None:
     """Kill the sandbox and everything it started. In the namespace tiers the tool's child is
-    the namespace's init: killing it makes the kernel kill every process in the namespace, and
-    the tool exits only after they are gone, so when this returns nothing is left running."""
+    the namespace's init (the harness): killing it makes the kernel kill every process in the
+    namespace, and the tool, which waits for its child, exits only after they are all gone, so
+    when this returns nothing is left running."""
     if proc.poll() is None and tier != "process":
         for child in _children(proc.pid):
             try:
