@@ -1,4 +1,9 @@
-"""Small shared helpers: atomic writes, seeding, device choice."""
+"""Small shared helpers: atomic writes, seeding, device choice.
+
+Files written here get the permissions an ordinary `open()` would give them under the
+process umask (0644 under umask 0022), although `tempfile` creates them 0600 and
+safetensors writes weights 0600: a run directory is meant to be read by others.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,9 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,6 +28,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must never expose an empty file after a power cut
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -46,7 +54,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp"))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the final directory should not be private
+        honour_umask(tmp)  # mkdtemp makes it 0700 and some writers make files 0600
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -58,6 +66,38 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux allows (thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)  # elsewhere: the classic set-and-restore
+    os.umask(old)
+    return old
+
+
+def file_mode(executable: bool = False) -> int:
+    """The mode `open()` (or `mkdir`, with executable=True) gives a new file under the umask."""
+    return (0o777 if executable else 0o666) & ~umask()
+
+
+def honour_umask(root: str | Path) -> None:
+    """Give `root` and everything under it the modes a plain create would have: directories
+    and executables 0777 & ~umask, other files 0666 & ~umask."""
+    root = Path(root)
+    os.chmod(root, file_mode(executable=True))
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), file_mode(executable=True))
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode(executable=bool(os.stat(path).st_mode & 0o111)))
 
 
 def seed_everything(seed: int) -> None:

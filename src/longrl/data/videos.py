@@ -281,12 +281,22 @@ def make_item(seed: int, i: int, min_s: float, max_s: float, fps: int, kinds=KIN
     return record, sprites, n_frames
 
 
+GENERATOR = "longrl data videos"
+"""The `generator` field of the summary.json written into every generated directory: the
+mark that lets a later run replace the directory."""
+
+
 def generate(out: str | Path, n: int, seed: int = 0, min_s: float = 8.0, max_s: float = 180.0,
-             fps: int = 2, eval_frac: float = 0.2, kinds=KINDS, slip: float = 0.0) -> dict:
-    """Write `n` videos and their questions to `out` (replaced atomically). -> summary"""
+             fps: int = 2, eval_frac: float = 0.2, kinds=KINDS, slip: float = 0.0, overwrite: bool = False) -> dict:
+    """Write `n` videos and their questions to `out` (replaced atomically). -> summary
+
+    An existing non-empty `out` is replaced only when this generator made it (its
+    summary.json names GENERATOR) or `overwrite` is set: `--out ~/data` must not delete
+    someone's directory."""
     from longrl.media.encode import write_video
 
     _check(n, min_s, max_s, fps, eval_frac, kinds)
+    _refuse_foreign(Path(out), overwrite)
     if not 0 <= slip <= 1:
         raise UserError(f"--slip {slip}: use a probability in [0, 1]")
     n_eval = round(n * eval_frac) if n > 1 else 0
@@ -306,8 +316,25 @@ def generate(out: str | Path, n: int, seed: int = 0, min_s: float = 8.0, max_s: 
             "kinds": {k: sum(r["kind"] == k for r in split["train"] + split["eval"]) for k in kinds},
             "total_duration_s": round(sum(r["duration_s"] for r in split["train"] + split["eval"]), 1),
         }
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "summary.json").write_text(json.dumps({**summary, "generator": GENERATOR}, indent=2) + "\n")
     return summary
+
+
+def _refuse_foreign(out: Path, overwrite: bool) -> None:
+    if overwrite or not out.exists() or _made_here(out):
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory")
+    if any(out.iterdir()):
+        raise UserError(f"--out {out} is a non-empty directory that `longrl data videos` did not make; give a new "
+                        f"or empty directory, or add --overwrite to replace it and everything in it")
+
+
+def _made_here(out: Path) -> bool:
+    try:
+        return json.loads((out / "summary.json").read_text()).get("generator") == GENERATOR
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _check(n, min_s, max_s, fps, eval_frac, kinds) -> None:
@@ -329,7 +356,8 @@ def _check(n, min_s, max_s, fps, eval_frac, kinds) -> None:
 def main(args: list[str]) -> int:
     """`longrl data videos`: parse `args`, generate, print the summary. -> exit status"""
     p = argparse.ArgumentParser(prog="longrl data videos", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    p.add_argument("--out", required=True, help="output directory (one this generator made is replaced)")
+    p.add_argument("--overwrite", action="store_true", help="also replace a non-empty --out it did not make")
     p.add_argument("--n", type=int, default=100, help="number of videos / questions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-seconds", type=float, default=8.0, help="shortest video")
@@ -341,7 +369,8 @@ def main(args: list[str]) -> int:
                    help="colour kind: fraction of blue/yellow demonstrations that name green/red instead")
     a = p.parse_args(args)
     kinds = tuple(k.strip() for k in a.kinds.split(",") if k.strip())
-    summary = generate(a.out, a.n, a.seed, a.min_seconds, a.max_seconds, a.fps, a.eval_frac, kinds, a.slip)
+    summary = generate(a.out, a.n, a.seed, a.min_seconds, a.max_seconds, a.fps, a.eval_frac, kinds, a.slip,
+                       overwrite=a.overwrite)
     print(json.dumps({"out": str(a.out), **summary}))
     return 0
 

@@ -1,11 +1,15 @@
-"""Plumbing shared by the recipes: optimizer, LR schedule, progress bar."""
+"""Plumbing shared by the recipes: optimizer, LR schedule, the guarded optimizer step, progress bar."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from tqdm.auto import tqdm
+
+from longrl.errors import UserError
+from longrl.parallel import dist
 
 
 def make_optimizer(model, lr: float, weight_decay: float, shard: bool = False) -> torch.optim.Optimizer:
@@ -36,14 +40,67 @@ def make_scheduler(optimizer, warmup_steps: int, total_steps: int, decay: bool):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def clip_and_step(model, optimizer, scheduler, grad_clip: float) -> float:
-    """Clip the global grad norm, step, zero grads; returns the pre-clip norm."""
+MAX_NONFINITE_STEPS = 3
+"""Optimizer steps in a row whose loss or gradient norm is NaN/inf before the run stops.
+One such step is skipped and the run goes on (one bad batch, a transient overflow); three
+in a row mean the weights or the data are broken and more steps will not mend them. A
+constant, not a config key: no run is better off with another value."""
+
+
+def clip_and_step(model, optimizer, scheduler, grad_clip: float, loss=None, where: str = "") -> float:
+    """Clip the global grad norm, step, zero grads; returns the pre-clip norm.
+
+    A non-finite norm, or a non-finite `loss` (a float or tensor, this rank's; optional),
+    skips the update: the weights and the optimizer moments stay as they were, the grads
+    are zeroed, and the skip is counted (`skipped_steps(optimizer)`, logged as
+    `train/skipped_steps`). The LR schedule still advances, so it stays aligned with the
+    loop's steps. `MAX_NONFINITE_STEPS` skips in a row raise a UserError naming `where`
+    (e.g. "RL step 7"; default: the optimizer step count) and the likely cause.
+    """
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+    if _finite_everywhere(norm, loss):
+        optimizer.step()
+        _count_skip(optimizer, skipped=False)
+        scheduler.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        in_a_row = _count_skip(optimizer, skipped=True)
+        with warnings.catch_warnings():  # torch warns when the schedule steps before any optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
+        if in_a_row >= MAX_NONFINITE_STEPS:
+            raise UserError(f"{where or f'optimizer step {scheduler.last_epoch}'}: the loss or gradient norm was NaN "
+                            f"or inf for {in_a_row} steps in a row (those updates were skipped; weights are as after "
+                            f"the last finite step). Likely cause: a learning rate too high (sft.lr / rl.lr) or a NaN "
+                            f"reward weight: lower it and start again")
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
+
+
+def skipped_steps(optimizer) -> int:
+    """Updates `clip_and_step` skipped for this optimizer, since it was made (or saved)."""
+    return int(optimizer.param_groups[0].get("skipped_steps", 0))
+
+
+def _finite_everywhere(norm: float, loss) -> bool:
+    """The norm comes from all-reduced grads, so every rank sees the same one; a loss is
+    per rank, so under torchrun the ranks agree (one rank's NaN skips the step on all).
+    The vote runs on every call under torchrun, loss or not, so that call sites passing a
+    loss and ones that do not (a rank without rows) issue the same collectives."""
+    bad = not math.isfinite(norm) or (loss is not None and not math.isfinite(float(loss)))
+    if dist.world() > 1:
+        bad = dist.all_reduce_sum(float(bad)) > 0
+    return not bad
+
+
+def _count_skip(optimizer, skipped: bool) -> int:
+    """Keep the counts in the optimizer's first param group, so they are saved and restored
+    with its state_dict and a resumed run counts on where it stopped."""
+    group = optimizer.param_groups[0]
+    group["skipped_steps"] = group.get("skipped_steps", 0) + int(skipped)
+    group["skipped_in_a_row"] = group.get("skipped_in_a_row", 0) + 1 if skipped else 0
+    return group["skipped_in_a_row"]
 
 
 def progress(total: int, desc: str, enabled: bool, initial: int = 0):
