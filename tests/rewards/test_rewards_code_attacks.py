@@ -24,6 +24,7 @@ from longrl.errors import UserError
 from longrl.rewards import sandbox
 from longrl.rewards.code import SandboxLimits, run_tests
 
+pytestmark = pytest.mark.reliability  # counted with issue 13's other cases
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4", "assert add('a', 'b') == 'ab'"]
 FAST = SandboxLimits(timeout_s=3.0)
 ROOT = Path(__file__).parents[2]
