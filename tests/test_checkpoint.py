@@ -147,6 +147,18 @@ def test_the_manifest_records_every_file_and_the_run_config(tmp_path, policy):
     assert ck.checkpoint_config(ckpt) == "rl:\n  steps: 4\n"
 
 
+def test_a_hand_edited_manifest_is_reported_not_followed(tmp_path, policy):
+    import json
+
+    ckpt = ck.save_checkpoint(tmp_path, 0, *policy, _state(0), keep=2)
+    manifest = json.loads((ckpt / ck.MANIFEST_FILE).read_text())
+    for files, problem in [({**manifest["files"], "../../outside": {"bytes": 1, "sha256": "0"}}, "outside the checkpoint"),
+                           ({"model.safetensors": manifest["files"]["model.safetensors"]}, "does not list trainer_state"),
+                           ({ck.STATE_FILE: "x"}, "unreadable manifest.json (TypeError")]:
+        (ckpt / ck.MANIFEST_FILE).write_text(json.dumps({**manifest, "files": files}))
+        assert problem in ck.verify_checkpoint(ckpt)
+
+
 def _full_disk_after(nbytes):
     def save_policy(model, tokenizer, out_dir):
         (out_dir / "model.safetensors").write_bytes(b"\0" * nbytes)

@@ -32,6 +32,7 @@ import re
 import shutil
 import sys
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -91,9 +92,10 @@ def _write_file(path: Path, write) -> None:
 def _write_error(e: OSError, final: Path, ckpt_dir: Path) -> UserError:
     previous = list_steps(ckpt_dir)  # an existing step_<N> of this number is replaced only on success
     kept = f"checkpoint step_{max(previous)} is intact" if previous else "no earlier checkpoint exists"
-    what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    what, fix = ("the disk is full", "free space") if full else (e.strerror or str(e), "fix that")
     return UserError(f"could not write checkpoint {final}: {what}; nothing of it was kept and {kept}: "
-                     f"free space under {ckpt_dir.parent}, then continue with resume={ckpt_dir.parent}")
+                     f"{fix} under {ckpt_dir.parent}, then continue with resume={ckpt_dir.parent}")
 
 
 def _refuse_nonfinite_weights(model, step: int, ckpt_dir: Path) -> None:
@@ -142,11 +144,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """Hashes of several files at once: hashlib releases the GIL on large blocks, and a big
+    checkpoint is a few large files (weight shards, optimizer state), so threads help."""
+    if len(paths) < 2:
+        return [_sha256(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def write_manifest(folder: Path, step: int, config_text: str | None) -> None:
     """Sizes and sha256 of every file under `folder`; written last, so its presence says the
     rest is complete."""
-    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": h}
+             for p, h in zip(paths, _sha256_all(paths))}
     manifest = {"format": "longrl.checkpoint/1", "step": step, "files": files, "config_yaml": config_text}
     _write_file(folder / MANIFEST_FILE, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
 
@@ -168,15 +180,30 @@ def verify_checkpoint(ckpt: Path) -> str | None:
         return f"unreadable {MANIFEST_FILE} ({e})"
     if _manifest_key(ckpt) in _VERIFIED:
         return None
-    for name, want in manifest["files"].items():
+    try:
+        problem = _compare(ckpt, manifest["files"])
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a manifest edited by hand
+        return f"unreadable {MANIFEST_FILE} ({type(e).__name__}: {e})"
+    if problem is None:
+        _VERIFIED.add(_manifest_key(ckpt))
+    return problem
+
+
+def _compare(ckpt: Path, files: dict) -> str | None:
+    if STATE_FILE not in files:
+        return f"{MANIFEST_FILE} does not list {STATE_FILE}"
+    for name, want in files.items():  # the cheap checks first
         path = ckpt / name
+        if name.startswith("/") or ".." in Path(name).parts:
+            return f"{MANIFEST_FILE} names a file outside the checkpoint ({name!r})"
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != want["bytes"]:
             return f"{name} holds {path.stat().st_size} bytes, the manifest says {want['bytes']}"
-        if _sha256(path) != want["sha256"]:
+    names = list(files)
+    for name, digest in zip(names, _sha256_all([ckpt / n for n in names])):
+        if digest != files[name]["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
-    _VERIFIED.add(_manifest_key(ckpt))
     return None
 
 
