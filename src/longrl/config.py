@@ -254,7 +254,17 @@ class RunConfig:
     keep_checkpoints: int = 2
     """Keep only the newest this-many checkpoints."""
     progress: bool = True
-    """Show progress bars."""
+    """Show progress bars (on a terminal; otherwise, or when false, plain log lines every
+    `run.log_every` steps)."""
+    log_every: int = 10
+    """Print one plain log line every this many steps when there is no progress bar (stderr
+    is not a terminal, or run.progress=false); 0: never."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also receive every metric, the config and sample responses:
+    any of 'tensorboard', 'wandb', 'mlflow' (a list, or one comma-separated string), each
+    from its pip extra (`pip install -e ".[tensorboard]"`). All write under the run
+    directory and need no network: W&B runs offline unless WANDB_MODE says otherwise,
+    MLflow uses a file store unless MLFLOW_TRACKING_URI is set. Main rank only."""
 
 
 @dataclass
