@@ -29,6 +29,7 @@ def _saved_run(tmp_path, step=2):
     text = config_to_yaml(_cfg(tmp_path, "rl.steps=4", "task.n_train=200", "rl.lr=1e-5"))
     (run / "config.yaml").write_text(text)
     (ckpt / "model.safetensors").write_bytes(b"weights")
+    (ckpt / "trainer_state.pt").write_bytes(b"state")
     write_manifest(ckpt, step, text)
     return run
 
