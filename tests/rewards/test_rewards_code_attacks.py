@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from longrl.errors import UserError
-from longrl.rewards import sandbox
+from longrl.rewards import cgroups, sandbox
 from longrl.rewards.code import SandboxLimits, run_tests
 
 pytestmark = pytest.mark.reliability  # counted with issue 13's other cases
@@ -321,3 +321,71 @@ def test_auto_picks_bubblewrap_where_it_runs(capsys):
         assert "WARNING" not in capsys.readouterr().err
     finally:
         sandbox.isolation.cache_clear()
+
+
+# ---- cgroup caps: a fork bomb, and memory spread over many processes -----------------------------
+
+
+def _bwrap_guards() -> frozenset:
+    return sandbox.isolation("bwrap").guards if "bwrap" in HERE else frozenset()
+
+
+def _leftover_groups() -> set[str]:
+    return {f"{parent}/{name}" for parent, _ in cgroups.usable().values() for name in os.listdir(parent)
+            if name.startswith("longrl-sandbox-")}
+
+
+@pytest.mark.skipif("pids" not in _bwrap_guards(), reason="no bwrap, or no pids cgroup can be made here")
+def test_a_fork_bomb_stops_at_the_process_cap():
+    before = _leftover_groups()
+    program = """
+import os, time
+def spawned():
+    n = 0
+    for _ in range(200):
+        try:
+            if os.fork() == 0:
+                time.sleep(3)
+                os._exit(0)
+        except OSError:
+            break
+        n += 1
+    return n
+"""
+    limits = SandboxLimits(timeout_s=5.0, max_procs=20)
+    assert run_tests(program, ["assert spawned() == 200"], limits, "bwrap") == 0.0
+    assert run_tests(program, ["assert spawned() == 18"], limits, "bwrap") == 1.0  # 20 less the tool and the harness
+    assert _leftover_groups() <= before
+
+
+@pytest.mark.skipif("memory" not in _bwrap_guards(), reason="no bwrap, or no memory cgroup can be made here")
+def test_memory_spread_over_processes_stops_at_the_total_cap():
+    program = """
+import os, time
+def filled():  # how many hold their memory at the end
+    r, w = os.pipe()
+    kids = {}
+    for k in range(3):  # each under the per-process limit; together over the total
+        pid = os.fork()
+        if pid == 0:
+            x = bytearray(150 << 20)
+            for i in range(0, len(x), 4096):
+                x[i] = 1
+            os.write(w, bytes([k]))
+            time.sleep(5)
+            os._exit(0)
+        kids[pid] = k
+    os.close(w)
+    os.set_blocking(r, False)
+    wrote, died, deadline = set(), set(), time.time() + 4
+    while wrote | died != {0, 1, 2} and time.time() < deadline:  # each one fills, or is killed
+        try:
+            wrote |= set(os.read(r, 3))
+        except BlockingIOError:
+            time.sleep(0.02)
+        died |= {k for p, k in kids.items() if k not in died and os.waitpid(p, os.WNOHANG)[0]}
+    return len(wrote - died)
+"""
+    limits = SandboxLimits(timeout_s=6.0, memory_mb=200, disk_mb=8)
+    assert run_tests(program, ["assert filled() == 3"], limits, "bwrap") == 0.0
+    assert run_tests(program, ["assert filled() >= 1"], limits, "bwrap") == 1.0  # one fits

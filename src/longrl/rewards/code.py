@@ -106,13 +106,16 @@ class SandboxLimits:
     timeout_s: float = 5.0
     """Wall-clock limit per response (the CPU limit is this plus one second)."""
     memory_mb: int = 1024
-    """Address-space limit of each process."""
+    """Address-space limit of each process; with `disk_mb`, also the cap on the memory of all
+    its processes together (a memory cgroup, where one can be made)."""
     file_mb: int = 16
     """Largest file the program may write."""
     disk_mb: int = 32
     """Total it may write (a tmpfs of this size; enforced by the bwrap tier only)."""
     output_mb: float = 4.0
     """Most it may send back (the tests' values); past this the response scores 0."""
+    max_procs: int = 64
+    """Most processes and threads at once (a pids cgroup, where one can be made)."""
 
 
 @dataclass(frozen=True)
@@ -332,7 +335,8 @@ def run_tests(program: str, tests: list[str], limits: SandboxLimits | None = Non
                "RLIMIT_FSIZE": limits.file_mb << 20, "RLIMIT_CORE": 0}
     payload = json.dumps({"program": program, "exprs": [c.expr for c in checks], "limits": rlimits})
     run = run_sandboxed(_HARNESS, payload.encode(), _resolve(isolation_tier), timeout_s=limits.timeout_s,
-                        disk_mb=limits.disk_mb, output_mb=limits.output_mb)
+                        disk_mb=limits.disk_mb, output_mb=limits.output_mb, max_procs=limits.max_procs,
+                        memory_mb=limits.memory_mb)
     if run.truncated:
         return 0.0
     values = _answers(run.stdout, len(checks))

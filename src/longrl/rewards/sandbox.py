@@ -21,6 +21,10 @@ Isolation tiers, strongest first; `isolation("auto")` takes the first that runs 
 - `process`: a plain subprocess in its own session under resource limits. Nothing above is
   fenced off and a child that calls setsid() escapes the final kill. Last resort.
 
+Where this process may create cgroups (`rewards/cgroups.py`), every tier also runs in one
+with a process cap and a cap on the memory of all its processes together (a fork bomb, or
+memory spread over many processes); only bwrap, which hides /sys, claims them as guards.
+
 A tier weaker than bwrap is announced once per process on stderr, with what it leaves open
 (`GUARDS` lists what each tier enforces; the tests check each claim). Resource limits (CPU
 seconds, address space, size of one file, no core dumps) are set by the harness that runs
@@ -45,6 +49,7 @@ import time
 from dataclasses import dataclass
 
 from longrl.errors import UserError
+from longrl.rewards import cgroups
 
 TIERS = ("bwrap", "unshare", "process")
 GUARDS: dict[str, frozenset[str]] = {
@@ -55,7 +60,8 @@ GUARDS: dict[str, frozenset[str]] = {
 """What each tier enforces: processes (every child dies with the call, setsid or not),
 network (no connection to anything, loopback included), signals (cannot signal the trainer),
 environ (cannot read the trainer's environment), files (sees no host file beyond the
-interpreter and system libraries), disk (a total write cap)."""
+interpreter and system libraries), disk (a total write cap). bwrap adds pids and memory
+(cgroup caps) where cgroups can be made here."""
 
 _OPEN = {
     "processes": "children that call setsid() outlive the call",
@@ -64,6 +70,8 @@ _OPEN = {
     "environ": "it can read the trainer's environment via /proc",
     "files": "it can read and write the trainer's files",
     "disk": "there is no total write cap",
+    "pids": "it can start any number of processes",
+    "memory": "there is no cap on the memory of all its processes together",
 }
 _SANDBOX_UID = 65534  # nobody
 _ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
@@ -164,9 +172,15 @@ def isolation(choice: str = "auto") -> Isolation:
                 raise UserError(f"sandbox isolation {choice!r} is not available: {why}; use isolation='auto'")
             reasons.append(f"{tier}: {why}")
             continue
-        chosen = Isolation(tier, GUARDS[tier], "; ".join(reasons))
+        # only bwrap hides /sys, so only there can the program not leave its cgroups
+        extra = frozenset(cgroups.usable()) if tier == "bwrap" else frozenset()
+        chosen = Isolation(tier, GUARDS[tier] | extra, "; ".join(reasons))
         if tier != "bwrap":
             _announce(chosen)
+        elif extra != {"pids", "memory"}:
+            missing = "; ".join(_OPEN[g] for g in sorted({"pids", "memory"} - extra))
+            print(f"WARNING longrl code sandbox: no cgroup can be made here ({missing}); per-process limits "
+                  "still hold", file=sys.stderr, flush=True)
         return chosen
     raise AssertionError("the process tier always runs")
 
@@ -181,12 +195,20 @@ def _announce(iso: Isolation) -> None:
 
 
 def run_sandboxed(code: str, stdin: bytes, iso: Isolation, *, timeout_s: float, disk_mb: int,
-                  output_mb: float) -> Run:
+                  output_mb: float, max_procs: int = 64, memory_mb: int = 1024) -> Run:
     """Run `python -I -c code` in the tier `iso`, feed it `stdin`, collect its stdout (capped),
-    and kill it and everything it started when it exits or `timeout_s` passes."""
-    workdir = tempfile.mkdtemp(prefix="longrl-sandbox-") if iso.name != "bwrap" else None
+    and kill it and everything it started when it exits or `timeout_s` passes. `max_procs`
+    and `memory_mb` (all processes and the tmpfs together) are cgroup limits, where cgroups
+    can be made. An OSError here (a full disk for the weaker tiers' directory) is no answer."""
     try:
-        proc = subprocess.Popen(_argv(iso.name, disk_mb) + ["-c", code], stdin=subprocess.PIPE,
+        workdir = tempfile.mkdtemp(prefix="longrl-sandbox-") if iso.name != "bwrap" else None
+    except OSError as e:
+        _warn_once(f"WARNING longrl code sandbox: cannot make a working directory ({e}); the response scores 0")
+        return Run(b"", False, False)
+    groups = cgroups.create(max_procs, (memory_mb + disk_mb) << 20)
+    try:
+        argv = cgroups.enter_argv(groups, _argv(iso.name, disk_mb) + ["-c", code])
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=workdir or "/",
                                 env={**_ENV, "HOME": workdir or "/tmp", "TMPDIR": workdir or "/tmp"},
                                 start_new_session=True)
@@ -196,8 +218,14 @@ def run_sandboxed(code: str, stdin: bytes, iso: Isolation, *, timeout_s: float, 
             _kill_all(proc, iso.name)
         return Run(out, timed_out, truncated)
     finally:
+        cgroups.remove(groups)
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _exchange(proc: subprocess.Popen, data: bytes, deadline: float, cap: int) -> tuple[bytes, bool, bool]:
