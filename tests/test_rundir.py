@@ -96,9 +96,10 @@ def test_what_a_killed_run_left_is_cleaned_at_the_next_start(tmp_path):
     (run / ".config.yaml.x1y2.tmp").write_text("half")
     (run / ".curves.png.tmp.png").write_bytes(b"half")
     shutil.copytree(ckpts / "step_2", ckpts / ".step_6.old")  # killed between the two renames of a replace
+    (run / ".notes.old").write_text("the user's")
     rundir.resume_config(str(run), _cfg(tmp_path))
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_2", "step_6"]
-    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", ".notes.old", "checkpoints", "config.yaml"]
 
 
 # ----------------------------------------------------------------------------------------

@@ -38,13 +38,16 @@ from longrl.errors import UserError
 from longrl.utils import atomic_write_text
 
 LOCK_FILE = ".lock"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "checkpoints")
-"""What a run writes into its directory: the only entries run.overwrite=true deletes."""
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "checkpoints",
+             "tensorboard", "wandb", "mlruns")
+"""What a run writes into its directory (the trackers' folders included): the only entries
+run.overwrite=true deletes."""
 SAFE_ON_RESUME = ("rl.steps", "rl.eval_every", "run.save_every", "run.keep_checkpoints", "run.progress")
 """Keys a resumed run may change: how long it runs and how often it evaluates, saves and
 reports. Everything else would make the resumed run a different run from the one saved."""
 _IGNORED_ON_RESUME = ("resume", "run.overwrite")
-_TEMP = re.compile(r"^\..+\.(tmp|old)")  # atomic_write_text / atomic_dir / plot_curves leftovers
+_TEMP = re.compile(r"^\.(config\.yaml|metrics\.jsonl|summary\.json|curves\.png|step_\d+)\..*(tmp|old)")
+"""Leftovers of atomic_write_text, atomic_dir and plot_curves (and nothing a user named)."""
 _HELD: dict[str, int] = {}  # resolved run dir -> fd of its lock file, held by this process
 
 
