@@ -132,6 +132,8 @@ def plot_curves(records: list[dict], out: Path) -> list[str]:
 
 
 def _draw_panel(ax, panel: Panel, recs: list[dict]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     if panel.band:
         low, high = panel.band
         pts = [(r["step"], r[low], r[high]) for r in recs if low in r and high in r]
@@ -150,6 +152,7 @@ def _draw_panel(ax, panel: Panel, recs: list[dict]) -> None:
         ax.legend(fontsize=7)
     ax.set_title(panel.title, fontsize=10)
     ax.set_xlabel("SFT step" if panel.phase == "sft" else "RL step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.grid(alpha=0.3)
 
 
