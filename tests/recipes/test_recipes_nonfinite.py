@@ -104,16 +104,22 @@ TINY = [
 ]
 
 
-def test_sft_with_a_learning_rate_that_blows_up_stops_cleanly_and_writes_no_nan_weights(tmp_path, capsys):
-    code = main(["train", f"run.out_dir={tmp_path}", "run.name=hot", *TINY, "sft.lr=1e6", "train.grad_clip=0"])
+@pytest.mark.parametrize("hot", [["sft.lr=1e6"],
+                                 # 30 SFT steps at a sane rate give rewards that vary, so RL has a gradient
+                                 ["sft.steps=30", "sft.lr=1e-2", "rl.steps=6", "rl.prompts_per_step=3",
+                                  "rl.group_size=4", "rl.lr=1e6", "eval.max_new_tokens=12", "rollout.max_new_tokens=12"]])
+def test_a_learning_rate_that_blows_up_stops_cleanly_and_writes_no_nan_weights(tmp_path, capsys, hot):
+    code = main(["train", f"run.out_dir={tmp_path}", "run.name=hot", *TINY, *hot, "train.grad_clip=0"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "learning rate too high" in err
+    assert "3 steps in a row" in err and "learning rate too high" in err
     ckpts = tmp_path / "hot" / "checkpoints"
     from safetensors.torch import load_file
 
     for weights in ckpts.glob("step_*/model.safetensors"):  # whatever was written is finite
         assert all(bool(torch.isfinite(t).all()) for t in load_file(weights).values())
-    losses = [r["loss/sft"] for r in map(json.loads, (tmp_path / "hot" / "metrics.jsonl").read_text().splitlines())
-              if "loss/sft" in r]
-    assert losses and losses[0] == losses[0]  # the first step was finite: the blow-up came from the update
+    records = [json.loads(line) for line in (tmp_path / "hot" / "metrics.jsonl").read_text().splitlines()]
+    phase = "rl" if "rl.lr=1e6" in hot else "sft"
+    norms = [r["grad/norm"] for r in records if r["phase"] == phase and "grad/norm" in r]
+    assert norms and norms[0] == norms[0]  # the phase's first step was finite: the blow-up came from its update
+    assert sum(n != n for n in norms) == 2  # then skipped steps (the third stopped the run before its record)
