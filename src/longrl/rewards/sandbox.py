@@ -283,9 +283,30 @@ def _kill_all(proc: subprocess.Popen, tier: str) -> None:
         except (ProcessLookupError, PermissionError):
             pass
     proc.wait()
+    if tier == "process":  # give the killed group a moment to go (zombies left to init may stay)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            time.sleep(0.01)
     for pipe in (proc.stdin, proc.stdout):
         if pipe and not pipe.closed:
             pipe.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` is still running (not a zombie)."""
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _children(pid: int) -> list[int]:
