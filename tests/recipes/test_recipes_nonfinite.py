@@ -3,6 +3,7 @@ run, a NaN reward is refused per sample, and no NaN weight reaches a checkpoint.
 
 import io
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,12 @@ import torch
 from longrl.cli import main
 from longrl.data.example import Example
 from longrl.errors import UserError
-from longrl.recipes.common import MAX_NONFINITE_STEPS, clip_and_step, make_scheduler, skipped_steps
+from longrl.recipes.common import (
+    MAX_NONFINITE_STEPS,
+    clip_and_step,
+    make_scheduler,
+    skipped_steps,
+)
 from longrl.rewards.combine import score_responses
 
 
@@ -34,7 +40,7 @@ def test_a_non_finite_gradient_skips_the_update_and_is_counted():
     before = _weights(model)
     _backward(model, float("nan"))
     norm = clip_and_step(model, opt, sched, grad_clip=1.0)
-    assert norm != norm  # the NaN norm is still returned (logged as it was)
+    assert math.isnan(norm)  # the NaN norm is still returned (logged as it was)
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))  # weights unchanged
     assert not opt.state  # AdamW never ran: no moments, no step count
     assert all(p.grad is None for p in model.parameters())  # nothing carried into the next step
@@ -80,7 +86,7 @@ def test_the_skip_count_is_saved_with_the_optimizer():
     buf = io.BytesIO()
     torch.save(encode_state(opt.state_dict()), buf)
     buf.seek(0)
-    model2, opt2, _ = _setup()
+    _, opt2, _ = _setup()
     opt2.load_state_dict(decode_state(torch.load(buf, weights_only=True)))
     assert skipped_steps(opt2) == 1 and opt2.param_groups[0]["skipped_in_a_row"] == 1
 
@@ -121,5 +127,5 @@ def test_a_learning_rate_that_blows_up_stops_cleanly_and_writes_no_nan_weights(t
     records = [json.loads(line) for line in (tmp_path / "hot" / "metrics.jsonl").read_text().splitlines()]
     phase = "rl" if "rl.lr=1e6" in hot else "sft"
     norms = [r["grad/norm"] for r in records if r["phase"] == phase and "grad/norm" in r]
-    assert norms and norms[0] == norms[0]  # the phase's first step was finite: the blow-up came from its update
-    assert sum(n != n for n in norms) == 2  # then skipped steps (the third stopped the run before its record)
+    assert norms and math.isfinite(norms[0])  # the phase's first step was finite: the blow-up came from its update
+    assert sum(math.isnan(n) for n in norms) == 2  # then skipped steps (the third stopped the run before its record)
