@@ -78,7 +78,8 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
             rundir.prepare_run_dir(_cfg(tmp_path))
         with pytest.raises(UserError, match="in use by another longrl process"):
             rundir.resume_config(str(run), _cfg(tmp_path))
-        r = subprocess.run([sys.executable, "-m", "longrl", "train", f"resume={run}"], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "longrl", "train", f"resume={run}"], capture_output=True, text=True,
+                           check=False)
         assert r.returncode == 2 and r.stderr.startswith("longrl: error: ") and r.stderr.count("\n") == 1
         assert f"in use by another longrl process (pid {holder.pid})" in r.stderr
     finally:
