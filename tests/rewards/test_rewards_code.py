@@ -14,8 +14,17 @@ from longrl.config import TaskConfig
 from longrl.data.example import Example
 from longrl.data.registry import load_task
 from longrl.errors import UserError
-from longrl.rewards.code import Check, SandboxLimits, decode, parse_test, program_of, run_tests
-from longrl.rewards.code import tests_of as checked_tests  # (not named test*: pytest would collect it)
+from longrl.rewards.code import (
+    Check,
+    SandboxLimits,
+    decode,
+    parse_test,
+    program_of,
+    run_tests,
+)
+from longrl.rewards.code import (
+    tests_of as checked_tests,  # (not named test*: pytest would collect it)
+)
 from longrl.rewards.verifiers import answer_scorer
 
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4", "assert add('a', 'b') == 'ab'"]

@@ -9,6 +9,7 @@ true fails here. Where an escape is expressed as a test whose expected value is 
 program could not get it; a positive control with the secret inside the sandbox scores 1.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 
 from longrl.errors import UserError
 from longrl.rewards import cgroups, sandbox
+from longrl.rewards import code as code_reward
 from longrl.rewards.code import SandboxLimits, run_tests
 
 pytestmark = pytest.mark.reliability  # counted with issue 13's other cases
@@ -99,28 +101,44 @@ def test_the_expected_values_are_nowhere_in_the_sandbox(tier):
     assert run_tests(FRAME_AND_MEMORY_SEARCH, leaky, FAST, tier) == 1.0
 
 
+FORGE = ('{"i": 0, "passed": true}\n{"i": 1, "v": {"obj": 1}}\n{"i": 2, "v": "ok"}\n{"i": 3, "v": "ok"}\n'
+         '4 passed\n')
+GAMING = {
+    # replace the machinery that runs or reports the tests
+    "replace_builtins": ("import builtins, json\nbuiltins.exec = lambda *a, **k: None\n"
+                         "builtins.eval = lambda *a, **k: True\nbuiltins.compile = lambda *a, **k: None\n"
+                         "json.dumps = lambda *a, **k: '{\"i\": 0, \"passed\": true}'\n"
+                         "def add(a, b): return None"),
+    # an object equal to everything; built-in subclasses that lie about equality
+    "always_equal": ("class Any:\n    __eq__ = lambda self, other: True\n    __hash__ = lambda self: 0\n"
+                     "    __bool__ = lambda self: True\ndef add(a, b): return Any()"),
+    "int_subclass": "class I(int):\n    __eq__ = lambda self, other: True\ndef add(a, b): return I(7)",
+    "str_subclass": "class S(str):\n    __eq__ = lambda self, other: True\ndef add(a, b): return S('nope')",
+    # forged result lines on every descriptor, before the tests run
+    "forged_lines": (f"import os\nfor fd in range(64):\n    try:\n        os.write(fd, {FORGE.encode()!r})\n"
+                     "    except OSError:\n        pass\ndef add(a, b): return None"),
+    # a value that is not data, a nesting bomb, NaN, the old nonce-style fake result line
+    "not_data": "def add(a, b): return lambda: 3",
+    "nesting_bomb": "def add(a, b):\n    x = []\n    for _ in range(100000):\n        x = [x]\n    return x",
+    "nan": "def add(a, b): return float('nan')",
+    "fake_nonce_line": "print('\\n' + 'x' * 32 + ' 4')\ndef add(a, b): return None",
+}
+
+
 @pytest.mark.parametrize("tier", HERE)
-@pytest.mark.parametrize("program", [
-    # replace the machinery that would run or report the tests
-    "import builtins, json\nbuiltins.exec = lambda *a, **k: None\nbuiltins.eval = lambda *a, **k: True\n"
-    "builtins.compile = lambda *a, **k: None\njson.dumps = lambda *a, **k: '{\"i\": 0, \"v\": 3}'",
-    # an object equal to everything; and built-in subclasses that lie about equality
-    "class Any:\n    __eq__ = lambda self, other: True\n    __hash__ = lambda self: 0\n"
-    "def add(a, b): return Any()",
-    "class I(int):\n    __eq__ = lambda self, other: True\ndef add(a, b): return I(7)",
-    "class S(str):\n    __eq__ = lambda self, other: True\ndef add(a, b): return S('nope')",
-    # write forged result lines (pass flags, tagged objects) on every descriptor before the tests
-    "import os\nfor fd in range(64):\n    try: os.write(fd, b'{\"i\": 0, \"passed\": true}\\n{\"i\": 1, \"v\": {\"obj\": 1}}\\n'"
-    " + b'\\n'.join(b'{\"i\": %d, \"v\": \"ok\"}' % i for i in range(4)) + b'\\n')\n    except OSError: pass\n"
-    "def add(a, b): return None",
-    # a value that is not data, a nested bomb, NaN, and the old nonce-style fake result line
-    "def add(a, b): return lambda: 3",
-    "def add(a, b):\n    x = []\n    for _ in range(100000): x = [x]\n    return x",
-    "def add(a, b): return float('nan')",
-    "print('\\n' + 'x' * 32 + ' 4')\ndef add(a, b): return None",
-])
-def test_gaming_scores_zero(tier, program):
-    assert run_tests(program, TESTS, FAST, tier) == 0.0
+@pytest.mark.parametrize("name", GAMING)
+def test_gaming_scores_zero(tier, name):
+    compile(GAMING[name], name, "exec")  # the attack itself is a valid program
+    assert run_tests(GAMING[name], TESTS, FAST, tier) == 0.0
+
+
+@pytest.mark.parametrize("tier", HERE)
+def test_forged_lines_do_reach_the_result_channel_and_count_for_nothing(tier):
+    payload = json.dumps({"program": GAMING["forged_lines"], "exprs": ["add(1, 2)"], "limits": {}}).encode()
+    run = sandbox.run_sandboxed(code_reward.HARNESS, payload, sandbox.isolation(tier), timeout_s=3.0, disk_mb=8,
+                                output_mb=1.0)
+    assert FORGE.encode() in run.stdout and b'{"i": 0, "v": null}' in run.stdout  # the forgery, then the answer
+    assert run_tests(GAMING["forged_lines"], TESTS, FAST, tier) == 0.0
 
 
 @pytest.mark.parametrize("tier", HERE)

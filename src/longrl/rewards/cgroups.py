@@ -50,7 +50,7 @@ def _limit_files(group: str) -> dict[str, str]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def usable() -> dict[str, tuple[str, str]]:
     """'pids' / 'memory' -> (parent directory, limit file) where a child group can be made."""
     found: dict[str, tuple[str, str]] = {}

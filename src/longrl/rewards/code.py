@@ -17,20 +17,25 @@ A test is split here, when the task loads, into an expression and an expected va
 - `assert EXPR` / `assert not EXPR`: the value's truthiness (meant for predicates such as
   `is_palindrome('Level')`; the program's own value decides these).
 
-Only EXPR goes into the sandbox, and it may contain no comparison, and/or, or arithmetic
-between a value and a literal (literals there are inputs: call arguments, indices), so
-expected values never enter the untrusted process: it can return whatever it likes, but it scores only by
-returning the right values. The harness there runs the program, evaluates each EXPR in its
-namespace in order and writes one JSON line per test on stdout. Values travel as tagged
-JSON (None, bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict; see
-`decode`), never as objects, so the comparison here runs on plain built-in values and an
-object with a rigged `__eq__` or `__bool__` cannot even be sent. A program that fails to
-run scores 0; a test whose expression raises, or whose value is not data, fails.
+Only EXPR goes into the sandbox, and it may contain no comparison, no and/or and no
+arithmetic between a value and a literal (literals there are inputs: call arguments,
+indices), so expected values never enter the untrusted process: it can return whatever it
+likes, but it scores only by returning the right values. The harness there runs the
+program, evaluates each EXPR in its namespace in order and writes one JSON line per test on
+stdout. Values travel as tagged JSON (None, bool, int, float, complex, str, bytes, list,
+tuple, set, frozenset, dict; see `decode`), never as objects, so the comparison here runs on
+plain built-in values and an object with a rigged `__eq__` or `__bool__` cannot even be
+sent. A program that fails to run scores 0; a test whose expression raises, or whose value
+is not data, fails. The first answer for each test counts; anything that is not an answer
+on that channel is ignored, and a flood past `output_mb` scores 0.
 
-Departures from the earlier design (free-form test snippets run inside the sandbox after a
-nonce): tests must be one of the forms above (checked at load, with a message naming them);
-a test that is not data (e.g. `assert re.match(...)`) cannot be expressed; and a program
-that exits partway keeps the tests it answered before exiting (they were computed).
+Departures from the earlier design (free-form snippets run inside the sandbox, a nonce
+guarding the result line): tests must take one of the forms above (checked when the task
+loads, with a message naming them); a value that is not data (a regex Match, an instance of
+the program's own class, an int past Python's 4300-digit str limit) fails its test even
+where Python would call it truthy or equal; truthiness tests still trust the program's own
+value, as they always did; and a program that exits partway keeps the tests it answered
+before it exited (those values were computed).
 
 Where the program runs, and what it can reach, is `rewards/sandbox.py`'s business.
 """
@@ -44,19 +49,20 @@ import math
 import operator
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from longrl.data.example import Example
 from longrl.errors import UserError
 from longrl.rewards.answer import extract_answer
 from longrl.rewards.sandbox import Isolation, isolation, run_sandboxed
 
-_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
-# Runs inside the sandbox. Limits first (soft = hard: the program cannot raise them), then
+# The program's harness: runs inside the sandbox. Limits first (soft = hard: the program cannot raise them), then
 # stdout is moved to a private descriptor so the program's prints go nowhere.
-_HARNESS = r"""
+HARNESS = r"""
 import json, os, resource, sys
 def _enc(v, depth=0):
     if depth > 64:
@@ -334,7 +340,7 @@ def run_tests(program: str, tests: list[str], limits: SandboxLimits | None = Non
     rlimits = {"RLIMIT_CPU": int(limits.timeout_s) + 1, "RLIMIT_AS": limits.memory_mb << 20,
                "RLIMIT_FSIZE": limits.file_mb << 20, "RLIMIT_CORE": 0}
     payload = json.dumps({"program": program, "exprs": [c.expr for c in checks], "limits": rlimits})
-    run = run_sandboxed(_HARNESS, payload.encode(), _resolve(isolation_tier), timeout_s=limits.timeout_s,
+    run = run_sandboxed(HARNESS, payload.encode(), _resolve(isolation_tier), timeout_s=limits.timeout_s,
                         disk_mb=limits.disk_mb, output_mb=limits.output_mb, max_procs=limits.max_procs,
                         memory_mb=limits.memory_mb)
     if run.truncated:

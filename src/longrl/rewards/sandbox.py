@@ -149,7 +149,7 @@ def _probe(tier: str) -> str:
         return f"{tool} is not installed{hint}"
     try:
         done = subprocess.run(_argv(tier, 1) + ["-c", "print('ok')"], env=dict(_ENV), cwd=tempfile.gettempdir(),
-                              capture_output=True, timeout=30)
+                              capture_output=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{tool} failed to start ({e})"
     if done.stdout.strip() != b"ok":
@@ -158,7 +158,7 @@ def _probe(tier: str) -> str:
     return ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def isolation(choice: str = "auto") -> Isolation:
     """The tier to use: `choice` itself, or with 'auto' the strongest that runs here.
     A tier weaker than bwrap is announced on stderr, once per process and tier."""
@@ -169,7 +169,7 @@ def isolation(choice: str = "auto") -> Isolation:
         why = _probe(tier) if tier != "process" else ""
         if why:
             if choice != "auto":
-                raise UserError(f"sandbox isolation {choice!r} is not available: {why}; use isolation='auto'")
+                raise UserError(f"sandbox isolation {choice!r} is not available: {why}; choose 'auto' to take the strongest that runs")
             reasons.append(f"{tier}: {why}")
             continue
         # only bwrap hides /sys, so only there can the program not leave its cgroups
@@ -223,7 +223,7 @@ def run_sandboxed(code: str, stdin: bytes, iso: Isolation, *, timeout_s: float, 
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
