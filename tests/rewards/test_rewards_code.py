@@ -25,6 +25,7 @@ from longrl.rewards.code import (
 from longrl.rewards.code import (
     tests_of as checked_tests,  # (not named test*: pytest would collect it)
 )
+from longrl.rewards.sandbox import isolation
 from longrl.rewards.verifiers import answer_scorer
 
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4", "assert add('a', 'b') == 'ab'"]
@@ -85,7 +86,9 @@ def test_programs_run_in_a_fresh_empty_directory_that_is_removed():
     # The program reports what it sees as a test value (it cannot write outside its sandbox).
     before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("longrl-sandbox-")}
     program = "import os\ndef listing():\n    return os.listdir('.')\nstart = listing()\n"
-    assert run_tests(program, ["assert start == []", "assert listing() == []"], FAST) == 1.0
+    # bwrap: /tmp on a private tmpfs that vanishes with the sandbox; the others: a host temp dir
+    where = "assert os.getcwd() == '/tmp'" if isolation().name == "bwrap" else "assert 'longrl-sandbox-' in os.getcwd()"
+    assert run_tests(program, ["assert start == []", "assert listing() == []", where], FAST) == 1.0
     after = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("longrl-sandbox-")}
     assert after <= before  # nothing left behind
 

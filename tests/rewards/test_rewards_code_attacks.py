@@ -200,6 +200,16 @@ fill('fill-')
     assert _sandbox_dirs() <= before
 
 
+@pytest.mark.parametrize("tier", [t for t in HERE if t != "bwrap"])  # bwrap makes no host directory
+def test_a_full_disk_for_the_work_directory_scores_zero_instead_of_raising(tier, monkeypatch, capsys):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sandbox.tempfile, "mkdtemp", full)
+    assert run_tests("def add(a, b): return a + b", TESTS, FAST, tier) == 0.0
+    assert "cannot make a working directory" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("tier", tiers_guarding("disk"))
 def test_the_total_write_cap_holds_everywhere_it_can_write(tier, tmp_path):
     outside = tmp_path / "outside.bin"

@@ -203,7 +203,7 @@ def run_sandboxed(code: str, stdin: bytes, iso: Isolation, *, timeout_s: float, 
     try:
         workdir = tempfile.mkdtemp(prefix="longrl-sandbox-") if iso.name != "bwrap" else None
     except OSError as e:
-        _warn_once(f"WARNING longrl code sandbox: cannot make a working directory ({e}); the response scores 0")
+        _warn_once(f"WARNING longrl code sandbox ({iso.name}): cannot make a working directory ({e}); responses score 0")
         return Run(b"", False, False)
     groups = cgroups.create(max_procs, (memory_mb + disk_mb) << 20)
     try:
