@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import importlib.util
 import math
 import os
 import re
@@ -141,7 +142,10 @@ class SFTConfig:
 @dataclass
 class RolloutConfig:
     backend: str = "hf"
-    """Generation engine: 'hf' (built-in, KV cache) or 'vllm' (GPU extra, not built yet)."""
+    """Generation engine: 'hf' (built-in batched KV-cache loop; text and video), 'continuous'
+    (built-in continuous batching, the engine APRIL uses; text) or 'vllm' (the `vllm` extra:
+    colocated vLLM engine, weights synced after every step; text). With rollout.partial=true,
+    'hf' means 'continuous'."""
     max_new_tokens: int = 48
     """Longest response in tokens; longer ones are truncated (and counted)."""
     temperature: float = 1.0
@@ -161,6 +165,15 @@ class RolloutConfig:
     """APRIL off-policy handling: 'recompute', 'mask' or 'tis'."""
     tis_clip: float = 2.0
     """Truncated importance-sampling cap (rollout.offpolicy=tis)."""
+    mismatch_threshold: float = 0.0
+    """Drop from the loss every response whose mean |behaviour - trainer| log-prob gap per
+    token exceeds this (engine/trainer mismatch, e.g. vLLM's kernels vs the trainer's);
+    0 = off. The step's normaliser is unchanged; the dropped fraction is logged
+    (`rollout/mismatch_masked_frac`)."""
+    vllm_gpu_memory: float = 0.5
+    """rollout.backend=vllm on a GPU: fraction of its memory vLLM may take for weights and
+    KV cache (the trainer shares the device). On a CPU the KV cache size comes from the
+    VLLM_CPU_KVCACHE_SPACE environment variable (GiB; longrl sets 1 when unset)."""
 
 
 @dataclass
@@ -265,6 +278,9 @@ class RunConfig:
     from its pip extra (`pip install -e ".[tensorboard]"`). All write under the run
     directory and need no network: W&B runs offline unless WANDB_MODE says otherwise,
     MLflow uses a file store unless MLFLOW_TRACKING_URI is set. Main rank only."""
+    overwrite: bool = False
+    """Replace an existing run directory of the same name (its checkpoints, metrics and
+    summary are deleted first). Without it a non-empty run directory is refused."""
 
 
 @dataclass
@@ -343,7 +359,7 @@ class Config:
         _choice("rl.kl_estimator", self.rl.kl_estimator, ["k1", "k2", "k3"])
         _choice("rl.overlong", self.rl.overlong, ["none", "filter", "soft"])
         _choice("rollout.offpolicy", self.rollout.offpolicy, ["recompute", "mask", "tis"])
-        _choice("rollout.backend", self.rollout.backend, ["hf", "vllm"])
+        _choice("rollout.backend", self.rollout.backend, ["hf", "continuous", "vllm"])
         _choice("train.backprop", self.train.backprop, ["standard", "chunked", "checkpoint", "streambp"])
         _choice("reward.correctness", self.reward.correctness, ["auto", "exact", "normalized", "math", "mcq", "code", "judge"])
         if self.reward.correctness == "judge" and not self.reward.judge_model:
@@ -372,8 +388,10 @@ class Config:
             raise UserError(f"rollout.top_p={self.rollout.top_p} must be in (0, 1]")
         if self.rollout.temperature < 0:
             raise UserError(f"rollout.temperature={self.rollout.temperature} must be >= 0")
-        if self.rollout.backend == "vllm":
-            raise UserError("rollout.backend=vllm is not built yet; use rollout.backend=hf")
+        if self.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise UserError("rollout.backend=vllm needs vLLM: pip install -e \".[vllm]\" (see README), or use rollout.backend=hf")
+        if self.rollout.backend != "hf" and self.task.name == "videos":
+            raise UserError(f"rollout.backend={self.rollout.backend}: video rollouts run on rollout.backend=hf only")
         if self.video.train_vision and self.video.embed_cache_dir:
             raise UserError("video.embed_cache_dir needs a frozen vision tower; set video.train_vision=false or video.embed_cache_dir=''")
         if self.task.name == "jsonl" and not self.task.train_file:
@@ -679,3 +697,38 @@ def _field_docs(cls) -> dict[str, str]:
             docs[last] = " ".join(str(node.value.value).split())
             last = None
     return docs
+
+
+# ----------------------------------------------------------------------------------------
+# Derived values: computed here and nowhere else.
+# ----------------------------------------------------------------------------------------
+
+
+def rollout_backend_name(cfg: Config) -> str:
+    """The backend that runs: APRIL (rollout.partial) needs submit/step/abort, which the
+    batched 'hf' loop does not have, so 'hf' with rollout.partial=true is 'continuous'."""
+    if cfg.rollout.partial and cfg.rollout.backend == "hf":
+        return "continuous"
+    return cfg.rollout.backend
+
+
+def rollout_slots(cfg: Config) -> int:
+    """Decoding slots of a continuous engine: rollout.slots, or one per sample of this
+    replica's groups (rollout.slots=0)."""
+    if cfg.rollout.slots:
+        return cfg.rollout.slots
+    from longrl.parallel import dist
+
+    lay = dist.layout()
+    return max(1, len(dist.shard_indices(cfg.rl.prompts_per_step, lay.dp_rank, lay.dp_size))) * cfg.rl.group_size
+
+
+def train_temperature(cfg: Config) -> float:
+    """Temperature of the trainer's log-probs: the rollouts' (so behaviour and trainer
+    log-probs are of one distribution), or 1 when rollouts are greedy (temperature 0)."""
+    return cfg.rollout.temperature or 1.0
+
+
+def dpo_pairs_per_micro(cfg: Config) -> int:
+    """DPO micro-batches hold whole pairs: rl.micro_batch_size // 2 pairs (at least one)."""
+    return max(1, cfg.rl.micro_batch_size // 2)

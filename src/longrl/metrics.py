@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from longrl.errors import UserError
 from longrl.tracking import Tracker, tracker_view
 from longrl.utils import atomic_write_text
 
@@ -24,7 +25,7 @@ class MetricsLog:
         self.tracker = tracker  # also receives each record (`longrl.tracking`, run.report_to)
         self.records: list[dict] = []
         if self.path.exists():
-            self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.records = read_records(self.path)
 
     def __call__(self, record: dict) -> None:
         self.records.append(record)
@@ -102,6 +103,25 @@ def curve_panels(records: list[dict]) -> list[Panel]:
     for r in records:
         present.setdefault(r.get("phase", "rl"), set()).update(r)
     return [p for p in PANELS if any(key in present.get(p.phase, ()) for key, _ in p.lines)]
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of an existing metrics.jsonl. A last line cut short (the process was
+    killed mid-write) is dropped from the file with a warning; a bad line before it is a
+    UserError naming it, since that is not what a crash leaves."""
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[i + 1:]):
+                raise UserError(f"{path} line {i + 1} is not JSON; fix or delete that line") from None
+            print(f"longrl: warning: dropping the cut-off last line of {path} (line {i + 1})", file=sys.stderr)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
 
 
 def plot_curves(records: list[dict], out: Path) -> list[str]:

@@ -31,7 +31,9 @@ from longrl.data.registry import load_task
 from longrl.models.tiny import build_tiny_tokenizer
 from longrl.parallel import dist
 from longrl.parallel.local_spawn import free_port
+from longrl.policy.text import TextPolicy
 from longrl.recipes import dpo, grpo, sft
+from longrl.rollout.hf import HFBackend
 
 TOKENIZER = build_tiny_tokenizer()
 N_PROMPTS, G = 4, 3
@@ -47,6 +49,12 @@ def _model(dtype, tie=True):
                       tie_word_embeddings=tie, pad_token_id=TOKENIZER.pad_token_id,
                       eos_token_id=TOKENIZER.eos_token_id)
     return Qwen2ForCausalLM(cfg).to(dtype)
+
+
+def _text(model, cfg):
+    """The recipes' text policy and batched backend over `model`."""
+    backend = HFBackend(model, eos_id=TOKENIZER.eos_token_id, pad_id=TOKENIZER.pad_token_id)
+    return TextPolicy.from_config(model, TOKENIZER, cfg), backend
 
 
 def _record_grads(module):
@@ -101,7 +109,7 @@ def sft_case(mode, dtype):
     logs = []
     grads, restore = _record_grads(sft)
     try:
-        sft.run_sft(model, TOKENIZER, _sft_examples(), cfg, torch.device("cpu"), logs.append)
+        sft.run_sft(_text(model, cfg)[0], _sft_examples(), cfg, torch.device("cpu"), logs.append)
     finally:
         restore()
     return {"grads": grads, "params": _params(model), "checkpointed": bool(model.is_activation_checkpointing),
@@ -128,7 +136,7 @@ def _fixed_rollouts():
                          torch.zeros(N_PROMPTS * G, dtype=torch.bool), rewards, {"correctness": rewards})
 
 
-def _replica_collect(model, tokenizer, task, cfg, state, io=None):
+def _replica_collect(policy, backend, task, cfg, state):
     lay = dist.layout()
     keep = torch.zeros(N_PROMPTS, dtype=torch.bool)
     keep[dist.shard_indices(N_PROMPTS, lay.dp_rank, lay.dp_size)] = True
@@ -151,7 +159,7 @@ def _step_on_fixed_rollouts(module, step, cfg):
     grads, restore = _record_grads(module)
     original_collect, module.collect = module.collect, _replica_collect
     try:
-        metrics = step(model, TOKENIZER, None, cfg, state)
+        metrics = step(*_text(model, cfg), None, cfg, state)
     finally:
         module.collect = original_collect
         restore()
@@ -191,7 +199,7 @@ def rollout_case():
     cfg.rollout = replace(cfg.rollout, temperature=0.0, max_new_tokens=6)
     model = _model(torch.float64)
     state = grpo.init_state(model, cfg, n_train=cfg.task.n_train)
-    roll, _ = grpo.collect(model, TOKENIZER, load_task(cfg.task), cfg, state)
+    roll, _ = grpo.collect(*_text(model, cfg), load_task(cfg.task), cfg, state)
     return {"prompt_ids": roll.prompt_ids, "response_ids": roll.response_ids, "rewards": roll.rewards.tolist(),
             "ids": [ex.id for ex in roll.examples], "behaviour": roll.behaviour_logprobs}
 

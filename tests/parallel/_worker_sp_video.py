@@ -7,7 +7,7 @@ and 2 frames, i.e. 3, 2 and 1 temporal patches, so a rank of a 2-rank group may 
 none) and runs every case as ONE process on the whole batch (the reference). It then
 forks 2 ranks with torchrun's environment variables; they run the same cases through
 the recipes' own functions (`run_sft`, `grpo_step`, `collect`) with the video recipe's
-`VideoIO`, first with parallel.sp_size=2 (both ranks one replica, MR-SP encode and
+`VideoPolicy`, first with parallel.sp_size=2 (both ranks one replica, MR-SP encode and
 Ulysses passes), then with sp_size=1 (2 data-parallel replicas). Each rank compares
 with the reference and rank 0 writes the largest differences to OUT.json. Errors are
 relative to the reference's largest magnitude (at least 1 for parameters and
@@ -31,7 +31,9 @@ from longrl.data.example import Example
 from longrl.parallel import dist
 from longrl.parallel.local_spawn import free_port
 from longrl.recipes import grpo, sft
-from longrl.recipes import video as V
+from longrl.data import video_task as V
+from longrl.policy.video import VideoPolicy, load_video_policy
+from longrl.rollout.hf import HFBackend
 from longrl.rewards.verifiers import answer_scorer
 
 # The text SP worker's gradient recorder and comparison (this file's directory is on sys.path).
@@ -84,7 +86,7 @@ def _float64_throughout():
 
 def _policy(cfg):
     torch.manual_seed(0)
-    model, tok = V.load_video_policy(cfg.model, torch.device("cpu"), train_vision=cfg.video.train_vision)
+    model, tok = load_video_policy(cfg.model, torch.device("cpu"), train_vision=cfg.video.train_vision)
     return model.double(), tok
 
 
@@ -94,31 +96,31 @@ def _policy(cfg):
 
 
 def encode_case(task):
-    """Every clip's embeddings through VideoIO's encode (MR-SP under SP)."""
+    """Every clip's embeddings through VideoPolicy's encode (MR-SP under SP)."""
     cfg = load_config(None, OVERRIDES)
-    model, _ = _policy(cfg)
-    io = V.VideoIO(task, cfg)
-    return {p: io._encode(model, p, grad=False).embeds for p in task.clips}
+    model, tok = _policy(cfg)
+    policy = VideoPolicy(model, tok, task, cfg)
+    return {p: policy._encode(model, p, grad=False).embeds for p in task.clips}
 
 
 def sft_case(task, train_vision):
     cfg = load_config(None, [*OVERRIDES, "sft.steps=1", "sft.batch_size=4", "sft.warmup_steps=0", "sft.lr=1e-2",
                              "train.grad_clip=100", f"video.train_vision={train_vision}"])
     model, tok = _policy(cfg)
-    logs, io = [], V.VideoIO(task, cfg)
+    logs, policy = [], VideoPolicy(model, tok, task, cfg)
     grads, restore = _record_grads(sft)
     try:
-        sft.run_sft(model, tok, task.train, cfg, torch.device("cpu"), logs.append, io)
+        sft.run_sft(policy, task.train, cfg, torch.device("cpu"), logs.append)
     finally:
         restore()
     return {"grads": grads, "params": _params(model), "metrics": {k: logs[0][k] for k in ("loss/sft", "grad/norm")}}
 
 
-def _fixed_rollouts(tok, task, io):
+def _fixed_rollouts(policy, task):
     gen = torch.Generator().manual_seed(3)
     response_lens = [1, 6, 14, 2, 9, 4, 11, 3, 1, 7, 5, 13]
     examples = [ex for ex in task.train for _ in range(G)]
-    prompts = io.encode_prompts(tok, examples)
+    prompts = policy.encode_prompts(examples)
     responses = [torch.randint(10, 90, (n,), generator=gen).tolist() for n in response_lens]
     behaviour = [(-torch.rand(len(r), generator=gen, dtype=torch.float64) * 4).tolist() for r in responses]
     rewards = torch.randn(N_PROMPTS * G, generator=gen)
@@ -126,14 +128,14 @@ def _fixed_rollouts(tok, task, io):
                          torch.zeros(N_PROMPTS * G, dtype=torch.bool), rewards, {"correctness": rewards})
 
 
-def _replica_collect(model, tokenizer, task, cfg, state, io):
+def _replica_collect(policy, backend, task, cfg, state):
     lay = dist.layout()
     mine = dist.shard_indices(N_PROMPTS, lay.dp_rank, lay.dp_size)
     # The real rollout of this replica's prompts: the step's videos are encoded as in training.
-    io.rollout(model, tokenizer, [task.train[j] for j in mine], task, cfg, state.sampler, state.step)
+    grpo.rollout(policy, backend, [task.train[j] for j in mine], task, cfg, state.sampler, state.step)
     keep = torch.zeros(N_PROMPTS, dtype=torch.bool)
     keep[mine] = True
-    return grpo._select_groups(_fixed_rollouts(tokenizer, task, io), keep, G), {}
+    return grpo._select_groups(_fixed_rollouts(policy, task), keep, G), {}
 
 
 def grpo_case(task, train_vision):
@@ -143,11 +145,11 @@ def grpo_case(task, train_vision):
                              "rl.warmup_steps=0", "rollout.max_new_tokens=2", f"video.train_vision={train_vision}"])
     model, tok = _policy(cfg)
     state = grpo.init_state(model, cfg, n_train=N_PROMPTS)
-    io = V.VideoIO(task, cfg)
+    policy, backend = VideoPolicy(model, tok, task, cfg), HFBackend(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     grads, restore = _record_grads(grpo)
     original_collect, grpo.collect = grpo.collect, _replica_collect
     try:
-        metrics = grpo.grpo_step(model, tok, task, cfg, state, io)
+        metrics = grpo.grpo_step(policy, backend, task, cfg, state)
     finally:
         grpo.collect = original_collect
         restore()
@@ -163,7 +165,8 @@ def rollout_case(task):
                              "rollout.temperature=0", "rollout.max_new_tokens=5"])
     model, tok = _policy(cfg)
     state = grpo.init_state(model, cfg, n_train=N_PROMPTS)
-    roll, _ = grpo.collect(model, tok, task, cfg, state, V.VideoIO(task, cfg))
+    backend = HFBackend(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    roll, _ = grpo.collect(VideoPolicy(model, tok, task, cfg), backend, task, cfg, state)
     return {"prompt_ids": roll.prompt_ids, "response_ids": roll.response_ids, "rewards": roll.rewards.tolist(),
             "ids": [ex.id for ex in roll.examples], "behaviour": roll.behaviour_logprobs}
 

@@ -11,6 +11,7 @@ import torch
 from longrl.config import Config, load_config
 from longrl.data.example import Example
 from longrl.errors import UserError
+from longrl.policy.text import TextPolicy
 from longrl.recipes import dpo, grpo
 from longrl.rl.losses import dpo_loss
 
@@ -62,7 +63,8 @@ def _step_grads(model, cfg, monkeypatch):
     monkeypatch.setattr(dpo, "collect", lambda *a, **k: (roll, {}))
     grads = _capture_grads(monkeypatch)
     state = grpo.init_state(model, cfg, n_train=N)
-    metrics = dpo.dpo_step(model, SimpleNamespace(pad_token_id=0), None, cfg, state)
+    policy = TextPolicy.from_config(model, SimpleNamespace(pad_token_id=0), cfg)
+    metrics = dpo.dpo_step(policy, None, None, cfg, state)  # collect is replaced: no backend needed
     return grads, metrics, roll
 
 
@@ -148,15 +150,16 @@ def test_offline_dpo_step_gradient_equals_the_full_batch_reference(tmp_path, mon
                                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).double()
     state = grpo.init_state(model, cfg, n_train=len(task.train))
     examples = [task.train[i] for i in grpo.DataCursor(cfg.train.seed, len(task.train)).take(5)]
-    prompts, responses, pairs = dpo.data_pairs(tok, task, cfg, grpo.GRPOState(None, None, None,
-                                                                              grpo.DataCursor(cfg.train.seed, len(task.train))))
+    policy = TextPolicy.from_config(model, tok, cfg)
+    _, prompts, responses, pairs = dpo.data_pairs(policy, task, cfg, grpo.GRPOState(
+        None, None, None, grpo.DataCursor(cfg.train.seed, len(task.train))))
     assert pairs == [(i, 5 + i) for i in range(5)]
     assert tok.decode(responses[0][:-1]) == examples[0].meta["chosen"] and responses[0][-1] == tok.eos_token_id
     roll = SimpleNamespace(prompt_ids=prompts, response_ids=responses,
                            rewards=torch.tensor([1.0] * 5 + [0.0] * 5))
     reference = _reference_grads(grpo.copy.deepcopy(model), roll, beta=0.2, pairs=pairs)
     grads = _capture_grads(monkeypatch)
-    metrics = dpo.dpo_step(model, tok, task, cfg, state)
+    metrics = dpo.dpo_step(policy, None, task, cfg, state)  # offline: nothing sampled
     assert metrics["dpo/pairs"] == 5
     for name in reference:
         torch.testing.assert_close(grads[name], reference[name], atol=1e-12, rtol=1e-9, msg=name)

@@ -48,8 +48,8 @@ def test_weights_and_partial_credit_match_brute_force():
 def test_mismatched_lengths_and_bad_scores_raise():
     with pytest.raises(ValueError, match="2 responses but 1 examples"):
         score_responses(["a", "b"], _examples(["1"]), lambda t, e: 0.0, 1.0, 0.0)
-    with pytest.raises(ValueError, match="non-finite"):
-        score_responses(["a"], _examples(["1"]), lambda t, e: float("nan"), 1.0, 0.0)
+    with pytest.raises(ValueError, match="weights must be finite"):
+        score_responses(["a"], _examples(["1"]), lambda t, e: 1.0, float("nan"), 0.0)
 
 
 def test_empty_batch():

@@ -162,17 +162,20 @@ def _summary(times: list[float], cpu: list[float], rollout: list[float], opt, de
 def run_longrl_side(opt) -> dict:
     import torch
 
+    from longrl.policy.text import TextPolicy
     from longrl.recipes.grpo import grpo_step, init_state
+    from longrl.rollout.base import make_backend
 
     cfg, task, model, tokenizer, device, order, checksum = _setup(opt)
-    state = init_state(model, cfg, len(task.train))
+    policy, backend = TextPolicy.from_config(model, tokenizer, cfg), make_backend(cfg, model, tokenizer)
+    state = init_state(model, cfg, len(task.train), backend)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = _rss_mb()[0]
     times, cpu, rollout, lengths, rewards = [], [], [], [], []
     for _ in order:
         t0, c0 = time.perf_counter(), time.process_time()
-        m = grpo_step(model, tokenizer, task, cfg, state)
+        m = grpo_step(policy, backend, task, cfg, state)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)

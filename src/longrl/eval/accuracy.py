@@ -8,7 +8,6 @@ import torch
 
 from longrl.data.example import Example
 from longrl.rewards.answer import format_reward
-from longrl.rollout.engine import generate
 
 
 def encode_prompts(tokenizer, examples: list[Example]) -> list[list[int]]:
@@ -25,16 +24,18 @@ def decode_response(tokenizer, ids: list[int]) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples: list[Example], score: Callable[[str, Example], float], *,
+def evaluate(policy, backend, examples: list[Example], score: Callable[[str, Example], float], *,
              max_new_tokens: int, batch_size: int, return_items: bool = False) -> dict:
-    """Greedy accuracy over `examples`: {"eval/accuracy", "eval/format", "eval/response_len"}."""
-    prompts = encode_prompts(tokenizer, examples)
+    """Greedy accuracy of `policy` decoded by `backend` (`rollout/base.py`) over `examples`:
+    {"eval/accuracy", "eval/format", "eval/response_len"} (+ "items" with `return_items`)."""
+    from longrl.rollout.base import SamplingParams
+
+    greedy = SamplingParams(max_new_tokens, temperature=0.0)
     responses = []
     for s in range(0, len(examples), batch_size):
-        gens = generate(model, prompts[s : s + batch_size], max_new_tokens=max_new_tokens,
-                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=0.0)
-        responses += [g.response_ids for g in gens]
-    return score_responses_greedy(tokenizer, examples, responses, score, return_items)
+        requests = policy.requests(examples[s : s + batch_size], 1, eval=True)
+        responses += [g.response_ids for g in backend.generate(requests, greedy)]
+    return score_responses_greedy(policy.tokenizer, examples, responses, score, return_items)
 
 
 def score_responses_greedy(tokenizer, examples: list[Example], responses: list[list[int]],

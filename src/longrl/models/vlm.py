@@ -128,13 +128,12 @@ def load_vlm(path: str = "", shape: TinyVLMShape = TinyVLMShape()):
 
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    if not (Path(path) / "config.json").is_file():
-        raise UserError(f"model.path '{path}' is not a Hugging Face model directory (no config.json)")
-    try:
+    from longrl.models.load import VLM_MODEL_TYPES, check_model_dir, loading
+
+    check_model_dir(Path(path), supported=VLM_MODEL_TYPES)  # config.json, model type, safetensors headers
+    with loading(path):
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load a Qwen2.5-VL model from '{path}': {str(e).splitlines()[0]}") from e
     return model, tok
 
 

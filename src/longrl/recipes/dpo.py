@@ -23,14 +23,14 @@ import time
 
 import torch
 
-from longrl.config import Config
+from longrl.config import Config, dpo_pairs_per_micro
 from longrl.data.registry import TaskData
 from longrl.errors import UserError
-from longrl.eval.accuracy import encode_prompts
 from longrl.parallel import dist
-from longrl.parallel.sp_train import loss_and_backward, sequence_logprobs  # Ulysses when parallel.sp_size > 1
+from longrl.policy.base import Policy
 from longrl.recipes.common import clip_and_step
-from longrl.recipes.grpo import GRPOState, _reduce_metrics, collect
+from longrl.recipes.grpo import GRPOState, collect, reduce_metrics
+from longrl.rollout.base import RolloutBackend
 from longrl.rl.losses import dpo_loss
 from longrl.streambp.logprobs import make_batch
 
@@ -53,55 +53,57 @@ def check_preference_data(task: TaskData) -> None:
                             'on every training line (e.g. "<answer>7</answer>"); or use rl.dpo_source=online')
 
 
-def data_pairs(tokenizer, task: TaskData, cfg: Config, state: GRPOState):
+def data_pairs(policy: Policy, task: TaskData, cfg: Config, state: GRPOState):
     """This replica's share of the step's `rl.prompts_per_step` preference examples, in the
-    shared prompt order: (prompt ids, response ids, pairs) with rows [chosen..., rejected...]."""
+    shared prompt order: (examples, prompt ids, response ids, pairs) with rows
+    [chosen..., rejected...]."""
     lay = dist.layout()
     step = state.cursor.take(cfg.rl.prompts_per_step)
     examples = [task.train[step[j]] for j in dist.shard_indices(len(step), lay.dp_rank, lay.dp_size)]
-    prompts = encode_prompts(tokenizer, examples)
+    tokenizer = policy.tokenizer
+    prompts = policy.encode_prompts(examples)
     tokens = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]  # noqa: E731
     n = len(examples)
     responses = [tokens(ex.meta["chosen"]) for ex in examples] + [tokens(ex.meta["rejected"]) for ex in examples]
-    return prompts + prompts, responses, [(i, n + i) for i in range(n)]
+    return examples + examples, prompts + prompts, responses, [(i, n + i) for i in range(n)]
 
 
-def dpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, io=None) -> dict:
+def dpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Config, state: GRPOState) -> dict:
     """One DPO step; returns its metrics. Pairs come from the policy's own samples labelled
     by the verifier (`rl.dpo_source=online`, the same rollout metrics as `grpo_step`) or
     from the data's "chosen"/"rejected" responses (`rl.dpo_source=data`)."""
-    rcfg, G = cfg.rl, cfg.rl.group_size
+    rcfg, G, model = cfg.rl, cfg.rl.group_size, policy.model
     t0 = time.time()
     if rcfg.dpo_source == "data":
-        prompt_ids, response_ids, pairs = data_pairs(tokenizer, task, cfg, state)
+        examples, prompt_ids, response_ids, pairs = data_pairs(policy, task, cfg, state)
         metrics = {}
     else:
-        roll, metrics = collect(model, tokenizer, task, cfg, state, io)
+        roll, metrics = collect(policy, backend, task, cfg, state)
         pairs = pick_pairs(roll.rewards, G)
-        prompt_ids, response_ids = roll.prompt_ids, roll.response_ids
+        examples, prompt_ids, response_ids = roll.examples, roll.prompt_ids, roll.response_ids
         metrics["rollout/groups"] = len(roll.examples) // G
     t_rollout = time.time() - t0
     n_total = dist.all_reduce_sum(float(len(pairs)), dist.layout().dp_group)  # the step's normaliser
     metrics["dpo/pairs"] = n_total  # the whole step's, over every data-parallel rank
-    temperature = cfg.rollout.temperature or 1.0
-    chunk = cfg.train.stream_chunk
     device = next(model.parameters()).device
-    per_micro = max(1, rcfg.micro_batch_size // 2)  # a micro-batch holds whole pairs
+    per_micro = dpo_pairs_per_micro(cfg)  # a micro-batch holds whole pairs
     sums = {"loss/dpo": 0.0, "dpo/margin": 0.0, "dpo/accuracy": 0.0}
     t1 = time.time()
     for s in range(0, len(pairs), per_micro):
         part = pairs[s : s + per_micro]
         rows = [c for c, _ in part] + [r for _, r in part]  # chosen rows, then rejected rows
-        mb = make_batch([prompt_ids[i] for i in rows], [response_ids[i] for i in rows], tokenizer.pad_token_id).to(device)
+        mb = make_batch([prompt_ids[i] for i in rows], [response_ids[i] for i in rows],
+                        policy.tokenizer.pad_token_id).to(device)
+        mb_examples = [examples[i] for i in rows]
         n = len(part)
-        ref = (sequence_logprobs(state.reference, mb, chunk, temperature) * mb.mask).sum(-1)  # [2n]
+        ref = (policy.logprobs(mb, mb_examples, model=state.reference) * mb.mask).sum(-1)  # [2n]
 
         def loss_fn(logp, mb=mb, ref=ref, n=n):
             seq = (torch.where(mb.mask != 0, logp, torch.zeros_like(logp))).sum(-1)  # [2n]
             loss, margin = dpo_loss(seq[:n], seq[n:], ref[:n], ref[n:], rcfg.dpo_beta, max(n_total, 1.0))
             return loss, {"dpo/margin_sum": float(margin.sum()), "dpo/correct": float((margin > 0).sum())}
 
-        loss, m, _ = loss_and_backward(model, mb, loss_fn, mode=cfg.train.backprop, chunk=chunk, temperature=temperature)
+        loss, m, _ = policy.loss_and_backward(mb, mb_examples, loss_fn)
         sums["loss/dpo"] += float(loss)
         sums["dpo/margin"] += m["dpo/margin_sum"]
         sums["dpo/accuracy"] += m["dpo/correct"]
@@ -109,6 +111,8 @@ def dpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, io
     dist.all_reduce_gradients(model)
     grad_norm = clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip)
     state.step += 1
+    if backend is not None:  # offline DPO samples nothing and may run without one
+        backend.sync_weights(model, state.step)
     metrics.update({
         "loss/dpo": sums["loss/dpo"],
         "dpo/margin": sums["dpo/margin"] / max(1, len(pairs)),
@@ -116,4 +120,4 @@ def dpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, io
         "grad/norm": grad_norm, "lr": state.scheduler.get_last_lr()[0],
         "time/rollout": t_rollout, "time/train": time.time() - t1, "time/step": time.time() - t0,
     })
-    return _reduce_metrics(metrics)
+    return reduce_metrics(metrics)

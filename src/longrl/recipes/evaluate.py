@@ -18,17 +18,15 @@ def run_eval(overrides: list[str], config: str | None = None, out: str | None = 
     if not cfg.model.path:
         raise UserError("longrl eval needs model=PATH (a Hugging Face model directory or runs/<name>/checkpoints/step_<N>)")
     seed_everything(cfg.train.seed)
-    from longrl.recipes.train import load_task_and_io
+    from longrl.recipes.train import load_task_and_policy
+    from longrl.rollout.base import make_backend
 
     device = pick_device(cfg.model.device)
-    task, io, load = load_task_and_io(cfg, device)  # video tasks: the video recipe's task, VideoIO and VLM loader
+    task, load, as_policy = load_task_and_policy(cfg, device)  # text or video: the same evaluation
     model, tokenizer = load(cfg.model, device)
-    if io is None:
-        result = evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
-                          batch_size=cfg.eval.batch_size, return_items=out is not None)
-    else:
-        result = io.evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
-                             batch_size=cfg.eval.batch_size, return_items=out is not None)
+    policy, backend = as_policy(model, tokenizer), make_backend(cfg, model, tokenizer)
+    result = evaluate(policy, backend, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
+                      batch_size=cfg.eval.batch_size, return_items=out is not None)
     items = result.pop("items", None)
     if out:
         atomic_write_text(out, "".join(json.dumps(it) + "\n" for it in items))

@@ -8,8 +8,12 @@ Papers: GRPO (DeepSeekMath, arXiv 2402.03300); DAPO (arXiv 2503.14476) for clip-
 dynamic sampling, token-mean loss and overlong shaping; Dr. GRPO (arXiv 2503.20783);
 GSPO (arXiv 2507.18071). Departures: KL (off by default) is a loss term against a frozen
 copy of the post-SFT policy; old log-probs are recomputed by the trainer before the update
-(not trusted from the engine), and the engine/trainer gap is logged; the rollout engine
-shares the policy's parameters, so "sending new weights" is free on one process.
+(not trusted from the engine), and the engine/trainer gap is logged; new weights reach the
+rollout backend through `backend.sync_weights` after every step (free for the native
+backends, which share the policy's parameters; a copy for vLLM).
+
+The loop takes a `Policy` (`policy/`: text or video, the same code) and a `RolloutBackend`
+(`rollout/base.py`: hf, continuous or vllm) and never asks which it holds.
 """
 
 from __future__ import annotations
@@ -17,23 +21,22 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from longrl.config import Config
 from longrl.data.example import Example
 from longrl.data.registry import TaskData
-from longrl.eval.accuracy import decode_response, encode_prompts
+from longrl.eval.accuracy import decode_response
 from longrl.parallel import dist
+from longrl.policy.base import Policy
 from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler
 from longrl.rewards.combine import score_responses
 from longrl.rl.advantages import constant_groups, group_advantages, overlong_soft_penalty
 from longrl.rl.losses import policy_loss
 from longrl.rollout.april import AprilScheduler, offpolicy_mask, tis_weights
-from longrl.rollout.continuous import ContinuousEngine
-from longrl.rollout.engine import generate
-from longrl.parallel.sp_train import loss_and_backward, sequence_logprobs  # Ulysses when parallel.sp_size > 1
+from longrl.rollout.base import RolloutBackend, SamplingParams, rows_to_requests
 from longrl.streambp.logprobs import make_batch
 
 
@@ -76,7 +79,9 @@ def needs_reference(cfg: Config) -> bool:
     return cfg.rl.kl_coef > 0 or cfg.rl.algorithm == "dpo"
 
 
-def init_state(model, cfg: Config, n_train: int) -> GRPOState:
+def init_state(model, cfg: Config, n_train: int, backend: RolloutBackend | None = None) -> GRPOState:
+    """Optimizer, schedule, sampler, data position; with rollout.partial, APRIL's scheduler
+    on `backend` (which must support submit/step/abort)."""
     optimizer = make_optimizer(model, cfg.rl.lr, cfg.train.weight_decay, shard=cfg.parallel.zero_optimizer)
     scheduler = make_scheduler(optimizer, cfg.rl.warmup_steps, cfg.rl.steps, decay=False)
     # Data-parallel ranks share the prompt order but sample with their own streams.
@@ -88,15 +93,11 @@ def init_state(model, cfg: Config, n_train: int) -> GRPOState:
     if cfg.rollout.partial:
         # Data parallel: each rank runs its own engine and scheduler on its share of the
         # step's groups, drawing its own prompts (see `rollout_partial`) with its own seed.
-        lay = dist.layout()
-        n_local = len(dist.shard_indices(cfg.rl.prompts_per_step, lay.dp_rank, lay.dp_size))
-        seed = cfg.train.seed + lay.dp_rank
-        engine = ContinuousEngine(model, cfg.rollout.slots or max(1, n_local) * cfg.rl.group_size,
-                                  eos_token_id=model.config.eos_token_id if model.config.eos_token_id is not None else 0,
-                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                  seed=seed, pad_token_id=model.config.pad_token_id or 0)
-        state.april = AprilScheduler(engine, cfg.rl.group_size, cfg.rollout.over_provision, cfg.rollout.max_staleness,
-                                     partial=True, max_new_tokens=cfg.rollout.max_new_tokens, seed=seed)
+        if backend is None or not backend.supports_partial:
+            raise ValueError("rollout.partial=true needs a rollout backend with submit/step/abort (continuous, vllm)")
+        state.april = AprilScheduler(backend, cfg.rl.group_size, cfg.rollout.over_provision, cfg.rollout.max_staleness,
+                                     partial=True, max_new_tokens=cfg.rollout.max_new_tokens,
+                                     seed=cfg.train.seed + dist.layout().dp_rank)
     return state
 
 
@@ -117,26 +118,30 @@ class Rollouts:
     components: dict  # name -> [B]
 
 
-def rollout(model, tokenizer, examples: list[Example], task: TaskData, cfg: Config,
+def rollout(policy: Policy, backend: RolloutBackend, examples: list[Example], task: TaskData, cfg: Config,
             sampler: torch.Generator, version: int) -> Rollouts:
     """Synchronous: G samples per prompt, all decoded together until the last one ends.
 
     Sequence parallel: the P ranks of an SP group train on the same rows. Each generates
     and scores a contiguous 1/P of them (with its own sampler) and the shares are
     all-gathered, so every row is sampled once per group and the ranks agree exactly.
+    Every rank builds the requests of all prompts (a video's encode is collective), then
+    decodes its own rows' runs.
     """
     G = cfg.rl.group_size
-    b_examples = [ex for ex in examples for _ in range(G)]  # groups contiguous
-    b_prompts = [p for p in encode_prompts(tokenizer, examples) for _ in range(G)]
+    policy.start_step(version)
+    requests = policy.requests(examples, G)  # one per prompt
     lay = dist.layout()
-    mine = dist.shard_indices(len(b_prompts), lay.sp_rank, lay.sp_size)  # all rows when sp_size == 1
-    b_examples, b_prompts = [b_examples[i] for i in mine], [b_prompts[i] for i in mine]
+    mine = dist.shard_indices(len(examples) * G, lay.sp_rank, lay.sp_size)  # all rows when sp_size == 1
     part = None
     if mine:
-        gens = generate(model, b_prompts, max_new_tokens=cfg.rollout.max_new_tokens,
-                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, generator=sampler)
-        part = _score(tokenizer, task, cfg, b_examples, b_prompts, [g.response_ids for g in gens],
+        runs = rows_to_requests(mine, G)  # [(prompt, rows)]
+        mine_requests = [replace(requests[j], n=n) for j, n in runs]
+        sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
+        gens = backend.generate(mine_requests, sampling, sampler)
+        b_examples = [examples[i // G] for i in mine]
+        b_prompts = [requests[i // G].prompt_ids for i in mine]
+        part = _score(policy.tokenizer, task, cfg, b_examples, b_prompts, [g.response_ids for g in gens],
                       [g.logprobs for g in gens], [[version] * len(g.response_ids) for g in gens],
                       [g.finish_reason for g in gens])
     if lay.sp_size == 1:
@@ -144,7 +149,7 @@ def rollout(model, tokenizer, examples: list[Example], task: TaskData, cfg: Conf
     return _concat([r for r in dist.all_gather_object(part, lay.sp_group) if r is not None])
 
 
-def rollout_partial(tokenizer, task: TaskData, cfg: Config, state: GRPOState) -> tuple[Rollouts, dict]:
+def rollout_partial(policy: Policy, task: TaskData, cfg: Config, state: GRPOState) -> tuple[Rollouts, dict]:
     """APRIL: over-provisioned groups on the continuous-batching engine; unfinished samples
     are parked in the scheduler's buffer and resumed (from their token ids) next step.
 
@@ -157,12 +162,12 @@ def rollout_partial(tokenizer, task: TaskData, cfg: Config, state: GRPOState) ->
     def prompts():
         while True:
             i = state.cursor.take(lay.dp_size)[lay.dp_rank]
-            yield i, encode_prompts(tokenizer, [task.train[i]])[0]
+            yield i, policy.encode_prompts([task.train[i]])[0]
 
     n_local = len(dist.shard_indices(cfg.rl.prompts_per_step, lay.dp_rank, lay.dp_size))
     groups, stats = state.april.next_step(prompts(), n_local)
     samples = [s for g in groups for s in g]  # groups contiguous
-    roll = _score(tokenizer, task, cfg, [task.train[s.prompt_id] for s in samples], [s.prompt_ids for s in samples],
+    roll = _score(policy.tokenizer, task, cfg, [task.train[s.prompt_id] for s in samples], [s.prompt_ids for s in samples],
                   [s.response_ids for s in samples], [s.logprobs for s in samples], [s.versions for s in samples],
                   [s.finish_reason for s in samples])
     return roll, stats.metrics()
@@ -201,9 +206,9 @@ def _select_groups(r: Rollouts, keep: torch.Tensor, G: int) -> Rollouts:
                     [r.versions[i] for i in rows], r.truncated[idx], r.rewards[idx], {k: v[idx] for k, v in r.components.items()})
 
 
-def collect(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, io=None) -> tuple[Rollouts, dict]:
-    """Roll out N groups; with dynamic sampling, drop all-equal groups and refill.
-    `io` (the video recipe's `VideoIO`) replaces the token-only rollout."""
+def collect(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Config,
+            state: GRPOState) -> tuple[Rollouts, dict]:
+    """Roll out N groups; with dynamic sampling, drop all-equal groups and refill."""
     G = cfg.rl.group_size
     # Data parallel: every rank draws the same N prompts and keeps its replica's contiguous
     # share of the groups (groups never straddle replicas, so advantages need no
@@ -214,12 +219,9 @@ def collect(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, io=
 
     def one_round() -> tuple[Rollouts, dict]:
         if state.april is not None:
-            return rollout_partial(tokenizer, task, cfg, state)
+            return rollout_partial(policy, task, cfg, state)
         step_prompts = state.cursor.take(cfg.rl.prompts_per_step)
-        if io is not None:
-            return io.rollout(model, tokenizer, [task.train[step_prompts[j]] for j in mine], task, cfg,
-                              state.sampler, state.step), {}
-        return rollout(model, tokenizer, [task.train[step_prompts[j]] for j in mine], task, cfg,
+        return rollout(policy, backend, [task.train[step_prompts[j]] for j in mine], task, cfg,
                        state.sampler, state.step), {}
 
     first, april_stats = one_round()
@@ -253,12 +255,11 @@ def collect(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, io=
 # ----------------------------------------------------------------------------------------
 
 
-def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, io=None) -> dict:
-    """One RL step; returns its metrics. `io`: the video recipe's rollouts and forward passes
-    on cached video embeddings (`recipes/video.py`), in place of the token-only ones."""
-    rcfg, G = cfg.rl, cfg.rl.group_size
+def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Config, state: GRPOState) -> dict:
+    """One RL step; returns its metrics."""
+    rcfg, G, model = cfg.rl, cfg.rl.group_size, policy.model
     t0 = time.time()
-    roll, metrics = collect(model, tokenizer, task, cfg, state, io)
+    roll, metrics = collect(policy, backend, task, cfg, state)
     t_rollout = time.time() - t0
     B = len(roll.examples)
     metrics["rollout/groups"] = B // G
@@ -269,14 +270,12 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, i
                 dist.all_reduce_gradients(model)
                 clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip)
         state.step += 1
-        if state.april is not None:
-            state.april.engine.policy_version = state.step
-        return _reduce_metrics({**metrics, "time/rollout": t_rollout, "time/step": time.time() - t0})
+        backend.sync_weights(model, state.step)
+        return reduce_metrics({**metrics, "time/rollout": t_rollout, "time/step": time.time() - t0})
 
     b_adv = group_advantages(roll.rewards, G, rcfg.advantage)  # [B]
-    temperature = cfg.rollout.temperature or 1.0
     device = next(model.parameters()).device
-    b_batch = make_batch(roll.prompt_ids, roll.response_ids, tokenizer.pad_token_id).to(device)
+    b_batch = make_batch(roll.prompt_ids, roll.response_ids, policy.tokenizer.pad_token_id).to(device)
     b_behaviour = _on_positions(roll.behaviour_logprobs, b_batch.mask, 0.0)  # [B, T]
     b_versions = _on_positions(roll.versions, b_batch.mask, -1)  # [B, T]
     if rcfg.overlong == "filter":  # truncated responses carry no gradient
@@ -291,26 +290,25 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, i
 
     # Old (and reference) log-probs from the trainer, before any update; the engine's own
     # log-probs are only compared (and used for TIS weights), never trusted as "old".
-    chunk = cfg.train.stream_chunk
-    old, ref, is_w, gap_sum, gap_n = {}, {}, {}, 0.0, 0
+    old, ref, is_w, gap_sum, gap_n, n_dropped = {}, {}, {}, 0.0, 0, 0
+    mb_examples = [[roll.examples[i] for i in rows.tolist()] for rows in micro]  # a video row needs its example
     for k, rows in enumerate(micro):
         mb = b_batch[rows]
         width = mb.input_ids.shape[1]
-        if io is not None:  # video: rows carry their example, whose cached embeddings they use
-            mb_examples = [roll.examples[i] for i in rows.tolist()]
-            old[k] = io.logprobs(model, mb, mb_examples, chunk, temperature)  # [b, T]
-            if state.reference is not None:
-                ref[k] = io.logprobs(state.reference, mb, mb_examples, chunk, temperature)
-        else:
-            old[k] = sequence_logprobs(model, mb, chunk, temperature)  # [b, T]
-            if state.reference is not None:
-                ref[k] = sequence_logprobs(state.reference, mb, chunk, temperature)
+        old[k] = policy.logprobs(mb, mb_examples[k])  # [b, T]
+        if state.reference is not None:
+            ref[k] = policy.logprobs(mb, mb_examples[k], model=state.reference)
         behaviour = b_behaviour[rows, :width]  # [b, T]
         if cfg.rollout.offpolicy == "tis":
             is_w[k] = tis_weights(old[k], behaviour, cfg.rollout.tis_clip)
         on = mb.mask != 0
-        gap_sum += float((behaviour - old[k]).abs()[on].sum())
+        gap = (behaviour - old[k]).abs() * on  # [b, T]
+        gap_sum += float(gap.sum())
         gap_n += int(on.sum())
+        if cfg.rollout.mismatch_threshold > 0:  # whole responses the engine sampled from another policy
+            drop = gap.sum(-1) / on.sum(-1).clamp(min=1) > cfg.rollout.mismatch_threshold  # [b]
+            b_batch.mask[rows[drop.cpu()]] = 0.0
+            n_dropped += int(drop.sum())
     t1 = time.time()
     sums: dict[str, float] = {}
     for _epoch in range(rcfg.ppo_epochs):
@@ -324,12 +322,7 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, i
                                    ref_logprobs=ref.get(k), kl_coef=rcfg.kl_coef, kl_estimator=rcfg.kl_estimator,
                                    is_weights=is_w.get(k))
 
-            if io is not None:
-                _, m, _ = io.loss_and_backward(model, mb, [roll.examples[i] for i in rows.tolist()], loss_fn,
-                                               chunk, temperature)
-            else:
-                _, m, _ = loss_and_backward(model, mb, loss_fn, mode=cfg.train.backprop, chunk=chunk,
-                                            temperature=temperature)
+            _, m, _ = policy.loss_and_backward(mb, mb_examples[k], loss_fn)
             w = m.pop("tokens/valid", 0.0)
             for key, v in m.items():  # loss/* sum over micro-batches; fractions are token-weighted
                 sums[key] = sums.get(key, 0.0) + (v if key.startswith("loss/") else v * w)
@@ -339,21 +332,21 @@ def grpo_step(model, tokenizer, task: TaskData, cfg: Config, state: GRPOState, i
         dist.all_reduce_gradients(model)
         grad_norm = clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip)
     state.step += 1
-    if state.april is not None:
-        state.april.engine.policy_version = state.step
+    backend.sync_weights(model, state.step)  # the one place new weights reach the engine
     n_tok, n_ep = max(1.0, sums.pop("_tokens", 1.0)), rcfg.ppo_epochs
     for key, v in sums.items():
         metrics[key] = v / n_ep if key.startswith("loss/") else v / n_tok
     metrics.update({
         "advantage/abs_mean": float(b_adv.abs().mean()),
         "logprob/engine_trainer_gap": gap_sum / max(1, gap_n),
+        "rollout/mismatch_masked_frac": n_dropped / B,
         "grad/norm": grad_norm, "lr": state.scheduler.get_last_lr()[0],
         "time/rollout": t_rollout, "time/train": time.time() - t1, "time/step": time.time() - t0,
     })
-    return _reduce_metrics(metrics)
+    return reduce_metrics(metrics)
 
 
-def _reduce_metrics(metrics: dict) -> dict:
+def reduce_metrics(metrics: dict) -> dict:
     """Across data-parallel replicas: loss/* are shares of one loss (summed); the rest are
     per-replica means over equal shares (averaged). The ranks of an SP group hold the same
     metrics, so the reduction runs over the DP group."""

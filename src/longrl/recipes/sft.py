@@ -3,7 +3,8 @@
 Each demonstration is `prompt + solution + EOS`; only the response tokens (solution and
 EOS) are trained, prompt tokens are masked. The loss is the token-mean NLL over all
 response tokens of the optimizer step (normaliser counted once per step), computed with
-the chunked log-prob path, so no `[B, T, V]` logits are built.
+the chunked log-prob path, so no `[B, T, V]` logits are built. The policy (`policy/`: text
+or video) runs the pass; the loop does not know which it is.
 """
 
 from __future__ import annotations
@@ -15,29 +16,28 @@ from typing import Callable
 from longrl.config import Config
 from longrl.data.example import Example
 from longrl.data.registry import demonstration
-from longrl.eval.accuracy import encode_prompts
-from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, progress
 from longrl.parallel import dist
+from longrl.policy.base import Policy
+from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, progress
 from longrl.rl.losses import sft_loss
-from longrl.parallel.sp_train import loss_and_backward  # Ulysses-sharded when parallel.sp_size > 1
 from longrl.streambp.logprobs import make_batch
 
 
-def encode_demonstrations(tokenizer, examples: list[Example], io=None) -> tuple[list[list[int]], list[list[int]]]:
-    prompts = encode_prompts(tokenizer, examples) if io is None else io.encode_prompts(tokenizer, examples)
+def encode_demonstrations(policy: Policy, examples: list[Example]) -> tuple[list[list[int]], list[list[int]]]:
+    tokenizer = policy.tokenizer
+    prompts = policy.encode_prompts(examples)
     responses = [tokenizer(demonstration(ex), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                  for ex in examples]
     return prompts, responses
 
 
-def run_sft(model, tokenizer, examples: list[Example], cfg: Config, device,
-            log: Callable[[dict], None], io=None) -> None:
-    """`cfg.sft.steps` optimizer steps of `cfg.sft.batch_size` demonstrations each. `io`: the
-    video recipe's forward on cached video embeddings (`recipes/video.py`)."""
+def run_sft(policy: Policy, examples: list[Example], cfg: Config, device, log: Callable[[dict], None]) -> None:
+    """`cfg.sft.steps` optimizer steps of `cfg.sft.batch_size` demonstrations each."""
     scfg = cfg.sft
     if scfg.steps == 0:
         return
-    prompts, responses = encode_demonstrations(tokenizer, examples, io)
+    model, tokenizer = policy.model, policy.tokenizer
+    prompts, responses = encode_demonstrations(policy, examples)
     optimizer = make_optimizer(model, scfg.lr, cfg.train.weight_decay, shard=cfg.parallel.zero_optimizer)
     scheduler = make_scheduler(optimizer, scfg.warmup_steps, scfg.steps, decay=True)
     rng = random.Random(cfg.train.seed)
@@ -57,19 +57,15 @@ def run_sft(model, tokenizer, examples: list[Example], cfg: Config, device,
         batch = make_batch([prompts[i] for i in b_idx], [responses[i] for i in b_idx],
                            tokenizer.pad_token_id).to(device)
         norm = dist.global_loss_normalizer(batch.mask, "token-mean", lay.dp_group)
-        if io is not None:  # video: this step's clips encoded once, their embeddings reused
-            io.start_step()
-            loss, _, _ = io.loss_and_backward(model, batch, [examples[i] for i in b_idx],
-                                              lambda lp: sft_loss(lp, batch.mask, norm), cfg.train.stream_chunk)
-        else:
-            loss, _, _ = loss_and_backward(model, batch, lambda lp: sft_loss(lp, batch.mask, norm),
-                                           mode=cfg.train.backprop, chunk=cfg.train.stream_chunk)
+        policy.start_step()  # video: this step's clips encoded once, their embeddings reused
+        loss, _, _ = policy.loss_and_backward(batch, [examples[i] for i in b_idx],
+                                              lambda lp: sft_loss(lp, batch.mask, norm), temperature=1.0)
         dist.all_reduce_gradients(model)  # whole world: DP replicas and each SP rank's positions
         loss = dist.all_reduce_sum(float(loss), lay.dp_group)
         grad_norm = clip_and_step(model, optimizer, scheduler, cfg.train.grad_clip)
         record = {"phase": "sft", "step": step, "loss/sft": float(loss), "grad/norm": grad_norm,
                   "lr": scheduler.get_last_lr()[0], "time/step": time.time() - t0}
-        log(record if io is None else {**record, **io.step_metrics()})
+        log({**record, **policy.step_metrics()})
         bar.set_postfix(loss=f"{float(loss):.3f}")
         bar.update(1)
     bar.close()

@@ -14,13 +14,12 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from longrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from longrl.config import Config, config_from_dict, config_to_yaml
+from longrl.config import Config, config_to_yaml
 from longrl.data.registry import load_task
 from longrl.errors import UserError
 from longrl.eval.accuracy import evaluate
@@ -32,35 +31,24 @@ from longrl.recipes.common import progress
 from longrl.recipes.dpo import check_preference_data, dpo_step
 from longrl.recipes.grpo import DataCursor, GRPOState, grpo_step, init_state, needs_reference
 from longrl.recipes.sft import run_sft
+from longrl.rollout.base import make_backend
 from longrl.utils import (atomic_write_json, atomic_write_text, pick_device, quiet_libraries, rng_state,
                           seed_everything, set_rng_state)
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.run.out_dir) / name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to run directory '{run_dir}' ({e.strerror}); set run.out_dir to a writable directory")
-    return run_dir
+    """A new, empty, locked run directory (see longrl.rundir)."""
+    from longrl import rundir
+
+    return rundir.prepare_run_dir(cfg)
 
 
 def _resume_config(resume: str, overrides: Config) -> tuple[Config, Path, Path]:
-    run_dir = Path(resume)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"resume='{resume}' is not a run directory (no config.yaml); give runs/<name>")
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise UserError(f"resume='{resume}' has no finished checkpoint under checkpoints/; start a new run instead")
-    import yaml
+    """The saved run's config with the safe overrides applied, its directory (locked) and
+    newest verified checkpoint (see longrl.rundir)."""
+    from longrl import rundir
 
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    cfg.run.progress = overrides.run.progress
-    return cfg, run_dir, ckpt
+    return rundir.resume_config(resume, overrides)
 
 
 def train(cfg: Config) -> dict:
@@ -83,12 +71,13 @@ def train(cfg: Config) -> dict:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     # Everything that can fail on bad input happens before the run directory is touched.
-    task, io, load = load_task_and_io(cfg, device)
+    task, load, as_policy = load_task_and_policy(cfg, device)
     if cfg.rl.algorithm == "dpo" and cfg.rl.dpo_source == "data":
         check_preference_data(task)
     if resume_ckpt is None:
         model, tokenizer = load(cfg.model, device)
-        warning = demonstration_length_warning(task, tokenizer, cfg) if io is None and main else None
+        policy, backend = as_policy(model, tokenizer), make_backend(cfg, model, tokenizer)
+        warning = demonstration_length_warning(task, tokenizer, cfg) if main else None
         if warning:
             print(warning, file=sys.stderr)
         check_sp_model(model, cfg.parallel.sp_size, cfg.train.backprop)
@@ -102,26 +91,25 @@ def train(cfg: Config) -> dict:
     say = print if cfg.run.progress and main else (lambda *a, **k: None)
     say(f"longrl: task {task.name} ({len(task.train)} train / {len(task.eval)} held-out), run dir {run_dir}")
 
-    def held_out(model, tokenizer) -> dict:
-        if io is not None:
-            return io.evaluate(model, tokenizer, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
-                               batch_size=cfg.eval.batch_size)
-        return evaluate(model, tokenizer, task.eval, task.score,
-                        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    def held_out() -> dict:
+        return evaluate(policy, backend, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
+                        batch_size=cfg.eval.batch_size)
 
     if resume_ckpt is None:
-        results = {"accuracy_initial": held_out(model, tokenizer)["eval/accuracy"]}
+        results = {"accuracy_initial": held_out()["eval/accuracy"]}
         t_sft = time.time()
-        run_sft(model, tokenizer, task.train, cfg, device, log, io)
+        run_sft(policy, task.train, cfg, device, log)
+        backend.sync_weights(model, 0)  # the post-SFT policy is version 0 of RL
         results["sft_seconds"] = time.time() - t_sft
-        after_sft = held_out(model, tokenizer)
+        after_sft = held_out()
         results["accuracy_after_sft"] = after_sft["eval/accuracy"]
         log({"phase": "rl", "step": 0, **after_sft})
         say(f"held-out accuracy: initial {results['accuracy_initial']:.3f}, after SFT {results['accuracy_after_sft']:.3f}")
-        state = init_state(model, cfg, len(task.train))
+        state = init_state(model, cfg, len(task.train), backend)
         checkpoint(run_dir, 0, model, tokenizer, state, results, cfg)
     else:
-        model, tokenizer, state, results = _restore(cfg, resume_ckpt, device, len(task.train), load)
+        policy, backend, state, results = _restore(cfg, resume_ckpt, device, len(task.train), load, as_policy)
+        model, tokenizer = policy.model, policy.tokenizer
         check_sp_model(model, cfg.parallel.sp_size, cfg.train.backprop)
         if main:
             log.truncate_after(state.step)
@@ -131,14 +119,13 @@ def train(cfg: Config) -> dict:
     bar = progress(cfg.rl.steps, cfg.rl.algorithm, cfg.run.progress and main, initial=state.step)
     t_rl = time.time()
     while state.step < cfg.rl.steps:
-        metrics = step_fn(model, tokenizer, task, cfg, state, io)
-        if io is not None:
-            metrics.update(io.step_metrics())  # video encodes run / saved this step
+        metrics = step_fn(policy, backend, task, cfg, state)
+        metrics.update(policy.step_metrics())  # e.g. video encodes run / saved this step
         step = state.step
         if cfg.rl.eval_every and step % cfg.rl.eval_every == 0 and step < cfg.rl.steps:
-            metrics.update(held_out(model, tokenizer))
+            metrics.update(held_out())
         if step == cfg.rl.steps:
-            final = held_out(model, tokenizer)
+            final = held_out()
             metrics.update(final)
             results["accuracy_after_rl"] = final["eval/accuracy"]
         log({"phase": "rl", "step": step, **metrics})
@@ -165,7 +152,7 @@ def train(cfg: Config) -> dict:
         "wall_seconds": results.get("wall_before_resume", 0.0) + time.time() - t_start,
         "checkpoint": str(latest_checkpoint(run_dir)),
         "run_dir": str(run_dir),
-        **(io.summary() if io is not None else {}),
+        **policy.summary(),
     }
     if main:
         atomic_write_json(run_dir / "summary.json", summary)
@@ -237,18 +224,33 @@ def demonstration_length_warning(task, tokenizer, cfg: Config) -> str | None:
             f"will be cut off and score 0. Raise rollout.max_new_tokens and eval.max_new_tokens, or shorten the task.")
 
 
-def load_task_and_io(cfg: Config, device=None):
-    """(task, io, load_policy): video tasks (`task.name=videos`) get the video recipe's
-    task, `VideoIO` and VLM loader; text tasks the registry, no io, `load_policy`. With
-    reward.correctness=judge the task's scorer is the judge model (loaded on `device`)."""
-    from longrl.recipes import video
+def load_task_and_policy(cfg: Config, device=None):
+    """(task, load, as_policy): `load(model_cfg, device) -> (model, tokenizer)` and
+    `as_policy(model, tokenizer) -> Policy`. Video tasks (`task.name=videos`) get the video
+    question set, the VLM loader and `VideoPolicy`; text tasks the registry, `load_policy`
+    and `TextPolicy`. With reward.correctness=judge the task's scorer is the judge model
+    (loaded on `device`)."""
+    from longrl.data import video_task
 
-    if cfg.task.name != video.TASK_NAME:
-        judged = cfg.reward.correctness == "judge"
-        task, io, load = load_task(cfg.task, "auto" if judged else cfg.reward.correctness), None, load_policy
+    judged = cfg.reward.correctness == "judge"
+    if cfg.task.name != video_task.TASK_NAME:
+        from longrl.policy.text import TextPolicy
+
+        task = load_task(cfg.task, "auto" if judged else cfg.reward.correctness)
+        load, as_policy = load_policy, lambda model, tok: TextPolicy.from_config(model, tok, cfg)
     else:
-        task = video.load_video_task(cfg)
-        io, load = video.VideoIO(task, cfg), partial(video.load_video_policy, train_vision=cfg.video.train_vision)
+        from longrl.policy.video import VideoPolicy, load_video_policy
+        from longrl.rewards.verifiers import answer_scorer
+
+        # Multiple-choice letters by default; a judge replaces the scorer below.
+        task = video_task.load_video_task(cfg, answer_scorer("mcq" if cfg.reward.correctness in ("auto", "judge")
+                                                             else cfg.reward.correctness))
+
+        def load(model_cfg, device):
+            return load_video_policy(model_cfg, device, train_vision=cfg.video.train_vision)
+
+        def as_policy(model, tok):
+            return VideoPolicy(model, tok, task, cfg)
     if cfg.reward.correctness == "judge":
         from longrl.models.load import DTYPES
         from longrl.rewards.judge import Judge, judge_scorer
@@ -256,14 +258,16 @@ def load_task_and_io(cfg: Config, device=None):
         judge = Judge(cfg.reward.judge_model, device or pick_device(cfg.model.device), cfg.reward.judge_template,
                       DTYPES[cfg.model.dtype])
         task = replace(task, score=judge_scorer(judge))
-    return task, io, load
+    return task, load, as_policy
 
 
-def _restore(cfg: Config, ckpt: Path, device, n_train: int, load=load_policy):
-    """Weights from the checkpoint directory, then the trainer state on top."""
+def _restore(cfg: Config, ckpt: Path, device, n_train: int, load, as_policy):
+    """Weights from the checkpoint directory, then the trainer state on top.
+    -> (policy, backend, state, results)"""
     model, tokenizer = load(replace(cfg.model, path=str(ckpt)), device)
+    policy, backend = as_policy(model, tokenizer), make_backend(cfg, model, tokenizer)
     saved = load_trainer_state(ckpt)
-    state = init_state(model, replace(cfg, rl=replace(cfg.rl, kl_coef=0.0, algorithm="grpo")), n_train)
+    state = init_state(model, replace(cfg, rl=replace(cfg.rl, kl_coef=0.0, algorithm="grpo")), n_train, backend)
     if needs_reference(cfg):  # the reference is the post-SFT policy, kept as step_0
         ref, _ = load(replace(cfg.model, path=str(ckpt.parent / "step_0")), device)
         state.reference = ref.eval().requires_grad_(False)
@@ -276,6 +280,6 @@ def _restore(cfg: Config, ckpt: Path, device, n_train: int, load=load_policy):
     if state.april is not None and mine.get("april"):
         state.april.buffer = mine["april"]["buffer"]
         state.april._next_group_id = mine["april"]["next_group_id"]
-        state.april.engine.policy_version = state.step
+    backend.sync_weights(model, state.step)
     set_rng_state(mine["rng"])
-    return model, tokenizer, state, dict(saved["results"])
+    return policy, backend, state, dict(saved["results"])

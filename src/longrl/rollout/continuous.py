@@ -506,3 +506,61 @@ def _concat_rows(parts: list[tuple[list | None, int]]):
                 vs.append(F.pad(v, (0, 0, C - v.shape[-2], 0)))
         out.append((torch.cat(ks, 0), torch.cat(vs, 0)))
     return out
+
+
+class ContinuousBackend:
+    """The `continuous` rollout backend: a `ContinuousEngine` behind the backend interface
+    (`rollout/base.py`). APRIL drives it through submit/step/abort_all; `generate` runs a
+    batch of requests to completion. Token-only requests (no video embeddings yet)."""
+
+    name = "continuous"
+    supports_partial = True
+
+    def __init__(self, model, num_slots: int, **engine_kwargs):
+        self.engine = ContinuousEngine(model, num_slots, **engine_kwargs)
+
+    # ---- the engine protocol APRIL uses
+    policy_version = property(lambda self: self.engine.policy_version)
+    num_slots = property(lambda self: self.engine.num_slots)
+    steps = property(lambda self: self.engine.steps)
+    busy_slot_steps = property(lambda self: self.engine.busy_slot_steps)
+    tokens_generated = property(lambda self: self.engine.tokens_generated)
+    has_work = property(lambda self: self.engine.has_work)
+
+    def submit(self, requests: Iterable[Request]) -> None:
+        self.engine.submit(requests)
+
+    def step(self) -> list[Result]:
+        return self.engine.step()
+
+    def abort_all(self) -> list[Result]:
+        return self.engine.abort_all()
+
+    def sync_weights(self, model, version: int) -> None:
+        """The engine runs the trainer's model in place; only the version tag changes (call
+        it between steps: keys cached under old weights would mix policies)."""
+        if self.engine.has_work:
+            raise RuntimeError("sync_weights on a busy engine: finish or abort its requests first")
+        self.engine.model, self.engine.policy_version = model, version
+
+    def generate(self, requests, sampling, generator=None):
+        """`request.n` samples per request. Continuous batching draws from one stream per
+        sample: each is seeded from `generator` (the trainer's checkpointed sampler, so a
+        resumed run draws the same), or from the engine's seed and a counter without one."""
+        from longrl.rollout.engine import Generation
+
+        if any(r.media is not None for r in requests):
+            raise ValueError("the continuous backend takes token-only requests (no video embeddings yet)")
+        eng = self.engine
+        kept = eng.temperature, eng.top_p  # APRIL's sampling settings, restored below
+        eng.temperature, eng.top_p = sampling.temperature, sampling.top_p
+        n = sum(r.n for r in requests)
+        seeds = (torch.randint(0, 2**62, (n,), generator=generator).tolist() if generator is not None else [None] * n)
+        flat = [Request((k, i), r.prompt_ids, sampling.max_new_tokens) for k, r in enumerate(requests)
+                for i in range(r.n)]
+        for req, seed in zip(flat, seeds):
+            req.seed = seed
+        try:
+            return [Generation(res.token_ids, res.logprobs, res.finish_reason) for res in eng.generate(flat)]
+        finally:
+            eng.temperature, eng.top_p = kept

@@ -1,5 +1,6 @@
-"""The video recipe: `longrl train` on generated videos end to end, cached == uncached
-log-probs inside the recipe, bad video data, and the example config."""
+"""The video policy and task: `longrl train` on generated videos end to end, cached ==
+uncached log-probs of the recipe's rollouts, StreamBP == chunked updates, bad video data,
+and the example config."""
 
 import json
 from pathlib import Path
@@ -12,7 +13,13 @@ pytest.importorskip("av", reason="video tests need PyAV (pip install -e '.[video
 from longrl.cli import main  # noqa: E402
 from longrl.config import load_config  # noqa: E402
 from longrl.errors import UserError  # noqa: E402
-from longrl.recipes import video as V  # noqa: E402
+from longrl.data import video_task as V  # noqa: E402
+from longrl.policy.video import VideoPolicy, load_video_policy  # noqa: E402
+from longrl.rewards.verifiers import answer_scorer  # noqa: E402
+
+
+def load_task(cfg):
+    return V.load_video_task(cfg, answer_scorer("mcq"))
 
 TINY = [
     "task.name=videos", "task.n_train=6", "task.n_eval=2", "task.kwargs.kinds=colour",
@@ -30,7 +37,7 @@ def data_dir(tmp_path_factory):
     """Six training and two held-out videos, generated the way a fresh clone's run does."""
     d = tmp_path_factory.mktemp("vdata") / "videos"
     cfg = load_config(None, [*TINY, f"task.train_file={d}/train.jsonl"])
-    V.load_video_task(cfg)  # the directory does not exist: generated here
+    load_task(cfg)  # the directory does not exist: generated here
     assert (d / "train.jsonl").is_file() and (d / "eval.jsonl").is_file()
     return d
 
@@ -59,15 +66,20 @@ def test_cached_and_uncached_logprobs_agree_for_a_rollout_batch(data_dir):
     from longrl.streambp.logprobs import make_batch
 
     cfg = load_config(None, [*TINY, f"task.train_file={data_dir}/train.jsonl"])
-    task = V.load_video_task(cfg)
+    task = load_task(cfg)
     torch.manual_seed(0)
-    model, tok = V.load_video_policy(cfg.model, torch.device("cpu"))
+    model, tok = load_video_policy(cfg.model, torch.device("cpu"))
     model = model.double()  # float64: the two paths agree to ~1e-12
-    io = V.VideoIO(task, cfg)
+    from longrl.recipes.grpo import rollout
+    from longrl.rollout.hf import HFBackend
+
+    cfg.train.stream_chunk = 4
+    policy = VideoPolicy(model, tok, task, cfg)
     examples = task.train[:2]
-    roll = io.rollout(model, tok, examples, task, cfg, torch.Generator().manual_seed(0), version=0)
+    backend = HFBackend(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    roll = rollout(policy, backend, examples, task, cfg, torch.Generator().manual_seed(0), version=0)
     batch = make_batch(roll.prompt_ids, roll.response_ids, tok.pad_token_id)
-    cached = io.logprobs(model, batch, roll.examples, chunk=4, temperature=1.0)  # [B, T]
+    cached = policy.logprobs(batch, roll.examples, temperature=1.0)  # [B, T]
 
     # Uncached: the model's own forward, pixels in, the vision tower run for every row. It
     # takes every video pad token for video, so rows whose sampled response holds one (a
@@ -107,14 +119,14 @@ def test_streambp_update_equals_the_chunked_one(data_dir, train_vision, rows, to
     for mode in ("chunked", "streambp"):
         cfg = load_config(None, [*TINY, f"task.train_file={data_dir}/train.jsonl", f"train.backprop={mode}",
                                  f"video.train_vision={str(train_vision).lower()}", "train.stream_chunk=5"])
-        task = V.load_video_task(cfg)
+        task = load_task(cfg)
         torch.manual_seed(0)
-        model, tok = V.load_video_policy(cfg.model, torch.device("cpu"), train_vision=train_vision)
+        model, tok = load_video_policy(cfg.model, torch.device("cpu"), train_vision=train_vision)
         model = model.double()
-        io = V.VideoIO(task, cfg)
-        io.start_step()
+        policy = VideoPolicy(model, tok, task, cfg)
+        policy.start_step()
         examples = [task.train[i] for i in rows]
-        prompts = io.encode_prompts(tok, examples)
+        prompts = policy.encode_prompts(examples)
         responses = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
         batch = make_batch(prompts, responses, tok.pad_token_id)
         weights = torch.linspace(0.5, 1.5, batch.input_ids.shape[1], dtype=torch.float64)
@@ -123,7 +135,7 @@ def test_streambp_update_equals_the_chunked_one(data_dir, train_vision, rows, to
             return -(logp * weights).sum() + 0.1 * (logp.sum(-1) ** 2).sum()
 
         model.zero_grad()
-        loss, _, logp = io.loss_and_backward(model, batch, examples, loss_fn, chunk=5)
+        loss, _, logp = policy.loss_and_backward(batch, examples, loss_fn)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[mode] = (loss, logp, grads)
     (l_a, lp_a, g_a), (l_b, lp_b, g_b) = results["chunked"], results["streambp"]
@@ -177,7 +189,7 @@ def test_one_bad_video_is_skipped_with_a_count(tmp_path, data_dir, caplog):
     _write_jsonl(d / "eval.jsonl", [good[2]])
     cfg = load_config(None, [*TINY, f"task.train_file={d}/train.jsonl"])
     with caplog.at_level("WARNING"):
-        task = V.load_video_task(cfg)
+        task = load_task(cfg)
     assert [ex.id for ex in task.train] == ["q0", "q2"]
     assert "skipped 1 of 3 train examples" in caplog.text
 
@@ -190,14 +202,14 @@ def test_one_bad_video_is_skipped_with_a_count(tmp_path, data_dir, caplog):
 def test_unsupported_video_settings_are_refused(override, message, data_dir):
     cfg = load_config(None, [*TINY, f"task.train_file={data_dir}/train.jsonl", override])
     with pytest.raises(UserError, match=message):
-        V.load_video_task(cfg)
+        load_task(cfg)
 
 
 def test_existing_directory_without_the_jsonl_is_not_overwritten(tmp_path):
     (tmp_path / "mine").mkdir()
     cfg = load_config(None, [*TINY, f"task.train_file={tmp_path}/mine/train.jsonl"])
     with pytest.raises(UserError, match="does not exist"):
-        V.load_video_task(cfg)
+        load_task(cfg)
     assert list((tmp_path / "mine").iterdir()) == []
 
 

@@ -1,0 +1,1 @@
+"""The Policy interface and its text and video implementations (`base.py`)."""

@@ -1,0 +1,340 @@
+"""The video policy: a Qwen2.5-VL model on cached video embeddings (MR-SP).
+
+"Scaling RL to Long Videos" (LongVILA-R1, arXiv 2507.07966) runs the vision tower once per
+video and reuses the embeddings for every rollout and every training pass of the step
+(MR-SP stage 1). This policy does that behind the `Policy` interface (`policy/base.py`),
+so the SFT, GRPO and DPO loops are the text ones:
+
+- Per step and video: at most one vision encode (none at all with a frozen tower after the
+  first time: the embeddings are cached across steps, on disk too with
+  `video.embed_cache_dir`); the prompt's M-RoPE positions computed once per prompt for
+  the run. `requests()` hands the embeddings and positions to the rollout backend
+  (`VideoPrompt`), so rollouts and training see the same frames.
+- The teacher-forced passes run each distinct prompt (video + question) through the
+  language model once and share it between its rows (`models.vlm.shared_prompt_hidden`,
+  exact); with `train.backprop=streambp`, StreamBP's sequence-chunked layer backward on
+  whole rows (the embeddings spliced into each row's token embeddings). A pipeline that
+  hands pixels to every forward encodes once per rollout and once per sequence per pass;
+  the difference is logged as `video/encodes_saved`.
+- Sequence parallel (`parallel.sp_size` = P > 1): each video's temporal patches are split
+  over the group's ranks and the embeddings all-gathered once (`parallel.mrsp_encode`);
+  the passes run Ulysses on whole rows (`parallel.sp_video`), so the shared-prompt saving
+  is not used there.
+
+Letters: b rows of a micro-batch, T tokens, D hidden, P prompt.
+
+Departures: a trainable tower gets one backward per micro-batch through the graph of the
+step's single encode (so rl.ppo_epochs must be 1 with video.train_vision); StreamBP is not
+combined with sequence parallelism; APRIL and the vLLM backend take token-only requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from longrl.config import Config, ModelConfig
+from longrl.data.example import Example
+from longrl.parallel import dist
+from longrl.rollout.base import RolloutRequest
+
+
+@dataclass
+class VideoPrompt:
+    """What a rollout backend needs to decode a video prompt: the cached embeddings and the
+    prompt's M-RoPE positions [3, P]."""
+
+    video: object  # models.vlm.VideoEmbeds
+    positions: torch.Tensor
+
+
+def _key(ex: Example) -> tuple[str, str]:
+    return ex.media[0], ex.prompt
+
+
+class VideoPolicy:
+    """Video prompts, rollout requests, log-probs and backward on cached embeddings;
+    `examples[i]` is the example that row i of a batch answers."""
+
+    def __init__(self, model, tokenizer, task, cfg: Config):
+        from longrl.config import train_temperature
+        from longrl.media.cache import EmbeddingCache
+
+        self.model, self.tokenizer = model, tokenizer
+        self.task, self.train_vision = task, cfg.video.train_vision
+        self.backprop, self.chunk, self.temperature = cfg.train.backprop, cfg.train.stream_chunk, train_temperature(cfg)
+        self.streambp = cfg.train.backprop == "streambp"
+        # Frozen tower: embeddings are constants, cached for the whole run (and on disk).
+        self.cache = None if self.train_vision else EmbeddingCache(cfg.video.embed_cache_dir or None,
+                                                                   max_items=len(task.clips) + 1)
+        self._tag = ""
+        # Keyed by (video path, prompt text): ids may repeat across a train and an eval file.
+        self._prompts: dict[tuple[str, str], list[int]] = {}
+        self._positions: dict[tuple[str, str], torch.Tensor] = {}
+        self._step: dict[str, object] = {}  # video path -> this step's VideoEmbeds
+        self._step_version = None
+        self.totals = {"encodes": 0, "naive_encodes": 0, "cache_hits": 0}
+        self._last = dict(self.totals)
+
+    # ---- prompts and videos -------------------------------------------------------------
+
+    def encode_prompts(self, examples: list[Example]) -> list[list[int]]:
+        """Prompt ids with the video pad expanded to the clip's number of video tokens."""
+        from longrl.models.vlm import MERGE, PATCH, TEMPORAL_PATCH, video_prompt_ids
+
+        tokenizer, out = self.tokenizer, []
+        for ex in examples:
+            if _key(ex) not in self._prompts:
+                N, H, W, _ = self.task.clips[ex.media[0]].frames.shape
+                n_tokens = -(-N // TEMPORAL_PATCH) * (H // PATCH) * (W // PATCH) // (MERGE * MERGE)
+                self._prompts[_key(ex)] = video_prompt_ids(tokenizer, n_tokens, ex.prompt)
+            out.append(self._prompts[_key(ex)])
+        return out
+
+    def _encode(self, model, path: str, grad: bool):
+        """The vision tower over one clip. Under SP, MR-SP stage 1: this rank encodes its run
+        of temporal patches and every rank of the group gets all embeddings (collective:
+        the ranks of a group encode the same videos in the same order)."""
+        from longrl.models.vlm import VideoEmbeds, encode_video, patchify
+        from longrl.parallel.mrsp_encode import mrsp_encode_video
+
+        clip = self.task.clips[path]
+        device = next(model.parameters()).device
+        pv, grid = patchify(clip.frames)
+        pv, grid = pv.to(device), grid.to(device)
+        lay = dist.layout()
+        with torch.set_grad_enabled(grad):
+            if lay.sp_size == 1:
+                return encode_video(model, pv, grid, clip.second_per_grid)
+            embeds = mrsp_encode_video(model.model.visual, pv, grid, lay.sp_group)  # [Nv, D]
+            return VideoEmbeds(embeds, grid.view(3), clip.second_per_grid)
+
+    def _cached(self, key: str, compute):
+        """`cache.get_or_compute`; under SP the group agrees on hit or miss first, since the
+        encode is collective and a shared disk cache may hold a file for one rank only."""
+        lay = dist.layout()
+        if lay.sp_size == 1:
+            return self.cache.get_or_compute(key, compute)
+        found = self.cache.get(key)
+        if dist.all_reduce_sum(float(found is None), lay.sp_group) > 0:
+            found = compute()
+            self.cache.put(key, found)
+        return found
+
+    def _video(self, model, path: str):
+        """This step's embeddings of `path`: encoded at most once per step (never again
+        with a frozen tower, whose embeddings are cached across steps)."""
+        from longrl.media.cache import cache_key
+        from longrl.models.vlm import VideoEmbeds, vision_tag
+
+        if path in self._step:
+            return self._step[path]
+        if self.train_vision:
+            video = self._encode(model, path, grad=torch.is_grad_enabled())
+            self.totals["encodes"] += 1
+        else:
+            self._tag = self._tag or vision_tag(model)  # frozen: the weights never change
+            hits = self.cache.hits
+
+            def compute():
+                self.totals["encodes"] += 1
+                v = self._encode(model, path, grad=False)
+                return {"embeds": v.embeds, "grid_thw": v.grid_thw, "spg": torch.tensor(v.second_per_grid, dtype=torch.float64)}
+
+            t = self._cached(cache_key(path, self.task.sampling.key(), self._tag), compute)
+            self.totals["cache_hits"] += self.cache.hits - hits
+            device = next(model.parameters()).device
+            video = VideoEmbeds(t["embeds"].to(device), t["grid_thw"].long().to(device), float(t["spg"]))
+        self._step[path] = video
+        return video
+
+    def _positions_of(self, model, ex: Example, video) -> torch.Tensor:
+        """Rotary positions [3, P] of the example's prompt, computed once per run."""
+        from longrl.models.vlm import prompt_positions
+
+        if _key(ex) not in self._positions:
+            self._positions[_key(ex)] = prompt_positions(model, self._prompts[_key(ex)], video)
+        return self._positions[_key(ex)]
+
+    def start_step(self, version=None) -> None:
+        """A new optimizer step: this step's embeddings are encoded afresh (trainable tower)."""
+        if version is None or version != self._step_version:
+            self._step = {}
+        self._step_version = version
+
+    # ---- rollout requests ---------------------------------------------------------------
+
+    def requests(self, examples: list[Example], n: int | list[int] = 1, *, eval: bool = False) -> list[RolloutRequest]:
+        """One request per example, carrying its video's embeddings and prompt positions.
+
+        Training rollouts (eval=False) take the step's embeddings: encoded now if this step
+        has not yet (under SP a collective: every rank of the group asks for the same videos
+        in the same order), the graph kept for the update with a trainable tower; the
+        backend reads them detached. Evaluation (eval=True) encodes outside the step's
+        counts."""
+        from longrl.models.vlm import VideoEmbeds
+
+        counts = n if isinstance(n, list) else [n] * len(examples)
+        prompts = self.encode_prompts(examples)
+        model = self.model
+        if eval:
+            videos = [self._eval_video(model, ex.media[0]) for ex in examples]
+        else:
+            with torch.set_grad_enabled(self.train_vision):
+                videos = [self._video(model, ex.media[0]) for ex in examples]
+            self.totals["naive_encodes"] += sum(counts)  # a pixel pipeline encodes in every rollout
+        videos = [VideoEmbeds(v.embeds.detach(), v.grid_thw, v.second_per_grid) for v in videos]
+        return [RolloutRequest(p, c, VideoPrompt(v, self._positions_of(model, ex, v)))
+                for p, c, ex, v in zip(prompts, counts, examples, videos)]
+
+    # ---- teacher-forced passes ----------------------------------------------------------
+
+    def _hidden(self, model, mb, examples: list[Example], videos: dict) -> torch.Tensor:
+        """Final hidden states [b, T, D] of the micro-batch, laid out like `mb` (right-padded);
+        each distinct prompt is run once for all its rows."""
+        from longrl.models.vlm import shared_prompt_hidden
+
+        b, T = mb.input_ids.shape
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, ex in enumerate(examples):
+            groups.setdefault(_key(ex), []).append(i)
+        rows: list = [None] * b
+        for key, idx in groups.items():
+            ex = examples[idx[0]]
+            prompt = self._prompts[key]
+            P = len(prompt)
+            video = videos[ex.media[0]]
+            h_p, h_r = shared_prompt_hidden(model, video, prompt, self._positions_of(model, ex, video),
+                                            mb.input_ids[idx, P:])  # [1, P, D], [n, T-P, D]
+            for j, i in enumerate(idx):
+                rows[i] = torch.cat([h_p[0], h_r[j]])  # [T, D]
+        return torch.stack(rows)  # [b, T, D]
+
+    def logprobs(self, mb, examples: list[Example], model=None, temperature: float | None = None) -> torch.Tensor:
+        """Teacher-forced log-probs [b, T] of `mb` (no grad), on the step's embeddings;
+        `model`: e.g. the frozen reference (default: the policy's model)."""
+        from longrl.parallel.sp_video import sp_video_logprobs
+        from longrl.streambp.logprobs import chunked_logprobs
+
+        model = self.model if model is None else model
+        chunk, temperature = self.chunk, self.temperature if temperature is None else temperature
+
+        self.totals["naive_encodes"] += len(examples)  # one encode per sequence in a pixel pipeline
+        lay = dist.layout()
+        with torch.no_grad():
+            videos = {ex.media[0]: self._detached(model, ex.media[0]) for ex in examples}
+            if lay.sp_size > 1:  # Ulysses on whole rows; every rank gets all [b, T] log-probs
+                return sp_video_logprobs(model, [videos[ex.media[0]] for ex in examples], mb, lay.sp_group,
+                                         chunk, temperature)
+            hidden = self._hidden(model, mb, examples, videos)  # [b, T, D]
+            head = model.get_output_embeddings()
+            return chunked_logprobs(hidden, head.weight, head.bias, mb.targets, mb.mask, chunk, temperature)
+
+    def _detached(self, model, path: str):
+        from longrl.models.vlm import VideoEmbeds
+
+        v = self._video(model, path)
+        return VideoEmbeds(v.embeds.detach(), v.grid_thw, v.second_per_grid)
+
+    def loss_and_backward(self, mb, examples: list[Example], loss_fn, temperature: float | None = None):
+        """Forward, loss and backward for a micro-batch; gradients accumulate in `.grad`
+        (the vision tower's too when it is trainable). -> (loss, metrics, logprobs [b, T])
+
+        Sequence parallel: Ulysses on whole rows; the gradients are this rank's positions'
+        share (summed over the world by the recipe), and a trainable tower's backward goes
+        through the MR-SP gather, which sums the embedding gradient over the group first."""
+        from longrl.models.vlm import as_leaf
+        from longrl.parallel.sp_video import sp_video_loss_and_backward
+        from longrl.streambp.logprobs import backward_chunked_head
+
+        model, chunk = self.model, self.chunk
+        temperature = self.temperature if temperature is None else temperature
+        self.totals["naive_encodes"] += len(examples)
+        with torch.set_grad_enabled(self.train_vision):
+            full = {ex.media[0]: self._video(model, ex.media[0]) for ex in examples}
+        leaves = {p: as_leaf(v) if self.train_vision else v for p, v in full.items()}
+        lay = dist.layout()
+        if lay.sp_size > 1:
+            loss, metrics, logp = sp_video_loss_and_backward(model, [leaves[ex.media[0]] for ex in examples], mb,
+                                                             loss_fn, lay.sp_group, chunk=chunk,
+                                                             temperature=temperature)
+        elif self.streambp:
+            loss, metrics, logp = self._streambp(model, mb, examples, leaves, loss_fn, chunk, temperature)
+        else:
+            hidden = self._hidden(model, mb, examples, leaves)  # [b, T, D]
+            head = model.get_output_embeddings()
+            loss, metrics, grad_h, logp = backward_chunked_head(hidden, head.weight, head.bias, mb.targets, mb.mask,
+                                                                loss_fn, chunk, temperature)
+            hidden.backward(grad_h)
+        if self.train_vision:  # one backward through the tower per video, from its summed gradient;
+            for p, v in full.items():  # the graph is kept: a later micro-batch of the step may use it
+                grad = leaves[p].embeds.grad
+                if grad is None and lay.sp_size > 1:  # the gather's backward is collective: join it
+                    grad = torch.zeros_like(leaves[p].embeds)
+                if grad is not None:
+                    v.embeds.backward(grad, retain_graph=True)
+        return loss, metrics, logp
+
+    @staticmethod
+    def _streambp(model, mb, examples: list[Example], videos: dict, loss_fn, chunk: int, temperature: float):
+        """StreamBP on whole rows: each row's token embeddings with its video spliced in and
+        its M-RoPE positions, then `streambp.layers.loss_and_backward` (gradients flow on into
+        the embeddings: the token table and, when trainable, the video leaves)."""
+        from longrl.models.vlm import mrope_position_ids, video_inputs_embeds
+        from longrl.streambp import layers
+
+        embeds, positions = [None] * len(examples), [None] * len(examples)
+        by_video: dict[str, list[int]] = {}
+        for i, ex in enumerate(examples):
+            by_video.setdefault(ex.media[0], []).append(i)
+        for path, idx in by_video.items():
+            ids = mb.input_ids[idx]  # [n, T]
+            e = video_inputs_embeds(model, ids, videos[path])  # [n, T, D]
+            p = mrope_position_ids(model, ids, videos[path])  # [3, n, T]
+            for j, i in enumerate(idx):
+                embeds[i], positions[i] = e[j], p[:, j]
+        return layers.loss_and_backward(model, mb, loss_fn, chunk=chunk, temperature=temperature,
+                                        inputs_embeds=torch.stack(embeds), position_ids=torch.stack(positions, 1))
+
+    # ---- evaluation and counts ----------------------------------------------------------
+
+    def _eval_video(self, model, path: str):
+        """Embeddings for evaluation, outside any training step and its counts."""
+        if self.train_vision:  # the weights move: encode afresh
+            return self._encode(model, path, grad=False)
+        saved, in_step = dict(self.totals), path in self._step
+        video = self._video(model, path)  # frozen: from the run's cache after the first time
+        if not in_step:
+            self._step.pop(path)
+        self.totals = saved
+        return video
+
+    def step_metrics(self) -> dict:
+        """Encodes since the last call: run, saved (vs one per rollout and per sequence per pass), cache hits."""
+        d = {k: self.totals[k] - self._last[k] for k in self.totals}
+        self._last = dict(self.totals)
+        return {"video/encodes": d["encodes"], "video/encodes_saved": d["naive_encodes"] - d["encodes"],
+                "video/cache_hits": d["cache_hits"]}
+
+    def summary(self) -> dict:
+        return {"video_encodes": self.totals["encodes"],
+                "video_encodes_saved": self.totals["naive_encodes"] - self.totals["encodes"],
+                "video_cache_hits": self.totals["cache_hits"]}
+
+
+def load_video_policy(cfg: ModelConfig, device, train_vision: bool = False):
+    """(model, tokenizer): a local Qwen2.5-VL directory or the tiny one shaped by `cfg.tiny`
+    (text model) with the default small vision tower; frozen tower unless `train_vision`."""
+    from longrl.models.load import DTYPES
+    from longrl.models.vlm import TinyVLMShape, load_vlm
+
+    t = cfg.tiny
+    shape = replace(TinyVLMShape(), hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
+                    num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size,
+                    max_position_embeddings=t.max_position_embeddings)
+    model, tok = load_vlm(cfg.path, shape)
+    model = model.to(device=device, dtype=DTYPES[cfg.dtype])
+    model.model.visual.requires_grad_(train_vision)
+    model.config.use_cache = False
+    return model, tok

