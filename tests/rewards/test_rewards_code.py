@@ -197,3 +197,11 @@ def test_jsonl_code_task_refuses_a_test_the_trainer_cannot_compare(tmp_path):
     path.write_text("\n".join(map(json.dumps, lines)) + "\n")
     with pytest.raises(UserError, match="and/or"):
         load_task(TaskConfig(name="jsonl", train_file=str(path)), correctness="code")
+
+
+def test_a_program_may_use_processes_and_shared_memory():
+    # multiprocessing pickles the program's functions by module name and keeps its locks in /dev/shm
+    program = ("import multiprocessing as mp\ndef sq(x):\n    return x * x\ndef par():\n"
+               "    with mp.get_context('fork').Pool(2) as pool:\n        return pool.map(sq, range(5))\n"
+               "def locked():\n    with mp.Lock():\n        return 1\n")
+    assert run_tests(program, ["assert par() == [0, 1, 4, 9, 16]", "assert locked() == 1"], FAST) == 1.0

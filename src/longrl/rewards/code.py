@@ -91,7 +91,10 @@ def _run(payload, exec=exec, eval=eval, compile=compile, dumps=json.dumps):  # b
     out = os.fdopen(os.dup(1), "w")
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 1)
-    ns = {"__name__": "__solution__", "__builtins__": __builtins__}
+    module = type(sys)("__solution__")  # a real module, so multiprocessing can pickle its functions
+    sys.modules["__solution__"] = module
+    ns = module.__dict__
+    ns["__builtins__"] = __builtins__
     try:
         exec(compile(payload["program"], "<program>", "exec"), ns)
     except BaseException:

@@ -9,8 +9,9 @@ Isolation tiers, strongest first; `isolation("auto")` takes the first that runs 
   and mount namespaces; the program runs as uid 65534 with no capabilities; its filesystem is
   a read-only root holding only /usr (and the interpreter's prefix when it lives elsewhere),
   /dev/null, /dev/zero, /dev/urandom, a fresh /proc that shows only the sandbox's processes,
-  and one writable tmpfs (/tmp, the working directory) capped at `disk_mb`. No /etc, no
-  project files, no home directory; the environment is cleared. The harness is the
+  and one writable tmpfs (/tmp, the working directory) capped at `disk_mb`; it may not make
+  user namespaces of its own (`--disable-userns`, bubblewrap >= 0.8: one could mount a tmpfs
+  of any size). No /etc, no project files, no home directory; the environment is cleared. The harness is the
   namespace's init (`--as-pid-1`): when it exits or is killed the kernel kills every other
   process in the namespace, setsid() or not, before the call returns.
 - `unshare` (util-linux): new user, pid, network, ipc, uts and mount namespaces with a fresh
@@ -106,7 +107,7 @@ def bwrap_argv(disk_mb: int) -> list[str]:
     python, prefix = _interpreter()
     argv = ["bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID), "--hostname", "sandbox",
-            "--as-pid-1", "--die-with-parent", "--new-session", "--clearenv"]
+            "--disable-userns", "--as-pid-1", "--die-with-parent", "--new-session", "--clearenv"]
     for key, value in _ENV.items():
         argv += ["--setenv", key, value]
     argv += ["--ro-bind", "/usr", "/usr"]
@@ -120,6 +121,10 @@ def bwrap_argv(disk_mb: int) -> list[str]:
             argv += ["--ro-bind", path, path]
     for dev in ("null", "zero", "urandom"):
         argv += ["--dev-bind", f"/dev/{dev}", f"/dev/{dev}"]
+    # POSIX shared memory (multiprocessing's locks) lands in the capped tmpfs; /dev/std* as usual
+    argv += ["--symlink", "/tmp", "/dev/shm", "--symlink", "/proc/self/fd", "/dev/fd"]
+    for i, std in enumerate(("stdin", "stdout", "stderr")):
+        argv += ["--symlink", f"/proc/self/fd/{i}", f"/dev/{std}"]
     argv += ["--proc", "/proc", "--size", str(disk_mb << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
              "--remount-ro", "/", "--", python, "-I"]
     return argv
