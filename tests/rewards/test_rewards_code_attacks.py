@@ -117,6 +117,9 @@ GAMING = {
     # forged result lines on every descriptor, before the tests run
     "forged_lines": (f"import os\nfor fd in range(64):\n    try:\n        os.write(fd, {FORGE.encode()!r})\n"
                      "    except OSError:\n        pass\ndef add(a, b): return None"),
+    # a flood of tiny lines ahead of the answers (the trainer reads only the first few)
+    "line_flood": ("import os\nfor fd in range(3, 16):\n    try:\n        os.write(fd, b'{\"i\": 9}\\n' * 200000)\n"
+                   "    except OSError:\n        pass\ndef add(a, b): return a + b"),
     # a value that is not data, a nesting bomb, NaN, the old nonce-style fake result line
     "not_data": "def add(a, b): return lambda: 3",
     "nesting_bomb": "def add(a, b):\n    x = []\n    for _ in range(100000):\n        x = [x]\n    return x",
