@@ -205,3 +205,8 @@ def test_a_program_may_use_processes_and_shared_memory():
                "    with mp.get_context('fork').Pool(2) as pool:\n        return pool.map(sq, range(5))\n"
                "def locked():\n    with mp.Lock():\n        return 1\n")
     assert run_tests(program, ["assert par() == [0, 1, 4, 9, 16]", "assert locked() == 1"], FAST) == 1.0
+
+
+def test_a_program_that_hangs_partway_keeps_the_tests_it_answered():
+    program = "def add(a, b):\n    while a == 2:\n        pass\n    return a + b"
+    assert run_tests(program, TESTS, SandboxLimits(timeout_s=1.0)) == 0.5

@@ -34,8 +34,8 @@ guarding the result line): tests must take one of the forms above (checked when 
 loads, with a message naming them); a value that is not data (a regex Match, an instance of
 the program's own class, an int past Python's 4300-digit str limit) fails its test even
 where Python would call it truthy or equal; truthiness tests still trust the program's own
-value, as they always did; and a program that exits partway keeps the tests it answered
-before it exited (those values were computed).
+value, as they always did; and a program that exits or hangs partway keeps the tests it
+answered before (those values were computed).
 
 Where the program runs, and what it can reach, is `rewards/sandbox.py`'s business.
 """
@@ -49,7 +49,7 @@ import math
 import operator
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,9 +174,9 @@ def _literal(node: ast.expr) -> tuple[bool, Any]:
         return False, None
 
 
-def _split(node: ast.expr, src: str) -> tuple[ast.expr, Any, bool]:
+def _split(pair: Sequence[ast.expr], src: str) -> tuple[ast.expr, Any, bool]:
     """(expression side, literal value, literal-on-the-right) of a two-operand form."""
-    left, right = node
+    left, right = pair
     (right_lit, right_val), (left_lit, left_val) = _literal(right), _literal(left)
     if right_lit:
         return left, right_val, True
