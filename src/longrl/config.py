@@ -334,6 +334,11 @@ class Config:
 
     def validate(self) -> "Config":
         """Check choices and cross-field constraints; raise UserError naming the key."""
+        from longrl.tracking import check_report_to  # light: the trackers themselves are imported when used
+
+        self.run.report_to = check_report_to(self.run.report_to)
+        if self.run.log_every < 0:
+            raise UserError(f"run.log_every={self.run.log_every} must be >= 0 (0: no plain log lines)")
         check_survivable(self)
         _choice("model.dtype", self.model.dtype, ["float32", "bfloat16", "float16"])
         _choice("model.arch", self.model.arch, ["qwen2", "gla"])

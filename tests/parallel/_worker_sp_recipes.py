@@ -61,9 +61,9 @@ def _record_grads(module):
     """Wrap the recipe's clip_and_step so every optimizer step's gradients are kept."""
     original, steps = module.clip_and_step, []
 
-    def wrapped(model, *args):
+    def wrapped(model, *args, **kwargs):
         steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-        return original(model, *args)
+        return original(model, *args, **kwargs)
 
     module.clip_and_step = wrapped
     return steps, lambda: setattr(module, "clip_and_step", original)

@@ -50,7 +50,7 @@ def _capture_grads(monkeypatch) -> dict:
     """Replace the recipe's optimizer step with one that keeps the step's gradients (no update)."""
     grads = {}
 
-    def capture(model, optimizer, scheduler, grad_clip):
+    def capture(model, optimizer, scheduler, grad_clip, **kwargs):
         grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         return 0.0
 

@@ -28,7 +28,7 @@ from longrl.data.registry import TaskData
 from longrl.errors import UserError
 from longrl.parallel import dist
 from longrl.policy.base import Policy
-from longrl.recipes.common import clip_and_step
+from longrl.recipes.common import clip_and_step, skipped_steps
 from longrl.recipes.grpo import GRPOState, collect, reduce_metrics
 from longrl.rollout.base import RolloutBackend
 from longrl.rl.losses import dpo_loss
@@ -109,7 +109,8 @@ def dpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Confi
         sums["dpo/accuracy"] += m["dpo/correct"]
     # Every rank steps, also one without pairs: gradients are summed over the world.
     dist.all_reduce_gradients(model)
-    grad_norm = clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip)
+    grad_norm = clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip, loss=sums["loss/dpo"],
+                              where=f"RL step {state.step + 1}")
     state.step += 1
     if backend is not None:  # offline DPO samples nothing and may run without one
         backend.sync_weights(model, state.step)
@@ -118,6 +119,7 @@ def dpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Confi
         "dpo/margin": sums["dpo/margin"] / max(1, len(pairs)),
         "dpo/accuracy": sums["dpo/accuracy"] / max(1, len(pairs)),
         "grad/norm": grad_norm, "lr": state.scheduler.get_last_lr()[0],
+        "train/skipped_steps": skipped_steps(state.optimizer),
         "time/rollout": t_rollout, "time/train": time.time() - t1, "time/step": time.time() - t0,
     })
     return reduce_metrics(metrics)

@@ -31,7 +31,8 @@ from longrl.data.registry import TaskData
 from longrl.eval.accuracy import decode_response
 from longrl.parallel import dist
 from longrl.policy.base import Policy
-from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler
+from longrl.metrics import length_stats
+from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, skipped_steps
 from longrl.rewards.combine import score_responses
 from longrl.rl.advantages import constant_groups, group_advantages, overlong_soft_penalty
 from longrl.rl.losses import policy_loss
@@ -228,7 +229,7 @@ def collect(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Config
     stats = {**april_stats,"reward/mean": float(first.rewards.mean()),
              **{f"reward/{k}": float(v.mean()) for k, v in first.components.items()},
              "rollout/truncated_frac": float(first.truncated.float().mean()),
-             "rollout/response_len": sum(map(len, first.response_ids)) / len(first.response_ids)}
+             **length_stats([len(r) for r in first.response_ids])}  # rollout/response_len and its spread
     if not cfg.rl.dynamic_sampling:
         return first, stats
     kept, n_kept, dropped = [], 0, 0
@@ -268,7 +269,8 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
             dist.global_loss_normalizer(torch.zeros(0, 1), rcfg.loss_agg, dist.layout().dp_group)
             for _epoch in range(rcfg.ppo_epochs):
                 dist.all_reduce_gradients(model)
-                clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip)
+                clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip,
+                              where=f"RL step {state.step + 1}")
         state.step += 1
         backend.sync_weights(model, state.step)
         return reduce_metrics({**metrics, "time/rollout": t_rollout, "time/step": time.time() - t0})
@@ -330,7 +332,8 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
         # Sum over the world: each replica's loss is already divided by the global normaliser,
         # and each rank of an SP group holds the gradient of its own positions.
         dist.all_reduce_gradients(model)
-        grad_norm = clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip)
+        grad_norm = clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip,
+                                  loss=sums.get("loss/policy"), where=f"RL step {state.step + 1}")
     state.step += 1
     backend.sync_weights(model, state.step)  # the one place new weights reach the engine
     n_tok, n_ep = max(1.0, sums.pop("_tokens", 1.0)), rcfg.ppo_epochs
@@ -341,6 +344,7 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
         "logprob/engine_trainer_gap": gap_sum / max(1, gap_n),
         "rollout/mismatch_masked_frac": n_dropped / B,
         "grad/norm": grad_norm, "lr": state.scheduler.get_last_lr()[0],
+        "train/skipped_steps": skipped_steps(state.optimizer),
         "time/rollout": t_rollout, "time/train": time.time() - t1, "time/step": time.time() - t0,
     })
     return reduce_metrics(metrics)

@@ -18,7 +18,8 @@ from longrl.data.example import Example
 from longrl.data.registry import demonstration
 from longrl.parallel import dist
 from longrl.policy.base import Policy
-from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, progress
+from longrl.metrics import Progress
+from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, skipped_steps
 from longrl.rl.losses import sft_loss
 from longrl.streambp.logprobs import make_batch
 
@@ -44,7 +45,7 @@ def run_sft(policy: Policy, examples: list[Example], cfg: Config, device, log: C
     order: list[int] = []
     lay = dist.layout()
     model.train()
-    bar = progress(scfg.steps, "sft", cfg.run.progress and dist.is_main())
+    bar = Progress(scfg.steps, "sft", cfg.run.progress, cfg.run.log_every, enabled=dist.is_main())
     for step in range(1, scfg.steps + 1):
         t0 = time.time()
         if len(order) < scfg.batch_size:  # reshuffle each epoch
@@ -62,10 +63,10 @@ def run_sft(policy: Policy, examples: list[Example], cfg: Config, device, log: C
                                               lambda lp: sft_loss(lp, batch.mask, norm), temperature=1.0)
         dist.all_reduce_gradients(model)  # whole world: DP replicas and each SP rank's positions
         loss = dist.all_reduce_sum(float(loss), lay.dp_group)
-        grad_norm = clip_and_step(model, optimizer, scheduler, cfg.train.grad_clip)
+        grad_norm = clip_and_step(model, optimizer, scheduler, cfg.train.grad_clip, loss=loss, where=f"SFT step {step}")
         record = {"phase": "sft", "step": step, "loss/sft": float(loss), "grad/norm": grad_norm,
-                  "lr": scheduler.get_last_lr()[0], "time/step": time.time() - t0}
-        log({**record, **policy.step_metrics()})
-        bar.set_postfix(loss=f"{float(loss):.3f}")
-        bar.update(1)
+                  "lr": scheduler.get_last_lr()[0], "train/skipped_steps": skipped_steps(optimizer),
+                  "time/step": time.time() - t0, **policy.step_metrics()}
+        log(record)
+        bar.update(step, record)
     bar.close()

