@@ -1,6 +1,9 @@
 """The GLA LM as a Hugging Face model the recipes train: decoding cache with left padding,
 save / AutoModelForCausalLM round trip, and `longrl train model.arch=gla` end to end."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,8 @@ from transformers import AutoModelForCausalLM
 from longrl.cli import main
 from longrl.config import load_config
 from longrl.errors import UserError
-from longrl.models.gla import GLAConfig, GLACache, build_gla_model
+from longrl.models.gla import GLAConfig
+from longrl.models.gla_hf import GLACache, build_gla_model
 from longrl.rollout.engine import generate
 from longrl.streambp.logprobs import loss_and_backward, make_batch, sequence_logprobs
 
@@ -75,6 +79,54 @@ def test_save_and_auto_model_round_trip(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
+# A fresh interpreter that cannot import longrl at all (a meta-path hook refuses it), so
+# the checkpoint's own copy of the modelling files is what runs.
+_REMOTE_LOAD = """
+import sys
+class NoLongrl:
+    def find_spec(self, name, path=None, target=None):
+        if name == "longrl" or name.startswith("longrl."):
+            raise ImportError("this process must not import longrl")
+sys.meta_path.insert(0, NoLongrl())
+import torch
+from transformers import AutoModelForCausalLM
+ckpt, ref = sys.argv[1], torch.load(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True, local_files_only=True)
+assert not any(m == "longrl" or m.startswith("longrl.") for m in sys.modules)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+torch.testing.assert_close(model(ref["ids"]).logits, ref["logits"], atol=0, rtol=0)
+print("loaded", type(model).__name__)
+"""
+
+
+def test_gla_hf_imports_on_its_own():
+    """No import circle: the HF model module imports in a fresh interpreter by itself."""
+    out = subprocess.run([sys.executable, "-c", "import longrl.models.gla_hf as m; print(m.MODEL_TYPE)"],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "longrl_gla", out.stderr[-2000:]
+
+
+def test_checkpoint_loads_in_plain_transformers_with_trust_remote_code(tmp_path):
+    from longrl.models.load import save_policy
+    from longrl.models.tiny import build_tiny_tokenizer
+
+    model = _model(2).float()  # hybrid: both the GLA and the sliding-window layers run
+    ckpt = tmp_path / "ckpt"
+    save_policy(model, build_tiny_tokenizer(), ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "gla_hf.LongrlGLAConfig",
+                                  "AutoModelForCausalLM": "gla_hf.LongrlGLAForCausalLM"}
+    assert (ckpt / "gla_hf.py").is_file() and (ckpt / "gla.py").is_file()
+    ids = torch.randint(2, VOCAB, (2, 13), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "ref.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([sys.executable, "-c", _REMOTE_LOAD, str(ckpt), str(tmp_path / "ref.pt")], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0 and "loaded LongrlGLAForCausalLM" in out.stdout, out.stderr[-3000:]
+
+
 def test_chunked_and_checkpoint_backprop_give_the_same_gradients():
     model, prompts = _model(2), _prompts()
     batch = make_batch(prompts, [[3, 4, 5]] * len(prompts), PAD)
@@ -114,6 +166,7 @@ def test_train_and_eval_a_gla_model(tmp_path, capsys):
     assert gaps and max(gaps) < 1e-4  # engine (cached, left-padded) and trainer agree
     ckpt = run / "checkpoints" / "step_2"
     assert json.loads((ckpt / "config.json").read_text())["model_type"] == "longrl_gla"
+    assert (ckpt / "gla_hf.py").is_file() and (ckpt / "gla.py").is_file()  # trust_remote_code loading
     capsys.readouterr()
     assert main(["eval", f"model={ckpt}", "task.n_eval=4", "eval.max_new_tokens=6"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 4

@@ -223,7 +223,8 @@ def test_mix_seed_is_stable_and_spreads():
 
 
 def _gla(softmax_every, seed=0):
-    from longrl.models.gla import GLAConfig, build_gla_model
+    from longrl.models.gla import GLAConfig
+    from longrl.models.gla_hf import build_gla_model
 
     torch.manual_seed(seed)
     shape = GLAConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=2, mlp_hidden=64, chunk_size=4,

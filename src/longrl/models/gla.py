@@ -28,7 +28,9 @@ Departures from the paper:
 Decoding: each layer takes a `LayerState` (GLA: the recurrent state; sliding window:
 the last window-1 keys/values), so one new token costs O(1) in the sequence length.
 `GLAForCausalLM` below is a plain module (sequence-parallel tests and benchmarks);
-the recipes train the same layers as the Hugging Face model of `gla_hf.py`.
+the recipes train the same layers as the Hugging Face model of `gla_hf.py`, which
+imports this module (never the reverse). This file imports nothing from longrl: a saved
+checkpoint carries a copy of it beside `gla_hf.py`, for `trust_remote_code` loading.
 """
 from __future__ import annotations
 
@@ -388,8 +390,3 @@ class GLAForCausalLM(nn.Module):
         """input_ids [B, T] -> logits [B, T, vocab]. For tests and short sequences."""
         return self.lm_head(self.forward_hidden(input_ids, sp=sp, valid=valid))
 
-
-# Hugging Face wrapper (config, model, decoding cache); importing it registers model_type
-# "longrl_gla" with AutoConfig / AutoModelForCausalLM. At the end: it builds on the layers above.
-from longrl.models.gla_hf import (GLACache, LongrlGLAConfig, LongrlGLAForCausalLM,  # noqa: E402,F401
-                                  LongrlGLAModel, build_gla_model)

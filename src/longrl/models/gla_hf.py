@@ -5,9 +5,12 @@ sliding-window softmax layers); this module only gives them the interfaces the r
 `transformers` expect:
 
 - `LongrlGLAConfig` (model_type "longrl_gla") and `LongrlGLAForCausalLM` are registered with
-  `AutoConfig` / `AutoModelForCausalLM` when `longrl.models.gla` is imported, so a checkpoint
-  saved with `save_pretrained` loads with `AutoModelForCausalLM.from_pretrained` (after
-  `import longrl.models.gla`; the directory holds no code, so no `trust_remote_code`).
+  `AutoConfig` / `AutoModelForCausalLM` when this module is imported, so inside longrl a
+  checkpoint loads with `AutoModelForCausalLM.from_pretrained` and no remote code.
+- Outside longrl, Hugging Face's custom-model convention: `save_pretrained` writes
+  `auto_map` into config.json and copies this file and `gla.py` beside the weights, so plain
+  `transformers` loads the directory with `trust_remote_code=True`. That is why this file
+  imports the layers relatively (`from .gla import ...`) and nothing else of longrl.
 - `model.model(input_ids, ...)` returns `last_hidden_state` (the chunked log-prob path) and
   `get_output_embeddings()` is the LM head.
 - Decoding: `model(input_ids, attention_mask=[B, seen + T], past_key_values=cache,
@@ -28,7 +31,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCa
                           PreTrainedModel)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from longrl.models.gla import GLABlock, GLAConfig, LayerState, RMSNorm
+from .gla import GLABlock, GLAConfig, LayerState, RMSNorm  # relative: the copy beside a checkpoint finds its sibling
 
 MODEL_TYPE = "longrl_gla"
 
@@ -167,6 +170,13 @@ def build_gla_model(shape: GLAConfig, *, pad_token_id: int, eos_token_id: int) -
     return LongrlGLAForCausalLM(config).to(torch.float32)
 
 
-AutoConfig.register(MODEL_TYPE, LongrlGLAConfig, exist_ok=True)
-AutoModel.register(LongrlGLAConfig, LongrlGLAModel, exist_ok=True)
-AutoModelForCausalLM.register(LongrlGLAConfig, LongrlGLAForCausalLM, exist_ok=True)
+# save_pretrained writes auto_map and copies the modelling files (trust_remote_code loading).
+LongrlGLAConfig.register_for_auto_class()
+LongrlGLAForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+if __name__ == "longrl.models.gla_hf":
+    # longrl's own import registers the model type; the copy transformers loads from a
+    # checkpoint (a module under transformers_modules) must not replace these classes.
+    AutoConfig.register(MODEL_TYPE, LongrlGLAConfig, exist_ok=True)
+    AutoModel.register(LongrlGLAConfig, LongrlGLAModel, exist_ok=True)
+    AutoModelForCausalLM.register(LongrlGLAConfig, LongrlGLAForCausalLM, exist_ok=True)

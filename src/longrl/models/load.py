@@ -104,7 +104,7 @@ def load_policy(cfg: ModelConfig, device: torch.device):
     else:
         path = Path(cfg.path)
         check_model_dir(path)
-        import longrl.models.gla  # noqa: F401  registers the GLA model type with AutoModelForCausalLM
+        import longrl.models.gla_hf  # noqa: F401  registers the GLA model type with AutoModelForCausalLM
 
         with loading(cfg.path):
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -115,6 +115,10 @@ def load_policy(cfg: ModelConfig, device: torch.device):
     model = model.to(device=device, dtype=DTYPES[cfg.dtype])
     model.config.use_cache = False
     set_system_prompt(tokenizer, cfg.system_prompt)
+    if cfg.lora.r > 0:  # a fresh adapter; only it trains (`longrl.models.lora`)
+        from longrl.models.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora)
     return model, tokenizer
 
 
@@ -129,7 +133,8 @@ def set_system_prompt(tokenizer, setting: str) -> None:
 
 def build_tiny_gla(cfg: ModelConfig, tokenizer):
     """The tiny GLA language model (`model.arch=gla`): widths from `model.tiny`, the rest from `model.gla`."""
-    from longrl.models.gla import GLAConfig, build_gla_model
+    from longrl.models.gla import GLAConfig
+    from longrl.models.gla_hf import build_gla_model
 
     t = cfg.tiny
     if t.hidden_size % (2 * t.num_heads):
@@ -153,6 +158,14 @@ def format_prompt(tokenizer, prompt: str) -> str:
 
 
 def save_policy(model, tokenizer, out_dir: Path) -> None:
-    """Hugging Face format: safetensors weights + config + tokenizer files."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+    """Hugging Face format: safetensors weights + config + tokenizer files. A LoRA model
+    saves its merged weights there (plain transformers loads them, no peft needed) and the
+    adapter (with the base, once it is not step_0's) beside them (`models.lora.save_lora`)."""
+    from longrl.models import lora
+
+    if lora.has_lora(model):
+        model.save_pretrained(out_dir, state_dict=lora.merged_state_dict(model), safe_serialization=True)
+        lora.save_lora(model, out_dir)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
