@@ -18,6 +18,7 @@ from longrl.errors import UserError
 BENCHES = {
     "grpo-step": "longrl.bench.grpo_step",
     "rollout": "longrl.bench.rollout",
+    "rollout-backends": "longrl.bench.rollout_backends",
     "streambp": "longrl.bench.streambp",
     "allscan": "longrl.bench.allscan",
     "video-cache": "longrl.bench.video_cache",

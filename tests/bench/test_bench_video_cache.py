@@ -1,9 +1,10 @@
-"""The video-cache benchmark compares equal work: every variant makes the same update."""
+"""The video-cache benchmark compares equal work: every variant makes the same update, the
+`cached` one through the recipe's own VideoPolicy and rollout backend."""
 
 import torch
 
 from longrl.bench import video_cache as vc
-from longrl.models.vlm import build_tiny_vlm, build_vlm_tokenizer, patchify, video_prompt_ids
+from longrl.models.vlm import build_tiny_vlm, build_vlm_tokenizer
 
 
 def tiny_args(**kw):
@@ -27,10 +28,8 @@ def updated_weights(a, variant):
     # gradients that are exactly zero in theory, like the key bias's, up to lr-sized steps.)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     clip = torch.randint(0, 256, (4, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    pv, grid = patchify(clip)
-    prompt = video_prompt_ids(tok, int(grid.prod()) // 4, "Q?")
     phases = vc.Phases(torch.device("cpu"))
-    vc.grpo_step(model, opt, pv.double(), grid, 1.0, prompt, variant, a, phases, torch.Generator().manual_seed(1))
+    vc.grpo_step(model, opt, clip, 1.0, "Q?", variant, a, phases, torch.Generator().manual_seed(1))
     return {k: p.detach().clone() for k, p in model.named_parameters()}, phases.times
 
 

@@ -11,10 +11,12 @@ program times one GRPO-like step at several frame counts, three ways:
 - `cached_no_shared_prompt`: the vision tower runs once per step; every row still runs
   the whole prompt (video tokens + question) in every pass. Isolates the encode saving at
   equal text compute: `speedup_cache_only`.
-- `cached`: what `recipes/video.py` does. The vision tower runs once; the prompt's rotary
-  positions are computed once; in the rollouts and in every training pass the G rows share
-  one run of the prompt (its KV cache repeated to the rows; `vlm.shared_prompt_hidden`,
-  exact values and gradients): `speedup`.
+- `cached`: the recipe's own code: `policy.video.VideoPolicy` (a fresh one each step, so the
+  tower runs once per step as with a trainable tower; a frozen tower in a real run is
+  encoded once per run) and the `hf` rollout backend, called as `recipes/grpo.py` calls
+  them. The prompt's rotary positions are computed once; in the rollouts and in every
+  training pass the G rows share one run of the prompt (its KV cache repeated to the rows;
+  `vlm.shared_prompt_hidden`, exact values and gradients): `speedup`.
 - `uncached_shared_prompt`: the prompt sharing of `cached`, but pixels in every pass, so
   the tower runs once per pass (rollout prefill, old, reference, update) instead of once
   per step. `speedup_vs_shared_uncached` = this / `cached` is the saving of encoding
@@ -125,11 +127,19 @@ def encode(model, pv, grid, spg, copies: int, grad: bool):
         return VideoEmbeds(out.pooler_output[: out.pooler_output.shape[0] // copies], grid, spg)
 
 
-def grpo_step(model, opt, pv, grid, spg, prompt, variant: str, a, phases: Phases, gen) -> None:
-    from longrl.models.vlm import VideoEmbeds, as_leaf, prompt_positions, sample_prompts, sample_with_video
+def grpo_step(model, opt, clip, spg, question: str, variant: str, a, phases: Phases, gen) -> None:
+    """One GRPO-like step on one video (`clip`: uint8 frames [N, H, W, 3]) and question."""
+    from longrl.models.vlm import (VideoEmbeds, as_leaf, build_vlm_tokenizer, patchify, prompt_positions,
+                                   sample_prompts, sample_with_video, video_prompt_ids)
     from longrl.rl.losses import loss_normalizer, policy_loss
     from longrl.streambp.logprobs import make_batch
 
+    if variant == "cached":
+        return _recipe_step(model, opt, clip, spg, question, a, phases, gen)
+    device = next(model.parameters()).device
+    pv, grid = patchify(clip)
+    pv = pv.to(device=device, dtype=next(model.model.visual.parameters()).dtype)
+    prompt = video_prompt_ids(build_vlm_tokenizer(), int(grid.prod()) // 4, question)
     G = a.group
     shared = variant in ("cached", "uncached_shared_prompt")  # one prompt run shared by the G rows
     once = variant in ("cached", "cached_no_shared_prompt")  # one encode per step
@@ -182,6 +192,62 @@ def grpo_step(model, opt, pv, grid, spg, prompt, variant: str, a, phases: Phases
         opt.zero_grad(set_to_none=True)
 
 
+def _recipe_step(model, opt, clip, spg, question: str, a, phases: Phases, gen) -> None:
+    """The `cached` variant: the video policy and the hf backend, as the GRPO recipe runs them."""
+    from longrl.config import Config
+    from longrl.data.example import Example
+    from longrl.data.video_task import VideoClip, VideoTask, frame_sampling
+    from longrl.models.vlm import build_vlm_tokenizer
+    from longrl.policy.video import VideoPolicy
+    from longrl.rl.losses import loss_normalizer, policy_loss
+    from longrl.rollout.base import SamplingParams
+    from longrl.rollout.hf import HFBackend
+    from longrl.streambp.logprobs import make_batch
+
+    G, tok, cfg = a.group, build_vlm_tokenizer(), Config()
+    cfg.video.train_vision = a.train_vision
+    path = _clip_file(clip)  # the embedding cache keys on a file's identity
+    ex = Example(id="v", prompt=question, answer="A", media=[path])
+    task = VideoTask("bench", [ex], [], None, {path: VideoClip(clip, spg)}, frame_sampling(cfg))
+    with phases("encode"):  # the step's one encode (the policy keeps its graph when the tower trains)
+        policy = VideoPolicy(model, tok, task, cfg)
+        policy.start_step(0)
+        (request,) = policy.requests([ex], G)
+    with phases("rollout"):
+        backend = HFBackend(model, eos_id=-1, pad_id=0)  # no early stop: every response is a.response_len long
+        responses = [g.response_ids for g in backend.generate([request], SamplingParams(a.response_len, 1.0), gen)]
+    batch = make_batch([request.prompt_ids] * G, responses, pad_id=0).to(next(model.parameters()).device)
+    rows = [ex] * G
+    with phases("old_logprobs"):
+        old = policy.logprobs(batch, rows)
+    with phases("ref_logprobs"):
+        ref = policy.logprobs(batch, rows)  # the policy stands in for the frozen reference: same cost
+    advantages = torch.randn(G, generator=gen).to(batch.input_ids.device)
+    norm = loss_normalizer(batch.mask, "token-mean")
+
+    def loss_fn(logp):
+        return policy_loss(logp, old, advantages, batch.mask, normalizer=norm, ref_logprobs=ref, kl_coef=0.01)
+
+    with phases("update"):
+        policy.loss_and_backward(batch, rows, loss_fn)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _clip_file(clip: torch.Tensor) -> str:
+    """A file standing for the clip (its raw frames), made once per clip and process."""
+    import hashlib
+    import tempfile
+
+    data = clip.numpy().tobytes()
+    path = os.path.join(tempfile.gettempdir(), f"longrl-bench-{hashlib.sha1(data).hexdigest()[:16]}.frames")
+    if not os.path.exists(path):
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+    return path
+
+
 def _hidden(model, v, batch, prompt, pass_positions):
     from longrl.models.vlm import shared_prompt_hidden
 
@@ -214,8 +280,11 @@ def _backward(model, v, batch, prompt, shared, pass_positions, loss_fn):
     hidden.backward(grad_h)
 
 
+QUESTION = "Which object appeared first?\nA. red\nB. blue\nC. green\nD. cyan"
+
+
 def setup(a, frames: int):
-    from longrl.models.vlm import build_tiny_vlm, build_vlm_tokenizer, patchify, video_prompt_ids
+    from longrl.models.vlm import build_tiny_vlm, build_vlm_tokenizer
     from longrl.utils import pick_device
 
     device = pick_device(a.device)
@@ -228,16 +297,13 @@ def setup(a, frames: int):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     g = torch.Generator().manual_seed(0)
     clip = torch.randint(0, 256, (frames, a.frame_size, a.frame_size, 3), dtype=torch.uint8, generator=g)
-    pv, grid = patchify(clip)
-    n_video = int(grid.prod()) // 4
-    prompt = video_prompt_ids(tok, n_video, "Which object appeared first?\nA. red\nB. blue\nC. green\nD. cyan")
-    return device, model, opt, pv.to(device), grid, prompt
+    return device, model, opt, clip, QUESTION
 
 
 def time_variants(a, frames: int) -> dict:
     """All variants in one process, interleaved (A B C A B C ...) so that load from other
     processes hits them alike; per variant the fastest and the median step."""
-    device, model, opt, pv, grid, prompt = setup(a, frames)
+    device, model, opt, clip, question = setup(a, frames)
     gen = torch.Generator().manual_seed(1)
     runs: dict[str, list] = {v: [] for v in VARIANTS}
     peaks: dict[str, float] = {}
@@ -249,12 +315,16 @@ def time_variants(a, frames: int) -> dict:
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             t0 = clock(device)
-            grpo_step(model, opt, pv, grid, 1.0, prompt, v, a, phases, gen)
+            grpo_step(model, opt, clip, 1.0, question, v, a, phases, gen)
             phases.sync()
             if r > 0:
                 runs[v].append((clock(device) - t0, phases.times))
                 if device.type == "cuda":
                     peaks[v] = max(peaks.get(v, 0.0), (torch.cuda.max_memory_allocated() - base) / 2**20)
+    from longrl.models.vlm import build_vlm_tokenizer, patchify, video_prompt_ids
+
+    grid = patchify(clip)[1]
+    prompt = video_prompt_ids(build_vlm_tokenizer(), int(grid.prod()) // 4, question)
     out = {"video_tokens": int(grid.prod()) // 4, "seq_len": len(prompt) + a.response_len}
     for v, rs in runs.items():
         rs.sort(key=lambda x: x[0])
@@ -277,9 +347,9 @@ def cpu_peak_memory(a, frames: int, variant: str) -> float:
     """
     import threading
 
-    device, model, opt, pv, grid, prompt = setup(a, frames)
+    device, model, opt, clip, question = setup(a, frames)
     gen = torch.Generator().manual_seed(1)
-    grpo_step(model, opt, pv, grid, 1.0, prompt, variant, a, Phases(device), gen)
+    grpo_step(model, opt, clip, 1.0, question, variant, a, Phases(device), gen)
     page = os.sysconf("SC_PAGE_SIZE")
 
     def rss() -> int:
@@ -295,7 +365,7 @@ def cpu_peak_memory(a, frames: int, variant: str) -> float:
 
     t = threading.Thread(target=sample)
     t.start()
-    grpo_step(model, opt, pv, grid, 1.0, prompt, variant, a, Phases(device), gen)
+    grpo_step(model, opt, clip, 1.0, question, variant, a, Phases(device), gen)
     done.set()
     t.join()
     return round(max(0, max(peak[0], rss()) - start) / 2**20, 1)

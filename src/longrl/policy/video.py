@@ -102,7 +102,7 @@ class VideoPolicy:
         clip = self.task.clips[path]
         device = next(model.parameters()).device
         pv, grid = patchify(clip.frames)
-        pv, grid = pv.to(device), grid.to(device)
+        pv, grid = pv.to(device=device, dtype=next(model.model.visual.parameters()).dtype), grid.to(device)
         lay = dist.layout()
         with torch.set_grad_enabled(grad):
             if lay.sp_size == 1:
