@@ -9,6 +9,16 @@ so a crash never leaves a half checkpoint, and a checkpoint whose files no longe
 its manifest (cut short, truncated, edited) is skipped on resume for the newest one that
 does, with a note on stderr.
 
+Under FSDP2 (`parallel.fsdp`) a checkpoint also holds `dcp/`: the sharded weights and
+AdamW moments written by every rank with torch.distributed.checkpoint (DCP), which
+reshards on load, so a run resumes on another number of processes with the same weights
+and optimizer state; the optimizer's param groups (plain numbers) go into the trainer state
+instead, and the main rank still writes the Hugging Face weights from the full weights
+every rank holds during a step (`parallel/fsdp.py`), so every checkpoint loads in plain
+`transformers` and `export_checkpoint` only copies. DCP reads its own `.metadata` with
+pickle: the manifest's sha256 catches a damaged file, not a crafted one, so resume only
+from checkpoints you wrote.
+
 The trainer state loads with `torch.load(weights_only=True)`: tensors and plain containers
 only, so a crafted `trainer_state.pt` cannot run code on resume. What is not plain is
 converted on save and back on load:
@@ -31,6 +41,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, is_dataclass
@@ -41,9 +52,11 @@ import torch
 
 from longrl.errors import UserError
 from longrl.models.load import save_policy
-from longrl.utils import atomic_dir, rng_state
+from longrl.utils import atomic_dir, honour_umask, rng_state
 
 STATE_FILE = "trainer_state.pt"
+DCP_DIR = "dcp"
+"""The sharded weights and optimizer moments of an FSDP2 run (torch.distributed.checkpoint)."""
 MANIFEST_FILE = "manifest.json"
 STATE_FORMAT = "longrl.trainer_state/1"
 """Stored under the key `format` of every trainer state this version writes."""
@@ -78,6 +91,101 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     _VERIFIED.add(_manifest_key(final))
     _prune(ckpt_dir, keep)
     return final
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict | None, optimizer,
+                            keep: int) -> Path:
+    """`save_checkpoint` for an FSDP2 model: collective (every rank calls it; `trainer_state`
+    is only read on the main rank). Every rank writes its shards of the weights and of the
+    optimizer's moments into `dcp/` of the same temp directory, the main rank adds the
+    Hugging Face weights, the trainer state (with the optimizer's param groups) and the
+    manifest, and renames it into place; the full weights are gathered again at the end."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from longrl.parallel import dist, fsdp
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    final = ckpt_dir / f"step_{step}"
+    _refuse_nonfinite_weights(model, step, ckpt_dir)  # every rank holds the same full weights: all refuse
+    main = dist.is_main()
+    tmp = None
+    try:
+        if main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=ckpt_dir, prefix=f".{final.name}.tmp"))
+            save_policy(fsdp.replica(model, clone=False), tokenizer, tmp)  # before state_dict reshards
+        tmp = Path(dist.broadcast_object(str(tmp) if main else None))
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state["state"]}, checkpoint_id=str(tmp / DCP_DIR))
+        dist.barrier()
+        if main:
+            state = encode_state({"format": STATE_FORMAT, **trainer_state, "optimizer": None,
+                                  "optimizer_param_groups": optim_state["param_groups"], "rng": rng_state()})
+            _write_file(tmp / STATE_FILE, lambda f: torch.save(state, f))
+            _check_safetensors(tmp)
+            config = Path(run_dir) / "config.yaml"
+            write_manifest(tmp, step, config.read_text() if config.is_file() else None)
+            _replace_dir(tmp, final)
+    except OSError as e:
+        if tmp is not None and main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, final, ckpt_dir) from None
+    except BaseException:
+        if tmp is not None and main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dist.barrier()
+    fsdp.gather(model)
+    if main:
+        _VERIFIED.add(_manifest_key(final))
+        _prune(ckpt_dir, keep)
+    return final
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename a complete temp directory to `final`, replacing an older one (as `atomic_dir`)."""
+    honour_umask(tmp)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def load_sharded_state(ckpt: Path, model, optimizer, param_groups: list) -> None:
+    """The weights and optimizer moments of `ckpt/dcp` into `model` (FSDP2 or plain) and its
+    optimizer, resharded to this run's number of processes (collective under torchrun)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from longrl.parallel import fsdp
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # templates: this run's shards
+    state = {"model": model_state, "optim": optim_state["state"]}
+    dcp.load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict={"state": state["optim"], "param_groups": param_groups})
+    if fsdp.is_sharded(model):
+        fsdp.gather(model)
+
+
+def export_checkpoint(ckpt: Path, out: Path) -> Path:
+    """A plain Hugging Face directory at `out` (weights, config, tokenizer) from a verified
+    checkpoint: the files transformers reads, without the trainer state, DCP shards or
+    manifest. Written atomically."""
+    problem = verify_checkpoint(ckpt)
+    if problem is not None:
+        raise UserError(f"checkpoint {ckpt} is not usable ({problem}); export another step")
+    skip = {STATE_FILE, MANIFEST_FILE, DCP_DIR}
+    with atomic_dir(out) as tmp:
+        for path in sorted(Path(ckpt).iterdir()):
+            if path.name not in skip and path.is_file():
+                shutil.copy2(path, tmp / path.name)
+    return Path(out)
 
 
 def _write_file(path: Path, write) -> None:

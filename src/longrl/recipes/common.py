@@ -9,15 +9,16 @@ import torch
 from tqdm.auto import tqdm
 
 from longrl.errors import UserError
-from longrl.parallel import dist
+from longrl.parallel import dist, fsdp
 
 
 def make_optimizer(model, lr: float, weight_decay: float, shard: bool = False) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters. `shard` (parallel.zero_optimizer, under torchrun):
     ZeRO stage 1 with torch's `ZeroRedundancyOptimizer`: each rank keeps the moments of
     about 1/world of the parameters, updates that slice and broadcasts it, so every rank
-    ends the step with the same weights as an unsharded AdamW (tested bit-equal)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    ends the step with the same weights as an unsharded AdamW (tested bit-equal). Under
+    FSDP2 (`parallel.fsdp`) the optimizer holds the sharded parameters (parallel/fsdp.py)."""
+    params = fsdp.trainable_parameters(model)
     kwargs = {"lr": lr, "betas": (0.9, 0.99), "weight_decay": weight_decay}
     if shard and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -56,9 +57,18 @@ def clip_and_step(model, optimizer, scheduler, grad_clip: float, loss=None, wher
     `train/skipped_steps`). The LR schedule still advances, so it stays aligned with the
     loop's steps. `MAX_NONFINITE_STEPS` skips in a row raise a UserError naming `where`
     (e.g. "RL step 7"; default: the optimizer step count) and the likely cause.
+
+    Under FSDP2 the norm and the step run on the shards (their DTensor grads, summed by
+    `dist.all_reduce_gradients`), and the full weights are gathered again afterwards for
+    the next step's rollouts and passes.
     """
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    if fsdp.is_sharded(model):
+        fsdp.shard_grads(model)  # a no-op after dist.all_reduce_gradients
+        norm = fsdp.grad_norm_and_clip(model, max_norm)
+    else:
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     if _finite_everywhere(norm, loss):
         optimizer.step()
         _count_skip(optimizer, skipped=False)
@@ -75,6 +85,8 @@ def clip_and_step(model, optimizer, scheduler, grad_clip: float, loss=None, wher
                             f"the last finite step). Likely cause: a learning rate too high (sft.lr / rl.lr) or a NaN "
                             f"reward weight: lower it and start again")
     optimizer.zero_grad(set_to_none=True)
+    if fsdp.is_sharded(model):
+        fsdp.gather(model)
     return norm
 
 
