@@ -127,6 +127,20 @@ def test_april_continuation_equals_an_uninterrupted_greedy_decode(setup):
         backend.temperature = 1.0
 
 
+def test_more_seeded_prompt_tokens_than_one_step_takes(setup):
+    """64 seeded requests of 200-token prompts (12,800 tokens, more than a step's budget):
+    on the CPU vLLM must not split a seeded prompt across steps (it would try to rewind a
+    CPU generator and fail), so they wait their turn and all complete, APRIL-style."""
+    model, tok, backend, _ = setup
+    prompts = [[2 + (7 * i + j) % 90 for j in range(200)] for i in range(64)]
+    backend.submit([Request(i, p, 4, seed=i) for i, p in enumerate(prompts)])
+    done = []
+    while backend.has_work:
+        done += backend.step()
+    assert sorted(r.request_id for r in done) == list(range(64))
+    assert all(len(r.token_ids) == len(r.logprobs) == len(r.versions) >= 1 for r in done)
+
+
 @pytest.mark.slow
 def test_train_runs_on_vllm_with_april(tmp_path):
     from longrl.cli import main

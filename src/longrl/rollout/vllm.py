@@ -76,15 +76,20 @@ class VLLMBackend:
         if cfg is not None:
             gpu_memory_utilization = gpu_memory_utilization or cfg.rollout.vllm_gpu_memory
         limit = getattr(model.config, "max_position_embeddings", None) or 4096
+        max_len = max_model_len or min(limit, 8192)
+        # On the CPU, vLLM cannot rewind a seeded request's generator when it drops the token
+        # of a partly prefilled prompt ("CPU Generator does not use offset"), so prompts are
+        # never split across steps there: chunked prefill off, a step's budget >= one prompt.
+        cpu = not torch.cuda.is_available()
+        chunking = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_len, 8192)} if cpu else {}
         tmp = tempfile.mkdtemp(prefix="longrl-vllm-")
         try:
             save_policy(model, tokenizer, tmp)
             self.llm = LLM(model=tmp, skip_tokenizer_init=True, enforce_eager=True, seed=seed,
                            dtype=DTYPE_NAMES.get(next(model.parameters()).dtype, "float32"),
-                           max_model_len=max_model_len or min(limit, 8192),
-                           gpu_memory_utilization=gpu_memory_utilization or 0.5,
+                           max_model_len=max_len, gpu_memory_utilization=gpu_memory_utilization or 0.5,
                            max_num_seqs=max_num_seqs or 256, logprobs_mode="processed_logprobs",
-                           enable_prefix_caching=True)
+                           enable_prefix_caching=True, **chunking)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.engine = self.llm.llm_engine
