@@ -6,7 +6,7 @@ import pytest
 
 from longrl.config import TaskConfig
 from longrl.data.builtin import addition, sort
-from longrl.data.registry import load_task
+from longrl.data.registry import load_task_examples
 from longrl.errors import UserError
 from longrl.rewards.answer import extract_answer
 
@@ -37,11 +37,11 @@ def test_perfect_teacher_demonstrates_correct_carrying():
 
 def test_sloppy_teacher_drops_every_carry():
     assert addition(1, 0, slip=1.0)[0].solution  # generator runs at the boundary
-    from longrl.data.builtin import _addition_trace
+    from longrl.data.builtin import addition_trace
 
-    assert _addition_trace(347, 285, carries=False) == ("7+5=12 4+8=12 3+2=5", "522")
-    assert _addition_trace(847, 285, carries=False) == ("7+5=12 4+8=12 8+2=10", "1022")
-    assert _addition_trace(847, 285) == ("7+5=12 4+8+1=13 8+2+1=11", "1132")
+    assert addition_trace(347, 285, carries=False) == ("7+5=12 4+8=12 3+2=5", "522")
+    assert addition_trace(847, 285, carries=False) == ("7+5=12 4+8=12 8+2=10", "1022")
+    assert addition_trace(847, 285) == ("7+5=12 4+8+1=13 8+2+1=11", "1132")
     wrong = 0
     for ex in addition(300, seed=5, slip=1.0):
         trace = re.search(r"<think>(.*)</think>", ex.solution).group(1)
@@ -62,10 +62,37 @@ def test_slip_rate_is_the_fraction_of_sloppy_demonstrations_and_keeps_the_proble
 
 def test_bad_slip_is_a_user_error():
     with pytest.raises(UserError, match="slip"):
-        load_task(TaskConfig(name="addition", n_train=10, n_eval=5, kwargs={"slip": 1.5}))
+        load_task_examples(TaskConfig(name="addition", n_train=10, n_eval=5, kwargs={"slip": 1.5}))
 
 
 def test_sort_demonstrations_are_sorted():
     for ex in sort(100, seed=1):
         assert extract_answer(ex.solution) == ex.answer
         assert [int(x) for x in ex.answer.split()] == sorted(int(x) for x in ex.prompt[5:-1].split())
+
+
+def test_sort_trace_is_the_chain_of_comparisons():
+    """`2<5=5<9`: the sorted numbers joined by the comparison between neighbours (a list with
+    a repeated number, so `=` is exercised)."""
+    (ex,) = [e for e in sort(200, seed=3) if len(set(e.answer.split())) < len(e.answer.split())][:1]
+    ys = [int(x) for x in ex.answer.split()]
+    trace = re.search(r"<think>(.*)</think>", ex.solution).group(1)
+    assert [int(x) for x in re.split("[<=]", trace)] == ys
+    assert re.findall("[<=]", trace) == ["=" if a == b else "<" for a, b in zip(ys, ys[1:])]
+
+
+def test_sort_defaults_fit_the_default_response_budget():
+    """task.name=sort with every other setting at its default: no demonstration is longer
+    than the tokens rollouts and evaluation may generate (half of them were)."""
+    from longrl.config import Config
+    from longrl.models.tiny import build_tiny_tokenizer
+    from longrl.recipes.train import demonstration_length_warning
+
+    cfg = Config()
+    cfg.task.name = "sort"
+    task = load_task_examples(cfg.task)
+    assert len(task.train) > 3000
+    tok = build_tiny_tokenizer()
+    assert demonstration_length_warning(task, tok, cfg) is None
+    cfg.rollout.max_new_tokens = cfg.eval.max_new_tokens = 30  # the check still bites on a tighter budget
+    assert demonstration_length_warning(task, tok, cfg) is not None

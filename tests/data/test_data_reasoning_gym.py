@@ -4,8 +4,14 @@ import pytest
 
 from longrl.data.reasoning_gym_task import ReasoningGymTask, reasoning_gym_names
 from longrl.errors import UserError
+from longrl.rewards.verifiers import extracted_answer_scorer
 
 SMALL_CHAIN_SUM = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2)
+
+
+def score(task, response_text, example):
+    """The task's own check on a response, as a run scores it (reward.correctness=auto)."""
+    return extracted_answer_scorer(task.score_answer)(response_text, example)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +43,10 @@ def test_examples_are_deterministic_and_seeds_differ(chain_sum):
 
 def test_chain_sum_scores(chain_sum):
     for ex in chain_sum.examples(5, seed=0):
-        assert chain_sum.score(f"<think>add</think><answer>{ex.answer}</answer>", ex) == 1.0
-        assert chain_sum.score(f"<answer>{int(ex.answer) + 1}</answer>", ex) == 0.0
-        assert chain_sum.score(ex.answer, ex) == 0.0  # no answer block
-        assert chain_sum.score(f"<answer>{ex.answer}", ex) == 0.0  # truncated
+        assert score(chain_sum, f"<think>add</think><answer>{ex.answer}</answer>", ex) == 1.0
+        assert score(chain_sum, f"<answer>{int(ex.answer) + 1}</answer>", ex) == 0.0
+        assert score(chain_sum, ex.answer, ex) == 0.0  # no answer block
+        assert score(chain_sum, f"<answer>{ex.answer}", ex) == 0.0  # truncated
 
 
 def test_count_bits_scores():
@@ -48,8 +54,8 @@ def test_count_bits_scores():
     for ex in task.examples(5, seed=1):
         n = int(ex.prompt.rstrip("?").split()[-1])
         assert ex.answer == str(bin(n).count("1"))
-        assert task.score(f"<answer>{ex.answer}</answer>", ex) == 1.0
-        assert task.score(f"<answer>{int(ex.answer) + 3}</answer>", ex) == 0.0
+        assert score(task, f"<answer>{ex.answer}</answer>", ex) == 1.0
+        assert score(task, f"<answer>{int(ex.answer) + 3}</answer>", ex) == 0.0
 
 
 def test_unknown_name_lists_close_names():
@@ -80,4 +86,4 @@ def test_generator_prints_stay_off_stdout(capsys):
     task = ReasoningGymTask("bf", seed=0)
     (ex,) = task.examples(1)
     assert capsys.readouterr().out == ""
-    assert task.score(f"<answer>{ex.answer}</answer>", ex) == 1.0
+    assert score(task, f"<answer>{ex.answer}</answer>", ex) == 1.0

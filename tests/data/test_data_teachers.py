@@ -5,7 +5,7 @@ import re
 import pytest
 
 from longrl.config import TaskConfig
-from longrl.data.registry import load_task
+from longrl.recipes.tasks import load_task
 from longrl.data.teachers import _subtraction_trace, chain_sum, simple_equations
 from longrl.errors import UserError
 from longrl.rewards.answer import extract_answer

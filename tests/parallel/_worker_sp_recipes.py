@@ -27,7 +27,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from longrl.config import Config
 from longrl.data.example import Example
-from longrl.data.registry import load_task
+from longrl.recipes.tasks import load_task
 from longrl.models.tiny import build_tiny_tokenizer
 from longrl.parallel import dist
 from longrl.parallel.local_spawn import free_port

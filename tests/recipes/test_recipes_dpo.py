@@ -135,7 +135,7 @@ def _preference_file(path, n=40, broken_line=None):
 
 
 def test_offline_dpo_step_gradient_equals_the_full_batch_reference(tmp_path, monkeypatch):
-    from longrl.data.registry import load_task
+    from longrl.recipes.tasks import load_task
     from longrl.models.tiny import build_tiny_tokenizer
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -121,7 +121,7 @@ def test_streambp_training_path_matches_the_chunked_one(tmp_path):
 
 def test_demonstrations_longer_than_the_generation_limit_are_warned_about(tmp_path, capsys):
     from longrl.config import load_config
-    from longrl.data.registry import load_task
+    from longrl.recipes.tasks import load_task
     from longrl.models.tiny import build_tiny_tokenizer
     from longrl.recipes.train import demonstration_length_warning
 

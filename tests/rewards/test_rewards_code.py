@@ -12,8 +12,8 @@ import pytest
 
 from longrl.config import TaskConfig
 from longrl.data.example import Example
-from longrl.data.registry import load_task
 from longrl.errors import UserError
+from longrl.recipes.tasks import load_task
 from longrl.rewards.code import (
     Check,
     SandboxLimits,

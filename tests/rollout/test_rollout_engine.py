@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from longrl.rollout.engine import generate
-from longrl.rollout.sampling import _top_p_filter
+from longrl.rollout.sampling import top_p_filter
 from longrl.streambp.logprobs import make_batch, sequence_logprobs
 
 PROMPTS = [[3, 4, 5], [6, 7], [8, 9, 10, 11, 12], [13]]
@@ -50,7 +50,7 @@ def test_stop_on_eos_and_finish_reasons(tiny_qwen):
 
 def test_top_p_keeps_smallest_set_reaching_mass():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    out = _top_p_filter(probs, 0.7)  # 0.5 + 0.3 reaches 0.7: keep two tokens
+    out = top_p_filter(probs, 0.7)  # 0.5 + 0.3 reaches 0.7: keep two tokens
     assert torch.allclose(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
 
 

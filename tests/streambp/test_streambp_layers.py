@@ -260,8 +260,8 @@ def test_attention_dropout_in_training_is_refused():
 def test_qwen2_5_vl_text_model_with_mrope_and_video_embeds():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from longrl.streambp.layers import loss_and_backward
     from longrl.streambp.logprobs import TokenBatch
+    from longrl.streambp.logprobs import streambp_loss_and_backward as loss_and_backward
 
     torch.manual_seed(0)
     config = Qwen2_5_VLConfig(

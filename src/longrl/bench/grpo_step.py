@@ -101,7 +101,7 @@ def _setup(opt):
     """Config, task, freshly built policy and the per-step prompt order: identical on both sides."""
     import torch
 
-    from longrl.data.registry import load_task
+    from longrl.recipes.tasks import load_task
     from longrl.models.load import load_policy
     from longrl.recipes.grpo import DataCursor
     from longrl.utils import pick_device, quiet_libraries, seed_everything
@@ -164,7 +164,7 @@ def run_longrl_side(opt) -> dict:
 
     from longrl.policy.text import TextPolicy
     from longrl.recipes.grpo import grpo_step, init_state
-    from longrl.rollout.base import make_backend
+    from longrl.rollout import make_backend
 
     cfg, task, model, tokenizer, device, order, checksum = _setup(opt)
     policy, backend = TextPolicy.from_config(model, tokenizer, cfg), make_backend(cfg, model, tokenizer)

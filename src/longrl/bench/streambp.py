@@ -67,7 +67,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from longrl.rl.losses import loss_normalizer, policy_loss, sft_loss
-from longrl.streambp import layers, logprobs
+from longrl.streambp import logprobs
 
 MODES = ("standard", "checkpoint", "checkpoint_chunked_head", "streambp")
 OBJECTIVES = ("sft", "grpo")
@@ -142,7 +142,7 @@ def _step(model, mode: str, batch, loss_fn, chunk: int) -> None:
     """One forward + backward; gradients accumulate in `.grad`."""
     _set_checkpointing(model, mode in ("checkpoint", "checkpoint_chunked_head"))
     if mode == "streambp":
-        layers.loss_and_backward(model, batch, loss_fn, chunk=chunk)
+        logprobs.streambp_loss_and_backward(model, batch, loss_fn, chunk=chunk)
     elif mode in ("checkpoint_chunked_head", "chunked"):
         lead_mode = "checkpoint" if mode == "checkpoint_chunked_head" else "chunked"
         logprobs.loss_and_backward(model, batch, loss_fn, mode=lead_mode, chunk=chunk)

@@ -13,8 +13,11 @@ used as the CoT-SFT demonstration.
   true sum, and RL has to find that carrying pays. This keeps room for RL that does not
   depend on stopping SFT at a lucky step (set `task.kwargs.slip=0` for a perfect teacher).
   Only `solution` is affected: `answer` is always the true sum.
-- sort: `sort 5 2 9 1` -> `<think>1 2 5 9</think><answer>1 2 5 9</answer>`... with the
-  reasoning being the selection order (kwargs: min_len, max_len).
+- sort: `sort 5 2 9 5` -> `<think>2<5=5<9</think><answer>2 5 5 9</answer>`: the reasoning
+  is the chain of comparisons that puts the numbers in order (kwargs: min_len, max_len).
+  The chain is kept this terse so that every default demonstration (3 to 6 numbers below
+  100) fits the default 48-token response budget with the tiny tokenizer; the earlier
+  `min=1 min=2 ...` trace made half of them too long to be generated whole.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import random
 from longrl.data.example import Example
 
 
-def _addition_trace(a: int, b: int, carries: bool = True) -> tuple[str, str]:
+def addition_trace(a: int, b: int, carries: bool = True) -> tuple[str, str]:
     """Column addition right to left: (trace, answer). Without `carries`, each column's
     carry is forgotten and the last column's total is written out whole (347+285 -> 522)."""
     da, db = str(a)[::-1], str(b)[::-1]
@@ -51,7 +54,7 @@ def addition(n: int, seed: int, min_digits: int = 2, max_digits: int = 3, slip: 
         b = rng.randint(10 ** (rng.randint(min_digits, max_digits) - 1), 10 ** max_digits - 1)
         # A separate stream for the teacher's slips, so `slip` never changes the problems.
         careful = random.Random(f"{seed}:{i}:slip").random() >= slip
-        trace, shown = _addition_trace(a, b, carries=careful)
+        trace, shown = addition_trace(a, b, carries=careful)
         out.append(Example(
             id=f"addition:{seed}:{i}", prompt=f"{a}+{b}=", answer=str(a + b),
             solution=f"<think>{trace}</think><answer>{shown}</answer>",
@@ -64,8 +67,9 @@ def sort(n: int, seed: int, min_len: int = 3, max_len: int = 6) -> list[Example]
     out = []
     for i in range(n):
         xs = [rng.randint(0, 99) for _ in range(rng.randint(min_len, max_len))]
-        ans = " ".join(map(str, sorted(xs)))
-        trace = " ".join(f"min={v}" for v in sorted(xs))
+        ys = sorted(xs)
+        ans = " ".join(map(str, ys))
+        trace = str(ys[0]) + "".join(("=" if a == b else "<") + str(b) for a, b in zip(ys, ys[1:]))
         out.append(Example(
             id=f"sort:{seed}:{i}", prompt=f"sort {' '.join(map(str, xs))}:", answer=ans,
             solution=f"<think>{trace}</think><answer>{ans}</answer>",

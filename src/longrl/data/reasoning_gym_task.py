@@ -2,8 +2,9 @@
 
 reasoning-gym (Stojanovski et al., arXiv 2505.24760) generates procedural reasoning
 problems, each with a verifier `score_answer(answer, entry) -> float`. This adapter
-turns entries into `Example`s and scores a response by extracting its `<answer>` block
-and handing it to that verifier (which may give partial credit).
+turns entries into `Example`s and hands an answer to that verifier (which may give partial
+credit); reading the answer out of a response is the reward code's job
+(`rewards.verifiers.extracted_answer_scorer`), so this module imports none of it.
 
 Notes:
 - `Example.meta["rg_entry"]` is the raw entry the scorer needs, kept as generated (not
@@ -31,7 +32,6 @@ from typing import Any
 
 from longrl.data.example import Example
 from longrl.errors import UserError
-from longrl.rewards.answer import extract_answer
 
 
 def reasoning_gym_names() -> list[str]:
@@ -77,11 +77,8 @@ class ReasoningGymTask:
             entries = [dataset[i] for i in range(n)]
         return [self._example(entry, seed, i) for i, entry in enumerate(entries)]
 
-    def score(self, response_text: str, example: Example) -> float:
-        """The dataset's own `score_answer` on the response's `<answer>` content (no answer: 0)."""
-        answer = extract_answer(response_text)
-        if answer is None:
-            return 0.0
+    def score_answer(self, answer: str, example: Example) -> float:
+        """The dataset's own `score_answer` on an answer already read out of a response."""
         entry = example.meta.get("rg_entry")
         if entry is None:
             raise ValueError(f"example {example.id!r} has no meta['rg_entry']; it was not made by ReasoningGymTask")

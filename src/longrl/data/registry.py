@@ -1,9 +1,13 @@
-"""Task registry: `task.name` -> train examples, held-out examples and a correctness scorer.
+"""Task registry: `task.name` -> train examples and held-out examples.
 
 - a built-in family (`addition`, `sort`): generated in code, CoT demonstrations included;
-- `rg:<name>`: a reasoning-gym dataset, scored by its own `score_answer`; its CoT-SFT
-  demonstrations come from a scripted teacher (`data/teachers.py`) where the family has one;
-- `jsonl`: the user's files, scored by `reward.correctness` (normalised match by default).
+- `rg:<name>`: a reasoning-gym dataset, which brings its own answer check (`score_answer`);
+  its CoT-SFT demonstrations come from a scripted teacher (`data/teachers.py`) where the
+  family has one;
+- `jsonl`: the user's files.
+
+Which scorer a run uses (`reward.correctness`, the dataset's own check, code tests) is
+chosen above this package, in `recipes/tasks.py`: data/ imports no reward code.
 
 Held-out examples use a different generator seed, and any training example whose prompt
 also appears in the held-out set is dropped, so accuracy is measured on unseen prompts.
@@ -22,6 +26,17 @@ from longrl.data.example import Example
 from longrl.errors import UserError
 
 Scorer = Callable[[str, Example], float]
+AnswerCheck = Callable[[str, Example], float]
+
+
+@dataclass
+class TaskExamples:
+    name: str
+    train: list[Example]
+    eval: list[Example]
+    check_answer: AnswerCheck | None = None
+    """The dataset's own check of an extracted answer, (answer, example) -> [0, 1] (reasoning-gym's
+    `score_answer`, partial credit allowed); None when the task has none (built-in, jsonl)."""
 
 
 @dataclass
@@ -33,10 +48,13 @@ class TaskData:
     """correctness(response_text, example) in [0, 1]"""
 
 
-def load_task(cfg: TaskConfig, correctness: str = "auto") -> TaskData:
-    from longrl.rewards.verifiers import answer_scorer
+def load_task_examples(cfg: TaskConfig, check: Callable[[Example], None] | None = None) -> TaskExamples:
+    """The task's examples, held-out prompts removed from the training set.
 
+    `check(example)` raises UserError for an example the run's reward cannot score (the tests
+    of reward.correctness=code); it sees every example, so a bad file fails now, not mid-run."""
     name = cfg.name
+    check_answer = None
     if name in GENERATORS:
         gen = GENERATORS[name]
         try:
@@ -44,7 +62,6 @@ def load_task(cfg: TaskConfig, correctness: str = "auto") -> TaskData:
             held = gen(cfg.n_eval, cfg.seed + 7919, **cfg.kwargs)
         except (TypeError, ValueError) as e:
             raise UserError(f"task '{name}': bad task.kwargs {cfg.kwargs} ({e})") from None
-        score = answer_scorer("normalized" if correctness == "auto" else correctness)
     elif name.startswith("rg:"):
         from longrl.data.reasoning_gym_task import ReasoningGymTask
 
@@ -65,7 +82,7 @@ def load_task(cfg: TaskConfig, correctness: str = "auto") -> TaskData:
         held = task.examples(cfg.n_eval, cfg.seed + 7919)
         if taught:
             train = teach(family, train, float(slip), cfg.seed)
-        score = task.score if correctness == "auto" else answer_scorer(correctness)
+        check_answer = task.score_answer
     elif name == "jsonl":
         from longrl.data.jsonl import load_jsonl_examples
 
@@ -79,24 +96,21 @@ def load_task(cfg: TaskConfig, correctness: str = "auto") -> TaskData:
             if n_eval < 1:
                 raise UserError(f"task.train_file '{cfg.train_file}' has {len(train)} examples: too few to split off a held-out set; give task.eval_file")
             held, train = shuffled[:n_eval], shuffled[n_eval:]
-        score = answer_scorer("normalized" if correctness == "auto" else correctness)
     else:
         options = list(GENERATORS) + ["jsonl", "rg:<reasoning-gym name>"]
         near = difflib.get_close_matches(name, options, n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise UserError(f"unknown task '{name}'{hint} Choose one of {options}")
-    if correctness == "code":  # every example must carry its tests: fail now, not mid-run
-        from longrl.rewards.code import tests_of
-
+    if check is not None:
         for ex in train + held:
-            tests_of(ex)
+            check(ex)
     held_prompts = {ex.prompt for ex in held}
     train = [ex for ex in train if ex.prompt not in held_prompts]
     if not train:
         raise UserError(f"task '{name}' has no training examples (after removing held-out prompts); raise task.n_train or check the data")
     if not held:
         raise UserError(f"task '{name}' has no held-out examples; raise task.n_eval or give task.eval_file")
-    return TaskData(name=name, train=train, eval=held, score=score)
+    return TaskExamples(name=name, train=train, eval=held, check_answer=check_answer)
 
 
 def demonstration(ex: Example) -> str:

@@ -35,7 +35,7 @@ import random
 import re
 from typing import Callable
 
-from longrl.data.builtin import _addition_trace
+from longrl.data.builtin import addition_trace
 from longrl.data.example import Example
 from longrl.errors import UserError
 
@@ -67,7 +67,7 @@ def _subtraction_trace(a: int, b: int, careful: bool) -> tuple[str, str]:
 
 def _binary_step(a: int, op: str, b: int, careful: bool) -> tuple[str, int]:
     if op == "+":
-        trace, shown = _addition_trace(a, b, carries=careful)
+        trace, shown = addition_trace(a, b, carries=careful)
         return trace, int(shown)
     if a >= b:
         trace, shown = _subtraction_trace(a, b, careful)

@@ -34,7 +34,7 @@ import torch.distributed as tdist
 
 from longrl.errors import UserError
 from longrl.parallel.dist import layout
-from longrl.parallel.ulysses import (_attention_modules, gather_sequence, shard_batch, sp_loss_and_backward,
+from longrl.parallel.ulysses import (attention_modules, gather_sequence, shard_batch, sp_loss_and_backward,
                                      sp_sequence_logprobs)
 from longrl.streambp import logprobs as streambp
 
@@ -54,7 +54,7 @@ def check_sp_model(model, sp_size: int, backprop: str) -> None:
         return
     get_text_config = getattr(model.config, "get_text_config", None)  # absent: not a transformers model
     cfg = get_text_config() if get_text_config else None
-    modules = _attention_modules(model, cfg) if cfg is not None else []
+    modules = attention_modules(model, cfg) if cfg is not None else []
     if not modules:
         raise UserError(f"parallel.sp_size={sp_size}: {type(model).__name__} has no softmax attention layers that "
                         "Ulysses can shard (Qwen2/Qwen2.5/Qwen3/Llama-style q_proj/k_proj/o_proj); use parallel.sp_size=1")
@@ -92,7 +92,7 @@ def sequence_logprobs(model, batch: streambp.TokenBatch, chunk: int, temperature
         with torch.no_grad():
             shard, T = _gla_shard(batch, lay.sp_group)
             hidden = _gla_sp_hidden(model, shard, lay.sp_group)  # [B, L, D]
-            weight, bias = streambp._head(model)
+            weight, bias = streambp.lm_head_params(model)
             logp = streambp.chunked_logprobs(hidden, weight, bias, shard.targets, shard.mask, chunk, temperature)
             return gather_sequence(logp, lay.sp_group)[:, :T]  # [B, T]
     return sp_sequence_logprobs(model, batch, lay.sp_group, chunk=chunk, temperature=temperature)
@@ -125,7 +125,7 @@ def _gla_sp_loss_and_backward(model, batch, loss_fn, group, *, chunk, temperatur
     back-propagates through its own positions (All-Scan passes the state gradients back).
     Parameter gradients of the group's ranks must be summed, as with Ulysses."""
     shard, T = _gla_shard(batch, group)
-    weight, bias = streambp._head(model)
+    weight, bias = streambp.lm_head_params(model)
     full_logp = {}
 
     def shard_loss(logp_shard):  # [B, L] -> the loss of the whole rows

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from longrl.models.vlm import VideoEmbeds, mrope_position_ids, video_inputs_embeds
 from longrl.parallel.ulysses import enable_ulysses, gather_sequence, shard_batch, shard_for_sp, sp_body_loss_and_backward
-from longrl.streambp.logprobs import LossFn, TokenBatch, _head, chunked_logprobs
+from longrl.streambp.logprobs import LossFn, TokenBatch, chunked_logprobs, lm_head_params
 
 
 def _video_shard(model, videos, batch: TokenBatch, group):
@@ -62,7 +62,7 @@ def sp_video_logprobs(model, videos, batch: TokenBatch, group=None, chunk: int =
     shard, embeds, positions = _video_shard(model, videos, batch, group)
     with enable_ulysses(model, group):
         hidden = _language_model(model, embeds, positions)  # [B, L, D]
-    weight, bias = _head(model)
+    weight, bias = lm_head_params(model)
     logp = chunked_logprobs(hidden, weight, bias, shard.targets, shard.mask, chunk, temperature)  # [B, L]
     return gather_sequence(logp, group)[:, :T]  # [B, T]
 

@@ -50,7 +50,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from longrl.streambp.logprobs import LossFn, TokenBatch, _head, backward_chunked_head, chunked_logprobs
+from longrl.streambp.logprobs import LossFn, TokenBatch, backward_chunked_head, chunked_logprobs, lm_head_params
 
 ATTN_NAME = "longrl_ulysses"
 _GROUP_ATTR = "longrl_sp_group"
@@ -171,7 +171,9 @@ def ulysses_attention(module, query, key, value, attention_mask, scaling=None, d
 AttentionInterface.register(ATTN_NAME, ulysses_attention)
 
 
-def _attention_modules(model, text_config) -> list[torch.nn.Module]:
+def attention_modules(model, text_config) -> list[torch.nn.Module]:
+    """The decoder's softmax-attention modules (q/k/o projections, built from `text_config`):
+    the ones Ulysses shards; empty for a model without them."""
     return [m for m in model.modules()
             if getattr(m, "config", None) is text_config and all(hasattr(m, a) for a in ("q_proj", "k_proj", "o_proj"))]
 
@@ -185,7 +187,7 @@ def enable_ulysses(model, group=None):
     backward when activation checkpointing recomputes attention during it.
     """
     cfg = model.config.get_text_config()
-    modules = _attention_modules(model, cfg)
+    modules = attention_modules(model, cfg)
     if not modules:
         raise ValueError(f"{type(model).__name__}: found no attention modules (q_proj/k_proj/o_proj) to patch")
     P = dist.get_world_size(group)
@@ -255,7 +257,7 @@ def sp_sequence_logprobs(model, batch: TokenBatch, group=None, chunk: int = 256,
     T = batch.input_ids.shape[1]
     shard, positions = shard_batch(batch, dist.get_rank(group), dist.get_world_size(group))
     hidden = sp_final_hidden(model, shard.input_ids, positions, group)  # [B, L, D]
-    weight, bias = _head(model)
+    weight, bias = lm_head_params(model)
     logp = chunked_logprobs(hidden, weight, bias, shard.targets, shard.mask, chunk, temperature)  # [B, L]
     return gather_sequence(logp, group)[:, :T]  # [B, T]
 
@@ -287,7 +289,7 @@ def sp_body_loss_and_backward(model, body, shard: TokenBatch, T: int, loss_fn: L
     """The part of `sp_loss_and_backward` after sharding, for any body: `body()` returns this
     rank's final hidden states [B, L, D] (e.g. a language model on sharded inputs_embeds with
     multimodal positions). `shard` is this rank's TokenBatch shard, T the unpadded length."""
-    weight, bias = _head(model)
+    weight, bias = lm_head_params(model)
     full_logp = {}
 
     def shard_loss(logp_shard):  # [B, L] -> the loss of the whole rows

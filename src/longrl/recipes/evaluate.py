@@ -19,7 +19,7 @@ def run_eval(overrides: list[str], config: str | None = None, out: str | None = 
         raise UserError("longrl eval needs model=PATH (a Hugging Face model directory or runs/<name>/checkpoints/step_<N>)")
     seed_everything(cfg.train.seed)
     from longrl.recipes.train import load_task_and_policy
-    from longrl.rollout.base import make_backend
+    from longrl.rollout import make_backend
 
     device = pick_device(cfg.model.device)
     task, load, as_policy = load_task_and_policy(cfg, device)  # text or video: the same evaluation

@@ -136,6 +136,18 @@ VERIFIERS: dict[str, Callable[[str | None, str], float]] = {
 """Verifier by the name used in `reward.correctness`."""
 
 
+def extracted_answer_scorer(check: Callable[[str, Example], float]) -> Callable[[str, Example], float]:
+    """A `correctness_fn(response_text, example)` from a check of the extracted answer
+    (a task's own verifier, e.g. reasoning-gym's): `check(answer, example)` on the
+    response's `<answer>` content; a response without a complete answer block scores 0."""
+
+    def score(response_text: str, example: Example) -> float:
+        answer = extract_answer(response_text)
+        return 0.0 if answer is None else float(check(answer, example))
+
+    return score
+
+
 def answer_scorer(name: str) -> Callable[[str, Example], float]:
     """A `correctness_fn(response_text, example)` for `score_responses`: the named
     verifier applied to the response's extracted answer and `example.answer`."""

@@ -177,7 +177,7 @@ class AprilScheduler:
         self.partial = partial
         self.seed = seed
         self.buffer: list[_Group] = []  # parked groups, oldest first
-        self._next_group_id = 0
+        self.next_group_id = 0  # id of the next new group; saved with `buffer` so a resumed run continues the ids
 
     def next_step(
         self, prompts: Iterable[tuple[Hashable, list[int]]], n_groups: int
@@ -250,8 +250,8 @@ class AprilScheduler:
     # ------------------------------------------------------------------ plumbing
 
     def _new_group(self, prompt_id: Hashable, prompt_ids: list[int]) -> _Group:
-        gid = self._next_group_id
-        self._next_group_id += 1
+        gid = self.next_group_id
+        self.next_group_id += 1
         samples = [Sample(prompt_id, gid, i, list(prompt_ids)) for i in range(self.group_size)]
         return _Group(prompt_id, gid, samples)
 

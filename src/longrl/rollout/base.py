@@ -9,11 +9,11 @@ finish reason). It knows nothing about losses, rewards or model families' traini
     submit / step / abort_all / has_work     APRIL's engine protocol (`rollout/april.py`),
                                              on backends with `supports_partial`
 
-Backends (`rollout.backend`): `hf` (`rollout/hf.py`: the batched KV-cache loop over a
-Hugging Face model, text or video), `continuous` (`rollout/continuous.py`'s fixed-slot
-continuous-batching engine, which APRIL drives), `vllm` (`rollout/vllm.py`, the `vllm`
-extra). The native backends hold a reference to the trainer's model, so `sync_weights`
-only records the version; vLLM keeps its own copy and reloads it.
+Backends (`rollout.backend`; `longrl.rollout.make_backend` builds one): `hf` (`rollout/hf.py`:
+the batched KV-cache loop over a Hugging Face model, text or video), `continuous`
+(`rollout/continuous.py`'s fixed-slot continuous-batching engine, which APRIL drives), `vllm`
+(`rollout/vllm.py`, the `vllm` extra). The native backends hold a reference to the trainer's
+model, so `sync_weights` only records the version; vLLM keeps its own copy and reloads it.
 """
 
 from __future__ import annotations
@@ -84,28 +84,3 @@ def rows_to_requests(rows: list[int], group_size: int) -> list[tuple[int, int]]:
             runs.append([j, 1])
     return [(j, n) for j, n in runs]
 
-
-def make_backend(cfg, model, tokenizer) -> RolloutBackend:
-    """The backend `rollout.backend` names, for this process's share of the step.
-
-    `rollout.partial=true` (APRIL) needs submit/step/abort: with `rollout.backend=hf` it runs
-    on the continuous engine (`config.rollout_backend_name`)."""
-    from longrl.config import rollout_backend_name, rollout_slots
-    from longrl.parallel import dist
-
-    name = rollout_backend_name(cfg)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seed = cfg.train.seed + dist.layout().dp_rank  # data-parallel ranks sample their own streams
-    if name == "hf":
-        from longrl.rollout.hf import HFBackend
-
-        return HFBackend(model, eos_id=eos, pad_id=pad)
-    if name == "continuous":
-        from longrl.rollout.continuous import ContinuousBackend
-
-        return ContinuousBackend(model, rollout_slots(cfg), eos_token_id=eos, temperature=cfg.rollout.temperature,
-                                 top_p=cfg.rollout.top_p, seed=seed, pad_token_id=pad)
-    from longrl.rollout.vllm import VLLMBackend
-
-    return VLLMBackend(model, tokenizer, cfg, seed=seed)

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from longrl.rollout.sampling import _top_p_filter
+from longrl.rollout.sampling import top_p_filter
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -168,14 +168,6 @@ class ContinuousEngine:
     @property
     def has_work(self) -> bool:
         return bool(self._rows or self._waiting)
-
-    @property
-    def num_active(self) -> int:
-        return len(self._rows)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self._waiting)
 
     def submit(self, requests: Iterable[Request]) -> None:
         """Queue requests (first in, first admitted)."""
@@ -427,7 +419,7 @@ def sample_with_uniforms(
     logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, V]
     probs = logp.exp()  # [B, V]
     if top_p < 1.0:
-        probs = _top_p_filter(probs, top_p)
+        probs = top_p_filter(probs, top_p)
     cdf = probs.cumsum(-1)  # [B, V]
     target = (u * cdf[:, -1]).to(cdf.dtype)[:, None]  # [B, 1]
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # [B]

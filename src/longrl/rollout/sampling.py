@@ -29,13 +29,13 @@ def sample_next(
     logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, V]
     probs = logp.exp()
     if top_p < 1.0:
-        probs = _top_p_filter(probs, top_p)
+        probs = top_p_filter(probs, top_p)
     where = generator.device if generator is not None else probs.device
     tokens = torch.multinomial(probs.to(where), 1, generator=generator).squeeze(-1).to(logits.device)  # [B]
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero the tail outside the smallest set of tokens whose mass reaches top_p."""
     sorted_p, order = probs.sort(dim=-1, descending=True)  # [B, V]
     mass_before = sorted_p.cumsum(-1) - sorted_p

@@ -27,7 +27,8 @@ c chunk length, V vocabulary.
 
 Departures from the paper:
 - The head (final logits, log-probs, loss) is a callback, `head_backward`, so that
-  `streambp/logprobs.py` owns it; the final norm runs inside the last layer's chunks.
+  `streambp/logprobs.py` owns it (`logprobs.streambp_loss_and_backward` joins the two;
+  this module imports nothing of logprobs); the final norm runs inside the last layer's chunks.
 - Keys and values are computed once per layer for the whole sequence (graph-free) and
   again, with a graph, per chunk for the chunk's own positions, so no full-sequence
   graph is ever kept; chunks are processed last to first to make that possible.
@@ -410,48 +411,3 @@ def supports(model: nn.Module) -> bool:
         return False
     return True
 
-
-def loss_and_backward(
-    model: nn.Module,
-    batch,
-    loss_fn,
-    *,
-    chunk: int = 256,
-    temperature: float = 1.0,
-    inputs_embeds: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-):
-    """`streambp_backward` with the chunked head of `streambp/logprobs.py`.
-
-    `batch` is a `logprobs.TokenBatch` (right-padded: no attention mask needed) and
-    `loss_fn(logprobs [B, T]) -> loss | (loss, metrics)`. Gradients accumulate in
-    `.grad`. With `inputs_embeds` [B, T, D] (token embeddings with video features spliced
-    in, say; `batch.input_ids` is then unused) the gradient flows on into whatever built
-    them if they require grad. Vision-language models need their M-RoPE `position_ids`.
-    Returns (loss, metrics, logprobs [B, T]) like `logprobs.loss_and_backward`.
-    """
-    from longrl.streambp.logprobs import backward_chunked_head  # logprobs imports this module lazily
-
-    head = model.get_output_embeddings()
-    seen = {}
-
-    def head_backward(final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, metrics, grad, logp = backward_chunked_head(
-            final, head.weight, getattr(head, "bias", None), batch.targets, batch.mask, loss_fn, chunk, temperature
-        )
-        seen.update(metrics=metrics, logp=logp)
-        return loss, grad
-
-    loss, grad_embeds = streambp_backward(
-        model,
-        head_backward,
-        input_ids=batch.input_ids if inputs_embeds is None else None,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        chunk=chunk,
-    )
-    if grad_embeds is not None and inputs_embeds.requires_grad:
-        inputs_embeds.backward(grad_embeds)
-    return loss, seen["metrics"], seen["logp"]

@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from longrl.streambp import layers
+
 LossFn = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, dict]"]
 
 
@@ -81,7 +83,8 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's (weight [V, D], bias [V] or None), for the chunked head functions."""
     head = model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
 
@@ -124,7 +127,7 @@ def chunked_logprobs(hidden, weight, bias, targets, mask, chunk: int, temperatur
 def sequence_logprobs(model, batch: TokenBatch, chunk: int, temperature: float = 1.0) -> torch.Tensor:
     """Teacher-forced log-probs of the masked targets (no grad): -> [B, T], 0 where unmasked."""
     hidden = final_hidden(model, batch.input_ids)  # [B, T, D]
-    weight, bias = _head(model)
+    weight, bias = lm_head_params(model)
     return chunked_logprobs(hidden, weight, bias, batch.targets, batch.mask, chunk, temperature)
 
 
@@ -180,7 +183,7 @@ def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = 
     of T). Returns (loss, metrics, logprobs [B, T]).
     """
     set_checkpointing(model, mode == "checkpoint")  # a later non-checkpoint call must not stay checkpointed
-    weight, bias = _head(model)
+    weight, bias = lm_head_params(model)
     if mode == "standard":
         logits = _upcast(model(input_ids=batch.input_ids, use_cache=False).logits)  # [B, T, V]
         logp = torch.log_softmax(logits / temperature, -1).gather(-1, batch.targets[..., None]).squeeze(-1)
@@ -190,10 +193,8 @@ def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = 
         loss.backward()
         return loss.detach(), metrics, logp.detach()
     if mode == "streambp":
-        from longrl.streambp import layers
-
         layers.check_supported(model)
-        return layers.loss_and_backward(model, batch, loss_fn, chunk=chunk, temperature=temperature)
+        return streambp_loss_and_backward(model, batch, loss_fn, chunk=chunk, temperature=temperature)
     hidden = final_hidden(model, batch.input_ids)  # [B, T, D]
     loss, metrics, grad_h, logp = backward_chunked_head(
         hidden, weight, bias, batch.targets, batch.mask, loss_fn, chunk, temperature
@@ -201,3 +202,46 @@ def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = 
     hidden.backward(grad_h)
     return loss, metrics, logp
 
+
+def streambp_loss_and_backward(
+    model,
+    batch: TokenBatch,
+    loss_fn: LossFn,
+    *,
+    chunk: int = 256,
+    temperature: float = 1.0,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+):
+    """`layers.streambp_backward` with the chunked head of this module (`backward_chunked_head`).
+
+    `batch` is a `TokenBatch` (right-padded: no attention mask needed) and
+    `loss_fn(logprobs [B, T]) -> loss | (loss, metrics)`. Gradients accumulate in
+    `.grad`. With `inputs_embeds` [B, T, D] (token embeddings with video features spliced
+    in, say; `batch.input_ids` is then unused) the gradient flows on into whatever built
+    them if they require grad. Vision-language models need their M-RoPE `position_ids`.
+    Returns (loss, metrics, logprobs [B, T]) like `loss_and_backward`.
+    """
+    head = model.get_output_embeddings()
+    seen = {}
+
+    def head_backward(final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, metrics, grad, logp = backward_chunked_head(
+            final, head.weight, getattr(head, "bias", None), batch.targets, batch.mask, loss_fn, chunk, temperature
+        )
+        seen.update(metrics=metrics, logp=logp)
+        return loss, grad
+
+    loss, grad_embeds = layers.streambp_backward(
+        model,
+        head_backward,
+        input_ids=batch.input_ids if inputs_embeds is None else None,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        chunk=chunk,
+    )
+    if grad_embeds is not None and inputs_embeds.requires_grad:
+        inputs_embeds.backward(grad_embeds)
+    return loss, seen["metrics"], seen["logp"]

@@ -1,0 +1,33 @@
+"""A text task with the correctness scorer the run asked for.
+
+data/ gives the examples (and a dataset's own answer check, if it has one); rewards/ gives
+the scorers; the choice between them is made here, above both, so that data/ imports no
+reward code (../shared/DESIGN.md: data imports no recipe, engine or policy, and rewards
+sit beside it). Video tasks get theirs the same way (`data.video_task.load_video_task(cfg,
+score)` from `recipes/train.py`).
+
+`reward.correctness=auto` means: the dataset's own check where it has one (reasoning-gym),
+else a normalised match of the `<answer>` block against `example.answer`.
+"""
+from __future__ import annotations
+
+from longrl.config import TaskConfig
+from longrl.data.registry import TaskData, load_task_examples
+
+
+def load_task(cfg: TaskConfig, correctness: str = "auto") -> TaskData:
+    """`task.*` examples scored by `correctness` (a `reward.correctness` value other than judge)."""
+    from longrl.rewards.code import tests_of
+    from longrl.rewards.verifiers import answer_scorer, extracted_answer_scorer
+
+    # A named scorer is built first: the code sandbox announces its tier before any data is read.
+    named = None if correctness == "auto" else answer_scorer(correctness)
+    # reward.correctness=code: every example must carry its tests; fail now, not mid-run.
+    examples = load_task_examples(cfg, check=tests_of if correctness == "code" else None)
+    if named is not None:
+        score = named
+    elif examples.check_answer is not None:
+        score = extracted_answer_scorer(examples.check_answer)
+    else:
+        score = answer_scorer("normalized")
+    return TaskData(name=examples.name, train=examples.train, eval=examples.eval, score=score)
