@@ -95,3 +95,69 @@ if __name__ == "__main__":
     sp._model, sp._record_grads = _sharded_model, _record_full_grads  # the ranks inherit these (fork)
     torch.multiprocessing.start_processes(_forked_rank, args=(world, free_port(), out, sp_size), nprocs=world,
                                           start_method="fork")
+
+
+# ----------------------------------------------------------------------------------------
+# DCP: save at one world size, load at another (run through spawn_local by the test)
+# ----------------------------------------------------------------------------------------
+
+
+def _stepped(offload=False):
+    """The test model, FSDP2-sharded (or plain in one process), after one AdamW step on fixed grads."""
+    model = _plain_model(torch.float64, False)
+    model = fsdp.shard_model(model, offload=offload) if tdist.is_initialized() else model
+    opt = make_optimizer(model, 1e-2, 0.0)
+    gen = torch.Generator().manual_seed(1)
+    for n, p in model.named_parameters():  # the gathered tensors: every rank the same full grads
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    from longrl.recipes.common import make_scheduler, clip_and_step
+
+    clip_and_step(model, opt, make_scheduler(opt, 0, 1, decay=False), grad_clip=0.5)
+    return model, opt
+
+
+def _full_state(model, opt):
+    """Full weights (gathered) and AdamW moments by parameter name (collective for shards)."""
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in zip(weights, fsdp.trainable_parameters(model))}
+    moments = {f"{names[id(p)]}.{k}": _full(v).clone() for p, s in opt.state.items() for k, v in s.items()
+               if k != "step"}
+    return weights, moments
+
+
+def save_rank(rank, world, out_dir, offload):
+    """World `world`: one step, a sharded checkpoint of it, and the full state to compare."""
+    from pathlib import Path
+
+    from longrl.checkpoint import save_sharded_checkpoint
+    from longrl.models.tiny import build_tiny_tokenizer
+
+    dist.setup_layout(1)
+    model, opt = _stepped(offload)
+    full = _full_state(model, opt)
+    save_sharded_checkpoint(Path(out_dir), 1, model, build_tiny_tokenizer(), {"step": 1} if rank == 0 else None,
+                            opt, keep=2)
+    if rank == 0:
+        torch.save(full, Path(out_dir) / "full.pt")
+
+
+def load_rank(rank, world, out_dir, sharded):
+    """World `world` (or one plain process): load the checkpoint into a fresh model and
+    optimizer; rank 0 records whether weights and moments are bit-equal to the saved ones."""
+    from pathlib import Path
+
+    from longrl.checkpoint import load_sharded_state, load_trainer_state
+
+    ckpt = Path(out_dir) / "checkpoints" / "step_1"
+    model = _plain_model(torch.float64, False)
+    model = fsdp.shard_model(model) if sharded else model
+    opt = make_optimizer(model, 1e-2, 0.0)
+    load_sharded_state(ckpt, model, opt, load_trainer_state(ckpt)["optimizer_param_groups"])
+    weights, moments = _full_state(model, opt)
+    want_w, want_m = torch.load(Path(out_dir) / "full.pt")
+    if rank == 0:
+        result = {"weights_equal": weights.keys() == want_w.keys() and all(torch.equal(weights[k], want_w[k]) for k in want_w),
+                  "moments_equal": moments.keys() == want_m.keys() and all(torch.equal(moments[k], want_m[k]) for k in want_m),
+                  "n_moments": len(moments), "lr": opt.param_groups[0]["lr"]}
+        with open(Path(out_dir) / f"load_{world}_{sharded}.json", "w") as f:
+            json.dump(result, f)

@@ -60,7 +60,6 @@ class _Sharding:
     sharded: dict[str, nn.Parameter]  # name -> sharded DTensor parameter (the optimizer's)
     modules: list  # the FSDP modules, root first (the same order on every rank)
     dp_group: object  # the process group the shards are spread over
-    gathered: bool = False
 
 
 def check_world(world: int | None) -> None:
@@ -127,13 +126,19 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def gather(model: nn.Module) -> None:
-    """All-gather the full weights into every FSDP module (collective; a no-op if gathered)."""
-    state = getattr(model, _ATTR)
-    if state.gathered:
-        return
-    for m in state.modules:
+    """All-gather the full weights into every FSDP module (collective; a no-op if gathered:
+    `unshard` skips a module whose weights are already full, and every rank is in the same
+    state)."""
+    for m in getattr(model, _ATTR).modules:
         m.unshard()
-    state.gathered = True
+
+
+def is_gathered(model: nn.Module) -> bool:
+    """Whether the module holds full weights now. Read from the parameters themselves, as
+    FSDP also reshards behind our back (`state_dict()` does)."""
+    from torch.distributed.tensor import DTensor
+
+    return not any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def shard_grads(model: nn.Module, average: bool = False) -> None:
@@ -143,12 +148,12 @@ def shard_grads(model: nn.Module, average: bool = False) -> None:
     parameter whose gradient is None on every rank keeps a None .grad (as in one process:
     AdamW skips it); None on some ranks counts as zeros. `average`: divide by the world."""
     state = getattr(model, _ATTR)
-    if not state.gathered:
+    if not is_gathered(model):
         return
     full = dict(model.named_parameters())  # the gathered tensors, under the shards' names
     names = [n for n, p in state.sharded.items() if p.requires_grad]
     present = torch.tensor([full[n].grad is not None for n in names], dtype=torch.int32,
-                           device=dist._comm_device(state.dp_group))
+                           device=dist.comm_device(state.dp_group))
     if dist.world() > 1:
         tdist.all_reduce(present)
     names = [n for n, k in zip(names, present.tolist()) if k > 0]
@@ -161,7 +166,6 @@ def shard_grads(model: nn.Module, average: bool = False) -> None:
         p.grad = None
     for m in state.modules:
         m.reshard()
-    state.gathered = False
 
 
 def _reduce_scatter(names: list[str], full: dict, state: _Sharding, average: bool) -> None:
@@ -171,7 +175,7 @@ def _reduce_scatter(names: list[str], full: dict, state: _Sharding, average: boo
     from torch.distributed.tensor import DTensor
 
     P = dist.world(state.dp_group)
-    device = dist._comm_device(state.dp_group)
+    device = dist.comm_device(state.dp_group)
     dtype = state.sharded[names[0]].dtype
     blocks, widths = [], []
     for n in names:

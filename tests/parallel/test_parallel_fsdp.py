@@ -1,0 +1,234 @@
+"""FSDP2 (`parallel.fsdp`): sharded training equals one process, DCP checkpoints, export.
+
+- Two gloo runs of `_worker_fsdp.py` (the cases of `_worker_sp_recipes.py` with every
+  rank's model sharded): FSDP2 over 2 ranks, and SP 2 x FSDP 2 over 4. One SFT step
+  (chunked and checkpoint backprop, float64 and float32), one GRPO step (2 PPO epochs,
+  micro-batches, PPO+KL and GSPO, uneven lengths), one online-DPO step and greedy
+  rollouts leave every gradient and parameter equal to one process on the whole batch,
+  while each rank holds half of the weights and of AdamW's moments.
+- DCP: a sharded checkpoint written by 2 ranks (with and without CPU offload) loads on
+  1 rank, sharded or plain, with bit-equal weights and moments.
+- `torchrun --nproc-per-node 2 -m longrl train parallel.fsdp=true`: a run stopped after
+  its step-2 checkpoint resumes to the same metrics and bit-equal weights; it also resumes
+  on 1 process; `longrl export` gives a directory plain transformers loads and generates from.
+- The combinations that are refused, each with one line.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from longrl.cli import main
+from longrl.parallel.local_spawn import free_port, spawn_local
+
+WORKER = Path(__file__).with_name("_worker_fsdp.py")
+TOL = {"torch.float64": 1e-10, "torch.float32": 1e-5}
+LAYOUTS = {"fsdp2": (2, 1), "sp2xfsdp2": (4, 2)}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def run(request, run_worker, tmp_path_factory):
+    """(world, sp, records, side): the comparison records, and each rank's side file (its
+    fraction of the parameters' elements and of AdamW's state)."""
+    world, sp = LAYOUTS[request.param]
+    records = run_worker(WORKER, f"fsdp_{request.param}", world, sp)
+    newest = max(tmp_path_factory.getbasetemp().glob(f"fsdp_{request.param}*"), key=lambda p: p.stat().st_mtime)
+    return world, sp, records, [json.loads(p.read_text()) for p in sorted(newest.glob("records.json.rank*"))]
+
+
+def _select(records, **want):
+    chosen = [r for r in records if all(r.get(k) == v for k, v in want.items())]
+    assert chosen, f"no records for {want}"
+    return chosen
+
+
+def _assert_close(chosen, tol):
+    for r in chosen:
+        bad = {k: v for k, v in r["errs"].items() if not v <= tol}
+        assert not bad, f"{r['kind']} world={r['world']} rank={r['rank']}: {bad}"
+
+
+@pytest.mark.parametrize("mode,dtype", [("chunked", "torch.float64"), ("checkpoint", "torch.float64"),
+                                        ("chunked", "torch.float32")])
+def test_sft_step_equals_one_process(run, mode, dtype):
+    world, _, records, _ = run
+    chosen = _select(records, kind="sft", mode=mode, dtype=dtype)
+    assert sorted(r["rank"] for r in chosen) == list(range(world))
+    for r in chosen:
+        assert r["checkpointed"] == (mode == "checkpoint")
+        assert {"loss/sft", "grad/norm", "grad0_model.embed_tokens.weight", "param_model.norm.weight"} <= r["errs"].keys()
+    _assert_close(chosen, TOL[dtype])
+
+
+@pytest.mark.parametrize("loss", ["ppo", "gspo"])
+def test_grpo_step_equals_one_process(run, loss):
+    chosen = _select(run[2], kind="grpo", loss=loss)
+    for r in chosen:
+        assert r["clip_frac"] > 0, "the second PPO epoch never clipped: the case tests too little"
+        assert {"grad0_lm_head.weight", "grad1_lm_head.weight", "param_lm_head.weight", "grad/norm"} <= r["errs"].keys()
+        assert not r["kl"] or "loss/kl" in r["errs"]  # the KL case: a plain reference copied from the shards
+    _assert_close(chosen, TOL["torch.float64"])
+
+
+def test_dpo_step_equals_one_process(run):
+    chosen = _select(run[2], kind="dpo")
+    for r in chosen:
+        assert r["pairs"] == 4
+        assert {"grad0_lm_head.weight", "param_lm_head.weight", "loss/dpo"} <= r["errs"].keys()
+    _assert_close(chosen, TOL["torch.float64"])
+
+
+def test_rollouts_from_the_gathered_weights(run):
+    """The native engine generates from the gathered full weights: greedy rollouts equal one process's."""
+    chosen = _select(run[2], kind="rollout")
+    assert all(r["same"] and r["behaviour_err"] < 1e-5 for r in chosen)
+
+
+def test_each_rank_holds_its_share(run):
+    world, sp, _, side = run
+    dp = world // sp
+    assert sorted(s["rank"] for s in side) == list(range(world))
+    for s in side:  # 1/dp of the elements, up to fully_shard's rounding of rows
+        assert s["param_shares"] and all(abs(x - 1 / dp) < 0.01 for x in s["param_shares"]), s
+        assert abs(s["optimizer_share"] - 1 / dp) < 0.01, s
+
+
+# ----------------------------------------------------------------------------------------
+# DCP: another world size
+# ----------------------------------------------------------------------------------------
+
+
+def _in_worker(fn_name, world, *args):
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import _worker_fsdp
+    finally:
+        sys.path.pop(0)
+    spawn_local(getattr(_worker_fsdp, fn_name), world, *args, start_method="fork")
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_sharded_checkpoint_loads_on_another_world_size(tmp_path, offload):
+    _in_worker("save_rank", 2, str(tmp_path), offload)
+    ckpt = tmp_path / "checkpoints" / "step_1"
+    assert sorted(p.name for p in (ckpt / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "manifest.json").is_file()
+    assert not list(tmp_path.glob("checkpoints/.step_1.tmp*"))  # renamed into place
+    for sharded in (True, False):
+        _in_worker("load_rank", 1, str(tmp_path), sharded)
+        got = json.loads((tmp_path / f"load_1_{sharded}.json").read_text())
+        assert got["weights_equal"] and got["moments_equal"] and got["n_moments"] > 10, got
+        assert got["lr"] == 1e-2  # the param groups come back from the trainer state
+
+
+# ----------------------------------------------------------------------------------------
+# torchrun: resume, resume on another world size, export
+# ----------------------------------------------------------------------------------------
+
+TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
+        "task.n_train=200", "task.n_eval=4", "sft.steps=2", "sft.batch_size=8", "rl.steps=4",
+        "rl.prompts_per_step=3", "rl.group_size=4", "rl.micro_batch_size=5", "rl.eval_every=0",
+        "rl.kl_coef=0.05", "rollout.max_new_tokens=12", "eval.max_new_tokens=12", "run.save_every=2",
+        "run.progress=false", "parallel.fsdp=true"]
+
+
+def _torchrun(nproc, *overrides):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(free_port()), "-m", "longrl", "train", *overrides]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _records(run):
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in recs]
+
+
+def _crash_after_step_2(full, crashed):
+    shutil.copytree(full, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step_4")
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # the step-4 record
+    (crashed / "summary.json").unlink()
+    return crashed
+
+
+def _weights(run, step=4):
+    from safetensors.torch import load_file
+
+    return load_file(run / "checkpoints" / f"step_{step}" / "model.safetensors")
+
+
+def test_torchrun_fsdp_run_resumes_exactly_and_exports(tmp_path):
+    _torchrun(2, f"run.out_dir={tmp_path}", "run.name=full", *TINY)
+    full = tmp_path / "full"
+    recs = _records(full)
+    rl = [r for r in recs if r["phase"] == "rl"]
+    assert [r["step"] for r in rl] == [0, 1, 2, 3, 4] and "loss/kl" in rl[1]
+    assert all(r["logprob/engine_trainer_gap"] < 1e-4 for r in rl[1:])  # the engine reads the gathered weights
+    saved = torch.load(full / "checkpoints" / "step_2" / "trainer_state.pt", weights_only=True)
+    assert saved["optimizer"] is None and saved["optimizer_param_groups"]  # the moments live in dcp/
+    assert len(list((full / "checkpoints" / "step_2" / "dcp").glob("*.distcp"))) == 2
+
+    # Same world size: the same metrics and bit-equal weights as the uninterrupted run.
+    crashed = _crash_after_step_2(full, tmp_path / "crashed")
+    _torchrun(2, f"resume={crashed}", "run.progress=false")
+    assert _records(crashed) == recs
+    want = _weights(full)
+    assert all(torch.equal(want[k], v) for k, v in _weights(crashed).items())
+
+    # One process takes over both ranks' shards (DCP reshards) and finishes the run.
+    one = _crash_after_step_2(full, tmp_path / "one")
+    _torchrun(1, f"resume={one}", "run.progress=false")
+    assert [r["step"] for r in _records(one) if r["phase"] == "rl"] == [0, 1, 2, 3, 4]
+    assert json.loads((one / "summary.json").read_text())["rl_steps"] == 4
+
+    # Export: a plain Hugging Face directory.
+    out = tmp_path / "hf"
+    assert main(["export", str(full), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                      "tokenizer.json", "tokenizer_config.json"]
+    code = ("import sys; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+            "ids = t('12+34=', return_tensors='pt').input_ids; "
+            "out = m.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=t.pad_token_id); "
+            "print(out.shape[1] - ids.shape[1])")
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) >= 1
+    from safetensors.torch import load_file
+
+    exported = load_file(out / "model.safetensors")
+    assert all(torch.equal(want[k], v) for k, v in exported.items())
+    assert main(["export", str(full), "--out", str(tmp_path / "x"), "--step", "3"]) == 2  # no step_3
+
+
+# ----------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------
+
+
+def test_fsdp_without_torchrun_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train", f"run.out_dir={tmp_path}", "run.name=x", "parallel.fsdp=true"]) == 2
+    err = capsys.readouterr().err
+    assert "torchrun --nproc-per-node 2" in err and "parallel.fsdp=true" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.fsdp=true", "parallel.zero_optimizer=true"], "drop parallel.zero_optimizer=true"),
+    (["parallel.fsdp_offload=true"], "add parallel.fsdp=true"),
+    (["parallel.fsdp=true", "task.name=videos"], "not wired into the video policy"),
+])
+def test_refused_combinations(tmp_path, capsys, overrides, message):
+    assert main(["train", f"run.out_dir={tmp_path}", "run.name=x", *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
