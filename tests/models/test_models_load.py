@@ -114,3 +114,52 @@ def test_cuda_without_torch_cuda_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match="torch sees no CUDA GPU"):
         check_device(torch.device("cuda"))
     check_device(torch.device("cpu"))
+
+
+def _hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache for this test (HF_HUB_CACHE, as HF_HOME sets it)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_a_hub_id_in_the_local_cache_loads_without_a_download(tmp_path, monkeypatch):
+    """`model.path=org/name` resolves to the cached snapshot that refs/main names, the layout
+    `hf download` leaves (models--org--name/refs/main + snapshots/<commit>/): the weights
+    loaded are that snapshot's."""
+    cache = _hub_cache(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)  # no local directory called longrl-test/tiny-qwen
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--longrl-test--tiny-qwen"
+    (repo / "snapshots").mkdir(parents=True)
+    _save(tmp_path, "qwen2").rename(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    from safetensors.torch import load_file
+
+    model, tok = load_policy(ModelConfig(path="longrl-test/tiny-qwen"), torch.device("cpu"))
+    want = load_file(str(repo / "snapshots" / commit / "model.safetensors"))
+    got = model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want) and tok.padding_side == "left"
+
+
+def test_a_hub_id_not_in_the_cache_says_how_to_fetch_it(tmp_path, monkeypatch):
+    from longrl.errors import UserError
+    from longrl.models.load import resolve_model_path
+
+    cache = _hub_cache(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(UserError, match=rf"model.path 'Qwen/Qwen2.5-0.5B' is neither a local directory nor a model in "
+                                        rf"the local Hugging Face cache \({cache}\); longrl never downloads: fetch it once "
+                                        r"with `hf download Qwen/Qwen2.5-0.5B`"):
+        load_policy(ModelConfig(path="Qwen/Qwen2.5-0.5B"), torch.device("cpu"))
+    assert main(["eval", "model=Qwen/Qwen2.5-0.5B", "task=addition"]) == 2
+    # a local directory of that name wins; a path that is no hub id keeps the directory message
+    (tmp_path / "Qwen" / "Qwen2.5-0.5B").mkdir(parents=True)
+    assert resolve_model_path("Qwen/Qwen2.5-0.5B").resolve() == tmp_path / "Qwen" / "Qwen2.5-0.5B"
+    with pytest.raises(UserError, match="model.path 'nope/x' is not a directory"):
+        load_policy(ModelConfig(path="./nope/x"), torch.device("cpu"))

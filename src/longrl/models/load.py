@@ -1,7 +1,9 @@
 """Load a policy (model + tokenizer) from a local Hugging Face directory or build the tiny default.
 
 No code path here downloads anything: `local_files_only=True` everywhere, and a missing
-directory is a `UserError`. So is a directory that would crash later: `check_model_dir`
+directory is a `UserError`. `model.path` may also be a hub id (`org/name`) already in the
+local Hugging Face cache (`resolve_model_path`, `longrl.hub`); one that is not cached is a
+`UserError` saying how to fetch it once. So is a directory that would crash later: `check_model_dir`
 reads config.json and every safetensors header (random, empty or truncated weights) and
 refuses model types the recipes do not run, before any weights are loaded.
 """
@@ -42,6 +44,23 @@ def check_device(device: torch.device) -> None:
     not a RuntimeError at the first `.to(device)`."""
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"model.device={device}: torch sees no CUDA GPU (torch {torch.__version__}); use model.device=cpu or auto")
+
+
+def resolve_model_path(path: str | Path, key: str = "model.path") -> Path:
+    """A local directory as it is; else a hub id's snapshot in the local Hugging Face cache
+    (no download); else a UserError for a hub id that is not cached. Any other missing path
+    is left to `check_model_dir` to refuse."""
+    from longrl import hub
+
+    local = Path(path).expanduser()
+    if local.exists() or not hub.is_hub_id(str(path)):
+        return local
+    snapshot = hub.cached_snapshot(str(path))
+    if snapshot is None:
+        raise UserError(f"{key} '{path}' is neither a local directory nor a model in the local Hugging Face cache "
+                        f"({hub.hub_cache_dir()}); longrl never downloads: fetch it once with {hub.download_hint(str(path))} "
+                        f"(HF_HOME sets where the cache is), or give a local model directory")
+    return snapshot
 
 
 def check_model_dir(path: str | Path, supported: tuple[str, ...] = SUPPORTED_MODEL_TYPES, key: str = "model.path") -> str:
@@ -102,7 +121,7 @@ def load_policy(cfg: ModelConfig, device: torch.device):
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_gla(cfg, tokenizer) if cfg.arch == "gla" else build_tiny_model(cfg.tiny, tokenizer)
     else:
-        path = Path(cfg.path)
+        path = resolve_model_path(cfg.path)
         check_model_dir(path)
         import longrl.models.gla_hf  # noqa: F401  registers the GLA model type with AutoModelForCausalLM
 

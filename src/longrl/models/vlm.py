@@ -124,13 +124,12 @@ def load_vlm(path: str = "", shape: TinyVLMShape = TinyVLMShape()):
     if not path:
         tok = build_vlm_tokenizer()
         return build_tiny_vlm(tok, shape), tok
-    from pathlib import Path
-
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from longrl.models.load import VLM_MODEL_TYPES, check_model_dir, loading
+    from longrl.models.load import VLM_MODEL_TYPES, check_model_dir, loading, resolve_model_path
 
-    check_model_dir(Path(path), supported=VLM_MODEL_TYPES)  # config.json, model type, safetensors headers
+    path = resolve_model_path(path)  # a local directory, or a hub id's snapshot in the local cache
+    check_model_dir(path, supported=VLM_MODEL_TYPES)  # config.json, model type, safetensors headers
     with loading(path):
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True)
