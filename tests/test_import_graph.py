@@ -186,3 +186,22 @@ def test_no_private_attributes_of_other_longrl_modules():
                     and isinstance(node.value, ast.Name) and aliases.get(node.value.id, m) != m):
                 bad.append(f"{path.relative_to(SRC)}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
     assert not bad, "; ".join(bad)
+
+
+def test_no_private_attributes_of_objects_from_other_modules():
+    """`obj._name` outside `self`/`cls`, where `_name` is an attribute that only another
+    longrl module sets on its own objects (e.g. a recipe reading a scheduler's `_counter`)."""
+    owners: dict[str, set[Path]] = {}  # private attribute -> modules that assign self._attr
+    uses = []
+    for path in _modules().values():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                if isinstance(node.ctx, ast.Store):
+                    owners.setdefault(node.attr, set()).add(path)
+            else:
+                uses.append((path, node.lineno, node.attr))
+    bad = [f"{p.relative_to(SRC)}:{line} uses ._{attr[1:]} of {sorted(str(o.relative_to(SRC)) for o in owners[attr])}"
+           for p, line, attr in uses if attr in owners and p not in owners[attr]]
+    assert not bad, "; ".join(bad)
