@@ -1,5 +1,6 @@
 """Built-in task generators: true answers, demonstration traces and the imperfect teacher."""
 
+import itertools
 import re
 
 import pytest
@@ -78,7 +79,7 @@ def test_sort_trace_is_the_chain_of_comparisons():
     ys = [int(x) for x in ex.answer.split()]
     trace = re.search(r"<think>(.*)</think>", ex.solution).group(1)
     assert [int(x) for x in re.split("[<=]", trace)] == ys
-    assert re.findall("[<=]", trace) == ["=" if a == b else "<" for a, b in zip(ys, ys[1:])]
+    assert re.findall("[<=]", trace) == ["=" if a == b else "<" for a, b in itertools.pairwise(ys)]
 
 
 def test_sort_defaults_fit_the_default_response_budget():

@@ -22,6 +22,7 @@ used as the CoT-SFT demonstration.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from longrl.data.example import Example
@@ -69,7 +70,7 @@ def sort(n: int, seed: int, min_len: int = 3, max_len: int = 6) -> list[Example]
         xs = [rng.randint(0, 99) for _ in range(rng.randint(min_len, max_len))]
         ys = sorted(xs)
         ans = " ".join(map(str, ys))
-        trace = str(ys[0]) + "".join(("=" if a == b else "<") + str(b) for a, b in zip(ys, ys[1:]))
+        trace = str(ys[0]) + "".join(("=" if a == b else "<") + str(b) for a, b in itertools.pairwise(ys))
         out.append(Example(
             id=f"sort:{seed}:{i}", prompt=f"sort {' '.join(map(str, xs))}:", answer=ans,
             solution=f"<think>{trace}</think><answer>{ans}</answer>",

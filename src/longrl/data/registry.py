@@ -4,7 +4,9 @@
 - `rg:<name>`: a reasoning-gym dataset, which brings its own answer check (`score_answer`);
   its CoT-SFT demonstrations come from a scripted teacher (`data/teachers.py`) where the
   family has one;
-- `jsonl`: the user's files.
+- `jsonl`: the user's files;
+- `hf:<source>`: a data set read with the `datasets` library (local files, a saved data set,
+  a hub id in the local cache), columns mapped by `task.*_column` (`data/hf_datasets.py`).
 
 Which scorer a run uses (`reward.correctness`, the dataset's own check, code tests) is
 chosen above this package, in `recipes/tasks.py`: data/ imports no reward code.
@@ -96,8 +98,12 @@ def load_task_examples(cfg: TaskConfig, check: Callable[[Example], None] | None 
             if n_eval < 1:
                 raise UserError(f"task.train_file '{cfg.train_file}' has {len(train)} examples: too few to split off a held-out set; give task.eval_file")
             held, train = shuffled[:n_eval], shuffled[n_eval:]
+    elif name.startswith("hf:"):
+        from longrl.data.hf_datasets import load_hf_examples
+
+        train, held = load_hf_examples(cfg)
     else:
-        options = list(GENERATORS) + ["jsonl", "rg:<reasoning-gym name>"]
+        options = list(GENERATORS) + ["jsonl", "rg:<reasoning-gym name>", "hf:<data file, saved dataset or cached hub id>"]
         near = difflib.get_close_matches(name, options, n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise UserError(f"unknown task '{name}'{hint} Choose one of {options}")

@@ -13,7 +13,8 @@ from longrl.rewards.answer import format_reward
 def encode_prompts(tokenizer, examples: list[Example]) -> list[list[int]]:
     from longrl.models.load import format_prompt
 
-    return [tokenizer(format_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"] for ex in examples]
+    return [tokenizer(format_prompt(tokenizer, ex.prompt, ex.messages), add_special_tokens=False)["input_ids"]
+            for ex in examples]
 
 
 def decode_response(tokenizer, ids: list[int]) -> str:

@@ -165,14 +165,18 @@ def build_tiny_gla(cfg: ModelConfig, tokenizer):
     return build_gla_model(shape, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
+def format_prompt(tokenizer, prompt: str, messages: list[dict] | None = None) -> str:
     """Wrap a raw prompt in the tokenizer's chat template when it has one (real instruct
     checkpoints), after the system message `set_system_prompt` attached (model.system_prompt);
-    the tiny tokenizer has no template and gets the raw prompt."""
+    the tiny tokenizer has no template and gets the raw prompt. A chat-format prompt
+    (`messages`, `Example.messages`) goes to the template as it is, the system message put
+    first unless the chat brings its own; without a template its text (`prompt`) is used."""
     if getattr(tokenizer, "chat_template", None):
         system = getattr(tokenizer, "longrl_system_prompt", "")
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        turns = list(messages) if messages else [{"role": "user", "content": prompt}]
+        if system and not any(m["role"] == "system" for m in turns):
+            turns = [{"role": "system", "content": system}] + turns
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     return prompt
 
 
