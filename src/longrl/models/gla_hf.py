@@ -58,7 +58,17 @@ class LongrlGLAConfig(PretrainedConfig):
 
 
 class GLACache:
-    """Decoding state of every layer, and how many tokens (padding included) it has seen."""
+    """Decoding state of every layer, and how many tokens (padding included) it has seen.
+
+    It brings its own row operations (`select_rows`, `concat_rows`), so a continuous-batching
+    engine can join and drop rows without knowing what a row's state holds: a GLA layer's
+    state S [B, H, K, V] is one per row whatever its length (rows join by concatenation and
+    leave by indexing, no masks, no positions); a sliding-window layer (hybrid model) keeps
+    its last window-1 keys and values [B, H, L, hd] with their validity [B, L], and rows
+    with fewer columns are left-padded with invalid ones."""
+
+    recurrent = True
+    """Rows need no attention mask or positions: every row's state is current."""
 
     def __init__(self, num_layers: int):
         self.layers = [LayerState() for _ in range(num_layers)]
@@ -67,10 +77,43 @@ class GLACache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
+    def select_rows(self, idx: torch.Tensor) -> "GLACache":
+        """The rows `idx` (a new cache)."""
+        out = type(self)(len(self.layers))
+        out.seen = self.seen
+        for src, dst in zip(self.layers, out.layers):
+            for name in ("S", "k", "v", "valid"):
+                t = getattr(src, name)
+                setattr(dst, name, None if t is None else t.index_select(0, idx))
+        return out
+
+    @classmethod
+    def concat_rows(cls, caches: list["GLACache"]) -> "GLACache":
+        """The rows of several caches stacked in order (a new cache, or the only one)."""
+        if len(caches) == 1:
+            return caches[0]
+        out = cls(len(caches[0].layers))
+        out.seen = max(c.seen for c in caches)
+        for i, layer in enumerate(out.layers):
+            states = [c.layers[i] for c in caches]
+            if states[0].S is not None:
+                layer.S = torch.cat([st.S for st in states])
+            if states[0].k is not None:
+                L = max(st.k.shape[2] for st in states)
+                pad = torch.nn.functional.pad
+                layer.k = torch.cat([pad(st.k, (0, 0, L - st.k.shape[2], 0)) for st in states])
+                layer.v = torch.cat([pad(st.v, (0, 0, L - st.v.shape[2], 0)) for st in states])
+                layer.valid = torch.cat([torch.cat([st.valid.new_zeros(st.valid.shape[0], L - st.valid.shape[1]),
+                                                    st.valid], 1) for st in states])
+        return out
+
 
 class LongrlGLAPreTrainedModel(PreTrainedModel):
     config_class = LongrlGLAConfig
     base_model_prefix = "model"
+    recurrent_cache = True
+    """Decodes with a `GLACache` (rows joined and dropped by the cache itself); an engine
+    passes no cache in and takes the one the forward returns."""
     supports_gradient_checkpointing = True
     _no_split_modules = ["GLABlock"]
 

@@ -130,7 +130,7 @@ class ContinuousEngine:
     ):
         # GLA models (`longrl.models.gla_hf`) keep a recurrent state per row instead of keys
         # and values; see `_RecurrentRows`.
-        self._recurrent = getattr(model.config, "model_type", "") == "longrl_gla"
+        self._recurrent = bool(getattr(model, "recurrent_cache", False))
         attn = getattr(model.config, "_attn_implementation", None) or "eager"
         if not self._recurrent and attn not in ("eager", "sdpa"):
             raise ValueError(f"ContinuousEngine passes a 4-D attention mask; needs eager or sdpa attention, got {attn!r}")
@@ -340,21 +340,15 @@ class ContinuousEngine:
 
 
 class _RecurrentRows:
-    """Row operations on a GLA model's decoding state (`GLACache`), in place of the key/value
-    columns above.
-
-    A GLA layer's state is S [B, H, K, V], one per row whatever its length: rows join by
-    concatenation and leave by indexing, with no masks and no positions (GLA has none). A
-    sliding-window layer (hybrid model) keeps its last window-1 keys and values [B, H, L, hd]
-    with their validity [B, L]: rows with fewer columns are left-padded with invalid ones.
-    Prefill feeds each context minus its last token, left-padded; a padding token leaves
-    a GLA state untouched and is never attended to, so a row's state is what it would be
-    alone (the model's own padding contract, tested in tests/models)."""
+    """Row operations for a model whose cache is a recurrent state (`model.recurrent_cache`,
+    e.g. GLA's `GLACache`), in place of the key/value columns above: the cache type brings
+    its own `select_rows` / `concat_rows`, the engine knows nothing of what it holds.
+    Prefill feeds each context minus its last token, left-padded; a padding token leaves a
+    recurrent state untouched and is never attended to, so a row's state is what it would
+    be alone (the model's padding contract, tested in tests/models)."""
 
     @staticmethod
     def prefill(engine: "ContinuousEngine", rows: list[_Row]):
-        from longrl.models.gla_hf import GLACache
-
         contexts = [(list(r.request.prompt_ids) + list(r.request.resume_ids))[:-1] for r in rows]
         P = max(1, max(len(c) for c in contexts))  # an all-padding column when every context is empty
         dev = engine.device
@@ -364,40 +358,17 @@ class _RecurrentRows:
             if c:
                 ids[i, P - len(c):] = torch.tensor(c, device=dev)
                 valid[i, P - len(c):] = 1
-        cache = GLACache(engine.model.config.num_hidden_layers)
-        engine.model(input_ids=ids, attention_mask=valid, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = engine.model(input_ids=ids, attention_mask=valid, use_cache=True, logits_to_keep=1)
         engine.prefill_tokens += sum(len(c) for c in contexts)
-        return cache
+        return out.past_key_values  # the model's own cache type
 
     @staticmethod
     def concat(caches: list):
-        """Stack the rows of several `GLACache`s (in order)."""
-        if len(caches) == 1:
-            return caches[0]
-        out = type(caches[0])(len(caches[0].layers))
-        out.seen = max(c.seen for c in caches)
-        for i, layer in enumerate(out.layers):
-            states = [c.layers[i] for c in caches]
-            if states[0].S is not None:
-                layer.S = torch.cat([st.S for st in states])
-            if states[0].k is not None:
-                L = max(st.k.shape[2] for st in states)
-                layer.k = torch.cat([F.pad(st.k, (0, 0, L - st.k.shape[2], 0)) for st in states])
-                layer.v = torch.cat([F.pad(st.v, (0, 0, L - st.v.shape[2], 0)) for st in states])
-                layer.valid = torch.cat([torch.cat([st.valid.new_zeros(st.valid.shape[0], L - st.valid.shape[1]), st.valid], 1)
-                                         for st in states])
-        return out
+        return type(caches[0]).concat_rows(caches)
 
     @staticmethod
     def select(cache, idx: torch.Tensor):
-        """The rows `idx` of a `GLACache` (a new one)."""
-        out = type(cache)(len(cache.layers))
-        out.seen = cache.seen
-        for src, dst in zip(cache.layers, out.layers):
-            for name in ("S", "k", "v", "valid"):
-                t = getattr(src, name)
-                setattr(dst, name, None if t is None else t.index_select(0, idx))
-        return out
+        return cache.select_rows(idx)
 
 
 # ---------------------------------------------------------------------- tensor helpers
