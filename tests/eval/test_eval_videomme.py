@@ -141,8 +141,8 @@ def test_run_videomme_with_the_tiny_model(bench, tmp_path):
     from longrl.eval.videomme import run_videomme
 
     ann, vids = bench
-    report = run_videomme(ann, vids, "", tmp_path / "o", max_frames=4, max_new_tokens=4)
-    assert (report["n_questions"], report["n_asked"]) == (8, 6)
+    report = run_videomme(ann, vids, "tiny", tmp_path / "o", max_frames=4, max_new_tokens=4)
+    assert (report["model"], report["n_questions"], report["n_asked"]) == ("tiny", 8, 6)
     rows = [json.loads(x) for x in (tmp_path / "o/videomme_results.jsonl").read_text().splitlines()]
     assert all(isinstance(r["response"], str) for r in rows if r["status"] == "ok")
 
@@ -181,6 +181,37 @@ def test_run_videomme_refuses_bad_arguments_before_loading_a_model(bench, tmp_pa
     monkeypatch.setattr(vlm, "load_vlm", lambda *a, **k: pytest.fail("model loaded before the arguments were checked"))
     ann, vids = bench
     for kwargs, message in [({"max_frames": 0}, "--max-frames 0"), ({"fps": -1.0}, "fps=-1.0 must be positive"),
-                            ({"videos_dir": tmp_path / "nope"}, "video folder not found")]:
+                            ({"videos_dir": tmp_path / "nope"}, "video folder not found"),
+                            ({"model_path": ""}, "needs model=PATH"),
+                            ({"max_new_tokens": 0}, "eval.max_new_tokens=0"), ({"max_pixels": 0}, "video.max_pixels=0")]:
         with pytest.raises(UserError, match=message):
-            run_videomme(ann, kwargs.pop("videos_dir", vids), **kwargs)
+            run_videomme(ann, kwargs.pop("videos_dir", vids), **{"model_path": "tiny", **kwargs})
+
+
+def test_videomme_cli_needs_a_model_and_refuses_keys_it_does_not_use(bench, tmp_path, monkeypatch, capsys):
+    """Without model= the CLI used to score a random untrained model with exit 0, and took any
+    key silently: now a forgotten model, an unknown key, a bad value or --config is exit 2
+    with one line, before any model loads; model=tiny asks for the untrained VLM by name."""
+    import longrl.models.vlm as vlm
+    from longrl.cli import main
+    from longrl.eval.videomme import videomme_options
+
+    ann, vids = bench
+    base = ["eval", "--videomme", str(ann), "--videos", str(vids)]
+    real_load = vlm.load_vlm
+    monkeypatch.setattr(vlm, "load_vlm", lambda *a, **k: pytest.fail("model loaded before the arguments were checked"))
+    for extra, message in [([], "longrl eval --videomme needs model=PATH"),
+                           (["model=tiny", "eval.max_new_token=4"], "unknown key 'eval.max_new_token' for longrl eval "
+                            "--videomme (did you mean eval.max_new_tokens?)"),
+                           (["model=tiny", "rl.lr=0.1"], "unknown key 'rl.lr'"),
+                           (["model=tiny", "video.fps=fast"], "video.fps='fast' is not a number"),
+                           (["model=tiny", "video.max_pixels"], "'video.max_pixels' is not key=value"),
+                           (["model=tiny", "--config", str(ann)], "--config is for the task eval")]:
+        assert main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err
+    assert videomme_options(["model.path=m", "eval.max_new_tokens=7", "video.fps=0", "video.max_pixels=784"]) == {
+        "model_path": "m", "max_new_tokens": 7, "fps": None, "max_pixels": 784}
+    monkeypatch.setattr(vlm, "load_vlm", real_load)
+    assert main(base + ["model=tiny", "eval.max_new_tokens=2", "--max-frames", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["model"], result["n_questions"], result["n_asked"]) == ("tiny", 8, 6)

@@ -272,16 +272,62 @@ def _acc(rows: list[dict]) -> float | None:
     return sum(r["correct"] for r in rows) / len(rows) if rows else None
 
 
+# ----------------------------------------------------------------------------------------
+# `longrl eval --videomme`
+# ----------------------------------------------------------------------------------------
+
+TINY_MODEL = "tiny"
+"""`model=tiny`: the untrained tiny VLM, asked for by name (a smoke test of the pipeline; its
+answers are chance), so that a forgotten `model=` is an error, not a random model's score."""
+OPTIONS = {"model.path": ("model_path", str), "eval.max_new_tokens": ("max_new_tokens", int),
+           "video.fps": ("fps", float), "video.max_pixels": ("max_pixels", int)}
+"""The keys `--videomme` takes -> (run_videomme argument, type); `model` means model.path."""
+NEEDS_MODEL = ("longrl eval --videomme needs model=PATH (a local Qwen2.5-VL directory, or a hub id in the local "
+               "Hugging Face cache), or model=tiny for the untrained tiny VLM (a smoke test: its answers are chance)")
+
+
+def videomme_options(overrides: list[str]) -> dict:
+    """`key=value` items of `longrl eval --videomme` -> run_videomme keyword arguments. A key
+    it does not use is refused, as the task eval refuses unknown keys (a missing model= is
+    refused by run_videomme, after the files are checked)."""
+    import difflib
+
+    kwargs = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = "model.path" if key.strip() == "model" else key.strip()
+        if not sep:
+            raise UserError(f"'{item}' is not key=value; longrl eval --videomme takes model=PATH and {', '.join(list(OPTIONS)[1:])}")
+        if key not in OPTIONS:
+            near = difflib.get_close_matches(key, list(OPTIONS), n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise UserError(f"unknown key '{key}' for longrl eval --videomme{hint}; it takes model=PATH, "
+                            f"{', '.join(list(OPTIONS)[1:])} and --max-frames N")
+        name, kind = OPTIONS[key]
+        try:
+            kwargs[name] = kind(value.strip())
+        except ValueError:
+            raise UserError(f"{key}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kwargs.get("fps") == 0:  # video.fps=0 means "spread max_frames", as in training
+        kwargs["fps"] = None
+    return kwargs
+
+
 def run_videomme(annotations: str | Path, videos_dir: str | Path, model_path: str = "",
                  out_dir: str | Path | None = None, max_frames: int = 32, fps: float | None = None,
                  max_pixels: int = 64 * 28 * 28, max_new_tokens: int = 64) -> dict:
-    """`longrl eval --videomme ANNOT --videos DIR`: a Qwen2.5-VL (local directory, or the tiny
-    default when `model_path` is empty) answers every question greedily. -> report"""
+    """`longrl eval --videomme ANNOT --videos DIR model=...`: a Qwen2.5-VL (a local directory,
+    a cached hub id, or `TINY_MODEL` for the untrained tiny one) answers every question
+    greedily; an empty `model_path` is a UserError. -> {"model": ..., **report}"""
     import torch
 
     from longrl.models.vlm import load_vlm, vlm_predictor
 
     # Everything a user can get wrong is refused before the model loads and the videos decode.
+    if max_new_tokens < 1:
+        raise UserError(f"eval.max_new_tokens={max_new_tokens}: generate at least 1 token per answer")
+    if max_pixels < 1:
+        raise UserError(f"video.max_pixels={max_pixels} must be positive")
     if max_frames < 1:
         raise UserError(f"--max-frames {max_frames}: sample at least 1 frame per video")
     if fps is not None and not fps > 0:
@@ -289,8 +335,11 @@ def run_videomme(annotations: str | Path, videos_dir: str | Path, model_path: st
     if not Path(videos_dir).is_dir():
         raise UserError(f"video folder not found: {videos_dir} (give --videos DIR holding <video_id>.mp4 files)")
     questions = load_annotations(annotations)
-    model, tokenizer = load_vlm(model_path)
+    if not model_path:
+        raise UserError(NEEDS_MODEL)
+    model, tokenizer = load_vlm("" if model_path == TINY_MODEL else model_path)
     model.eval()
     with torch.no_grad():
-        return evaluate(questions, videos_dir, vlm_predictor(model, tokenizer, max_new_tokens),
-                        FrameSampling(fps=fps, max_frames=max_frames, max_pixels=max_pixels), out_dir)
+        report = evaluate(questions, videos_dir, vlm_predictor(model, tokenizer, max_new_tokens),
+                          FrameSampling(fps=fps, max_frames=max_frames, max_pixels=max_pixels), out_dir)
+    return {"model": model_path, **report}
