@@ -24,6 +24,8 @@ from longrl.parallel.local_spawn import free_port
 from longrl.recipes.common import make_optimizer
 
 _plain_model = sp._model
+STREAMBP = ("streambp", torch.float64)
+STREAMBP_REF: dict = {}  # the one-process reference of the StreamBP SFT case, filled before forking
 SHARES: list[float] = []  # per sharded model: this rank's fraction of the parameters' elements
 
 
@@ -77,9 +79,12 @@ def main(out_path, sp_size):
     dist.setup_layout(sp_size)
     torch.set_num_threads(1)
     share = optimizer_share()
+    side = {"rank": ctx.rank, "optimizer_share": share}
+    if sp_size == 1:  # StreamBP's layer-by-layer backward on the gathered weights (SP refuses StreamBP)
+        side["streambp_errs"] = sp._compare(sp.sft_case(*STREAMBP), STREAMBP_REF[STREAMBP])
     sp.main(out_path, sp_size)  # the cases, compared with the references; rank 0 writes OUT.json
     with open(f"{out_path}.rank{ctx.rank}", "w") as f:
-        json.dump({"rank": ctx.rank, "param_shares": SHARES, "optimizer_share": share}, f)
+        json.dump({**side, "param_shares": SHARES}, f)
 
 
 def _forked_rank(rank, world, port, out_path, sp_size):
@@ -92,6 +97,7 @@ if __name__ == "__main__":
     out, world, sp_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(1)
     sp.references()  # one plain process on the whole batch
+    STREAMBP_REF[STREAMBP] = sp.sft_case(*STREAMBP)
     sp._model, sp._record_grads = _sharded_model, _record_full_grads  # the ranks inherit these (fork)
     torch.multiprocessing.start_processes(_forked_rank, args=(world, free_port(), out, sp_size), nprocs=world,
                                           start_method="fork")

@@ -65,6 +65,16 @@ def test_sft_step_equals_one_process(run, mode, dtype):
     _assert_close(chosen, TOL[dtype])
 
 
+def test_streambp_sft_step_equals_one_process(run):
+    world, sp, _, side = run
+    if sp > 1:
+        pytest.skip("StreamBP does not run sequence-parallel (refused)")
+    for s in side:
+        errs = s["streambp_errs"]
+        assert {"loss/sft", "grad/norm", "grad0_model.embed_tokens.weight", "param_model.norm.weight"} <= errs.keys()
+        assert max(errs.values()) <= TOL["torch.float64"], errs
+
+
 @pytest.mark.parametrize("loss", ["ppo", "gspo"])
 def test_grpo_step_equals_one_process(run, loss):
     chosen = _select(run[2], kind="grpo", loss=loss)

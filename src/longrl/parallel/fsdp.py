@@ -171,37 +171,42 @@ def shard_grads(model: nn.Module, average: bool = False) -> None:
 def _reduce_scatter(names: list[str], full: dict, state: _Sharding, average: bool) -> None:
     """One flat reduce-scatter for parameters of one dtype: rank r's slice of the buffer is
     the rows fully_shard gave rank r of every tensor (torch.chunk on dim 0: ceil(n/P)
-    rows each, the last ranks fewer or none), zero-padded to equal blocks."""
+    rows each, the last ranks fewer or none), zero-padded to equal blocks. Each full
+    gradient is freed as soon as it is copied in, so the buffer replaces them rather than
+    adding to them."""
     from torch.distributed.tensor import DTensor
 
     P = dist.world(state.dp_group)
     device = dist.comm_device(state.dp_group)
     dtype = state.sharded[names[0]].dtype
-    blocks, widths = [], []
-    for n in names:
+    shapes = [(-(-full[n].shape[0] // P), full[n][0].numel()) for n in names]  # (rows per rank, row size)
+    widths = [rows * rest for rows, rest in shapes]
+    flat = torch.zeros(P, sum(widths), dtype=dtype, device=device)  # [P, sum of widths]
+    offset = 0
+    for n, (rows, rest), w in zip(names, shapes, widths):
         p = full[n]
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        g = g.detach().to(device=device, dtype=dtype).reshape(p.shape[0], -1)  # [n0, rest]
-        rows = -(-p.shape[0] // P)
-        g = F.pad(g, (0, 0, 0, rows * P - p.shape[0]))  # [P * rows, rest]
-        blocks.append(g.reshape(P, -1))  # [P, rows * rest]
-        widths.append(blocks[-1].shape[1])
-    flat = torch.cat(blocks, dim=1)  # [P, sum of widths]
+        if p.grad is not None:
+            g = p.grad.detach().reshape(p.shape[0], rest)  # [n0, rest]
+            for k in range(P):
+                part = g[k * rows:(k + 1) * rows]  # [<= rows, rest]; empty past the end
+                flat[k, offset:offset + part.numel()] = part.reshape(-1)
+            p.grad = None
+        offset += w
     mine = torch.empty(flat.shape[1], dtype=dtype, device=device)
     if P > 1:
         tdist.reduce_scatter_tensor(mine, flat.reshape(-1), group=state.dp_group)
     else:
         mine.copy_(flat[0])
+    del flat
     lay = dist.layout()
     if lay.sp_size > 1:  # an SP group's ranks share a DP rank (the same shard) and hold different positions
         tdist.all_reduce(mine, group=lay.sp_group)
     if average:
         mine /= dist.world()
-    for n, chunk in zip(names, mine.split(widths)):
+    for n, chunk, (rows, rest) in zip(names, mine.split(widths), shapes):
         shard = state.sharded[n]
         local = shard.to_local()
-        rows = local.shape[0]
-        g = chunk.reshape(-1, *shard.shape[1:])[:rows].to(local.device).reshape(local.shape)
+        g = chunk.view(rows, rest)[:local.shape[0]].to(local.device).reshape(local.shape)
         shard.grad = DTensor.from_local(g.contiguous(), shard.device_mesh, shard.placements, run_check=False,
                                         shape=shard.shape, stride=shard.stride())
 
