@@ -182,3 +182,96 @@ def test_crash_midway_leaves_no_output(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         videos.main(["--out", str(tmp_path / "o"), "--n", "3", "--min-seconds", "6", "--max-seconds", "8"])
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------
+# A generated directory is reused only while it matches the config (data/video_task.py)
+# ----------------------------------------------------------------------------------------
+
+SMALL = ["task.name=videos", "task.kwargs.min_seconds=3", "task.kwargs.max_seconds=4",
+         "video.max_frames=2", "video.max_pixels=3136"]
+
+
+def _video_task(d, *overrides):
+    from longrl.config import load_config
+    from longrl.data.video_task import load_video_task
+
+    cfg = load_config(None, [*SMALL, f"task.train_file={d}/train.jsonl", *overrides])
+    return load_video_task(cfg, lambda text, ex: 0.0)
+
+
+def test_a_runs_own_data_is_regenerated_when_the_config_changes(tmp_path, monkeypatch):
+    """The issue's case: a directory an earlier run generated is not silently reused with
+    fewer videos (or other settings) than the config now asks for."""
+    import longrl.data.videos as gen
+
+    d = tmp_path / "v"
+    task = _video_task(d, "task.n_train=3", "task.n_eval=1")
+    summary = json.loads((d / "summary.json").read_text())
+    assert (len(task.train), len(task.eval), summary["made_by"]) == (3, 1, "longrl train (task.train_file)")
+    assert summary["settings"] == {"seed": 1234, "min_seconds": 3.0, "max_seconds": 4.0, "fps": 2,
+                                   "kinds": ["colour"], "slip": 0.0}
+    task = _video_task(d, "task.n_train=5", "task.n_eval=2")  # more than was made: made again
+    assert (len(task.train), len(task.eval)) == (5, 2)
+    assert json.loads((d / "summary.json").read_text())["train"] == 5
+    _video_task(d, "task.n_train=5", "task.n_eval=2", "task.kwargs.slip=0.5")
+    assert json.loads((d / "summary.json").read_text())["settings"]["slip"] == 0.5
+    # a config it matches (fewer videos are a prefix) reuses it: nothing is generated
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: pytest.fail("regenerated matching data"))
+    task = _video_task(d, "task.n_train=4", "task.n_eval=1", "task.kwargs.slip=0.5")
+    assert (len(task.train), len(task.eval)) == (4, 1)
+
+
+def test_data_made_with_longrl_data_videos_is_refused_not_replaced_when_it_falls_short(tmp_path):
+    """The user's generated set: its own settings stand unless task.kwargs names one; too few
+    videos, or a named setting that differs, is one UserError saying what differs, and the
+    directory is left as it was."""
+    from longrl.config import load_config
+    from longrl.data.video_task import load_video_task
+
+    d = tmp_path / "mine"
+    assert videos.main(["--out", str(d), "--n", "4", "--eval-frac", "0.25", "--kinds", "colour",
+                        "--min-seconds", "3", "--max-seconds", "5"]) == 0
+    before = (d / "summary.json").read_text()
+
+    def run(*overrides):
+        cfg = load_config(None, ["task.name=videos", f"task.train_file={d}/train.jsonl", "video.max_frames=2",
+                                 "video.max_pixels=3136", *overrides])
+        return load_video_task(cfg, lambda text, ex: 0.0)
+
+    task = run("task.n_train=3", "task.n_eval=1")  # seed 0, 3-5 s: not the config's defaults, still used
+    assert (len(task.train), len(task.eval)) == (3, 1)
+    with pytest.raises(UserError, match=r"mine was generated with `longrl data videos` but does not match the config "
+                                        r"\(3 train videos where task.n_train = 5; 1 eval videos where task.n_eval = 2\): "
+                                        r"remake it with `longrl data videos --out"):
+        run("task.n_train=5", "task.n_eval=2")
+    with pytest.raises(UserError, match=r"kinds=\['colour'\] where the config says \['counting'\]"):
+        run("task.n_train=3", "task.n_eval=1", "task.kwargs.kinds=counting")
+    assert (d / "summary.json").read_text() == before
+    # a held-out file elsewhere: the directory's own eval count does not matter
+    (tmp_path / "held.jsonl").write_text((d / "eval.jsonl").read_text().replace('"videos/', f'"{d}/videos/'))
+    assert len(run("task.n_train=3", "task.n_eval=2", f"task.eval_file={tmp_path / 'held.jsonl'}").eval) == 1
+
+
+def test_an_older_summary_is_checked_on_its_counts_and_data_not_generated_is_used_as_it_is(tmp_path):
+    from longrl.config import load_config
+    from longrl.data.video_task import load_video_task
+
+    d = tmp_path / "old"
+    assert videos.main(["--out", str(d), "--n", "2", "--eval-frac", "0.5", "--kinds", "colour",
+                        "--min-seconds", "3", "--max-seconds", "4"]) == 0
+    summary = json.loads((d / "summary.json").read_text())
+    for key in ("settings", "made_by"):  # as written before they were recorded
+        del summary[key]
+    (d / "summary.json").write_text(json.dumps(summary))
+
+    def run(*overrides):
+        cfg = load_config(None, ["task.name=videos", f"task.train_file={d}/train.jsonl", "video.max_frames=2",
+                                 "video.max_pixels=3136", "task.kwargs.kinds=counting", *overrides])
+        return load_video_task(cfg, lambda text, ex: 0.0)
+
+    assert len(run("task.n_train=1", "task.n_eval=1").train) == 1
+    with pytest.raises(UserError, match=r"1 train videos where task.n_train = 3"):
+        run("task.n_train=3", "task.n_eval=1")
+    (d / "summary.json").unlink()  # no longer the generator's: the user's data, used as it is
+    assert len(run("task.n_train=3", "task.n_eval=1").train) == 1

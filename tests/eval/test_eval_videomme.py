@@ -201,8 +201,8 @@ def test_videomme_cli_needs_a_model_and_refuses_keys_it_does_not_use(bench, tmp_
     real_load = vlm.load_vlm
     monkeypatch.setattr(vlm, "load_vlm", lambda *a, **k: pytest.fail("model loaded before the arguments were checked"))
     for extra, message in [([], "longrl eval --videomme needs model=PATH"),
-                           (["model=tiny", "eval.max_new_token=4"], "unknown key 'eval.max_new_token' for longrl eval "
-                            "--videomme (did you mean eval.max_new_tokens?)"),
+                           (["model=tiny", "eval.max_new_token=4"], ("unknown key 'eval.max_new_token' for longrl eval "
+                                                                     "--videomme (did you mean eval.max_new_tokens?)")),
                            (["model=tiny", "rl.lr=0.1"], "unknown key 'rl.lr'"),
                            (["model=tiny", "video.fps=fast"], "video.fps='fast' is not a number"),
                            (["model=tiny", "video.max_pixels"], "'video.max_pixels' is not key=value"),

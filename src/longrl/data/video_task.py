@@ -12,6 +12,7 @@ imports no reward code.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,26 +86,86 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"task.kwargs.{bad[0]}: the video task takes only {', '.join(GENERATOR_KWARGS)} (for generating data)")
 
 
-def _generate_if_missing(cfg: Config, train_file: Path) -> None:
-    """A fresh clone has no data: write the videos the config describes (small by design)."""
-    from longrl.data.videos import generate
+MADE_BY_RUN = "longrl train (task.train_file)"
+"""summary.json's `made_by` for data a run generated itself: such a directory is the run's to
+regenerate when the config changes; one made with `longrl data videos` is the user's."""
+MAX_GENERATED = 2000
 
-    if train_file.parent.exists():
+
+def generator_settings(cfg: Config) -> dict:
+    """The `data.videos.generate` settings the config describes (task.kwargs, else defaults)."""
+    kw = dict(cfg.task.kwargs)
+    kinds = kw.get("kinds", "colour")
+    kinds = [k.strip() for k in kinds.split(",")] if isinstance(kinds, str) else list(kinds)
+    return {"seed": cfg.task.seed, "min_seconds": float(kw.get("min_seconds", 8.0)),
+            "max_seconds": float(kw.get("max_seconds", 30.0)), "fps": int(kw.get("fps", 2)),
+            "kinds": kinds, "slip": float(kw.get("slip", 0.0))}
+
+
+def data_mismatch(cfg: Config, summary: dict, own: bool) -> str | None:
+    """What a generated directory (its summary.json) lacks for this config, or None. Counts
+    must cover task.n_train / task.n_eval (more is fine: the first ones are used). A run's own
+    data must also match every generator setting; data made with `longrl data videos` only
+    the settings task.kwargs names (its other settings are the user's choice)."""
+    problems = []
+    uses_its_eval = not cfg.task.eval_file or Path(cfg.task.eval_file) == Path(cfg.task.train_file).parent / "eval.jsonl"
+    for split, want in (("train", cfg.task.n_train), ("eval", cfg.task.n_eval if uses_its_eval else 0)):
+        have = summary.get(split)
+        if not isinstance(have, int) or have < want:
+            problems.append(f"{have} {split} videos where task.n_{split} = {want}")
+    made = summary.get("settings")
+    if not isinstance(made, dict):  # written before the settings were recorded: the counts are all we know
+        made = {}
+    wanted = generator_settings(cfg)
+    keys = [k for k in wanted if own or k in cfg.task.kwargs] if made else []
+    for key in keys:
+        if made.get(key) != wanted[key]:
+            problems.append(f"{key}={made.get(key)!r} where the config says {wanted[key]!r}")
+    return "; ".join(problems) or None
+
+
+def _generate_if_missing(cfg: Config, train_file: Path) -> None:
+    """A fresh clone has no data: write the videos the config describes (small by design).
+    A directory generated earlier is reused only while it matches the config: a run's own is
+    regenerated when the config changed; one made with `longrl data videos` is refused with
+    what differs (it is the user's to remake); a directory that is not generated is used as is."""
+    from longrl.data.videos import GENERATOR, generate
+
+    out = train_file.parent
+    if out.exists():
         if not train_file.is_file():
             raise UserError(f"task.train_file '{train_file}' does not exist (its directory does, so nothing was generated); "
                             "give an existing JSONL or a directory that does not exist yet")
-        return
-    kw = dict(cfg.task.kwargs)
-    kinds = kw.get("kinds", "colour")
-    kinds = tuple(k.strip() for k in kinds.split(",")) if isinstance(kinds, str) else tuple(kinds)
+        summary = _generated_summary(out, GENERATOR)
+        if summary is None:
+            return
+        own = summary.get("made_by") == MADE_BY_RUN
+        problem = data_mismatch(cfg, summary, own)
+        if problem is None:
+            return
+        if not own:
+            raise UserError(f"{out} was generated with `longrl data videos` but does not match the config ({problem}): "
+                            f"remake it with `longrl data videos --out {out} ...` to match, delete it so that this run "
+                            "generates what the config says, or change task.n_train / task.n_eval / task.kwargs")
+        log.warning("%s no longer matches the config (%s): generating it again", out, problem)
+    settings = generator_settings(cfg)
     n = cfg.task.n_train + cfg.task.n_eval
-    if n > 2000:
-        raise UserError(f"task.n_train + task.n_eval = {n}: generating more than 2000 videos in a training run is not "
+    if n > MAX_GENERATED:
+        raise UserError(f"task.n_train + task.n_eval = {n}: generating more than {MAX_GENERATED} videos in a training run is not "
                         "intended; generate them first with `longrl data videos`")
-    log.warning("generating %d videos into %s", n, train_file.parent)
-    generate(train_file.parent, n, seed=cfg.task.seed, min_s=float(kw.get("min_seconds", 8.0)),
-             max_s=float(kw.get("max_seconds", 30.0)), fps=int(kw.get("fps", 2)),
-             eval_frac=cfg.task.n_eval / n, kinds=kinds, slip=float(kw.get("slip", 0.0)))
+    log.warning("generating %d videos into %s", n, out)
+    generate(out, n, seed=settings["seed"], min_s=settings["min_seconds"], max_s=settings["max_seconds"],
+             fps=settings["fps"], eval_frac=cfg.task.n_eval / n, kinds=tuple(settings["kinds"]),
+             slip=settings["slip"], made_by=MADE_BY_RUN)
+
+
+def _generated_summary(out: Path, generator: str) -> dict | None:
+    """The summary.json `data/videos.py` wrote into `out`, or None for data it did not make."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("generator") == generator else None
 
 
 def _decode_all(examples: list[Example], sampling, split: str, clips: dict) -> list[Example]:

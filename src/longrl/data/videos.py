@@ -287,12 +287,15 @@ mark that lets a later run replace the directory."""
 
 
 def generate(out: str | Path, n: int, seed: int = 0, min_s: float = 8.0, max_s: float = 180.0,
-             fps: int = 2, eval_frac: float = 0.2, kinds=KINDS, slip: float = 0.0, overwrite: bool = False) -> dict:
+             fps: int = 2, eval_frac: float = 0.2, kinds=KINDS, slip: float = 0.0, overwrite: bool = False,
+             made_by: str = GENERATOR) -> dict:
     """Write `n` videos and their questions to `out` (replaced atomically). -> summary
 
     An existing non-empty `out` is replaced only when this generator made it (its
     summary.json names GENERATOR) or `overwrite` is set: `--out ~/data` must not delete
-    someone's directory."""
+    someone's directory. summary.json also records the settings the videos were made with
+    and `made_by` (this command, or a training run that generated its data), so a later run
+    can tell whether the directory still matches its config (`data/video_task.py`)."""
     from longrl.media.encode import write_video
 
     _check(n, min_s, max_s, fps, eval_frac, kinds)
@@ -315,8 +318,11 @@ def generate(out: str | Path, n: int, seed: int = 0, min_s: float = 8.0, max_s: 
             "n": n, "seed": seed, "train": len(split["train"]), "eval": len(split["eval"]),
             "kinds": {k: sum(r["kind"] == k for r in split["train"] + split["eval"]) for k in kinds},
             "total_duration_s": round(sum(r["duration_s"] for r in split["train"] + split["eval"]), 1),
+            "settings": {"seed": seed, "min_seconds": float(min_s), "max_seconds": float(max_s), "fps": int(fps),
+                         "kinds": list(kinds), "slip": float(slip)},
         }
-        (tmp / "summary.json").write_text(json.dumps({**summary, "generator": GENERATOR}, indent=2) + "\n")
+        (tmp / "summary.json").write_text(json.dumps({**summary, "generator": GENERATOR, "made_by": made_by},
+                                                     indent=2) + "\n")
     return summary
 
 
