@@ -142,6 +142,22 @@ def test_more_seeded_prompt_tokens_than_one_step_takes(setup):
 
 
 @pytest.mark.slow
+def test_default_run_learns_on_vllm_and_eval_on_vllm_reproduces_it(tmp_path):
+    """The default config with rollouts on vLLM: RL gains at least 0.10 held-out accuracy
+    (0.305 -> 0.840 when measured, BENCHMARKS.md), and `longrl eval` on vLLM reproduces the
+    run's final accuracy from its checkpoint."""
+    from longrl.cli import main
+
+    assert main(["train", f"run.out_dir={tmp_path}", "run.name=d", "rollout.backend=vllm", "run.progress=false"]) == 0
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["rl_gain"] >= 0.10 and summary["rollout_backend"] == "vllm"
+    out = tmp_path / "items.jsonl"
+    assert main(["eval", f"model={summary['checkpoint']}", "rollout.backend=vllm", f"--out={out}"]) == 0
+    items = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sum(it["correct"] for it in items) / len(items) == pytest.approx(summary["accuracy_after_rl"])
+
+
+@pytest.mark.slow
 def test_train_runs_on_vllm_with_april(tmp_path):
     from longrl.cli import main
 

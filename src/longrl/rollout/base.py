@@ -6,6 +6,8 @@ finish reason). It knows nothing about losses, rewards or model families' traini
 
     generate(requests, sampling, generator)  batched, synchronous: n samples per request
     sync_weights(model, version)             the one place new weights reach the engine
+    release_memory()                         after the rollout: free the engine's memory for
+                                             the update (restored by the next sync_weights)
     submit / step / abort_all / has_work     APRIL's engine protocol (`rollout/april.py`),
                                              on backends with `supports_partial`
 
@@ -60,6 +62,11 @@ class RolloutBackend(Protocol):
         ...
 
     def sync_weights(self, model, version: int) -> None: ...
+
+    def release_memory(self) -> None:
+        """Free what the engine holds while the trainer updates (vLLM on a GPU: its KV cache
+        and weights); the next `sync_weights` restores it."""
+        ...
 
     # ---- APRIL (supports_partial) ----
     @property

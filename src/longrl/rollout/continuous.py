@@ -506,6 +506,9 @@ class ContinuousBackend:
             raise RuntimeError("sync_weights on a busy engine: finish or abort its requests first")
         self.engine.model, self.engine.policy_version = model, version
 
+    def release_memory(self) -> None:
+        """Nothing to free: the engine's cache is dropped when its last request leaves."""
+
     def generate(self, requests, sampling, generator=None):
         """`request.n` samples per request. Continuous batching draws from one stream per
         sample: each is seeded from `generator` (the trainer's checkpointed sampler, so a

@@ -28,6 +28,9 @@ class HFBackend:
         """The engine runs the trainer's model in place: nothing to copy."""
         self.model, self.policy_version = model, version
 
+    def release_memory(self) -> None:
+        """Nothing held between calls (the KV cache lives only inside `generate`)."""
+
     def generate(self, requests: list[RolloutRequest], sampling: SamplingParams,
                  generator: torch.Generator | None = None) -> list[Generation]:
         if not requests:

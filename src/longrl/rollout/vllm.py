@@ -27,8 +27,10 @@ Departures and limits
   config refuses rollout.backend=vllm for task.name=videos).
 - With top_p < 1 vLLM's processed log-prob is under the truncated distribution, the native
   engines' under the untruncated one; with the default top_p=1 they are the same number.
-- KV memory is not released during the update: vLLM's sleep mode needs CUDA; on the CPU the
-  cache has the fixed size `VLLM_CPU_KVCACHE_SPACE` (GiB; 1 unless set).
+- On a GPU the engine sleeps during the update (`release_memory`: vLLM's sleep mode, level
+  2: KV cache and weights freed) and wakes in `sync_weights`, which loads the new weights
+  anyway. Not run here (no GPU). On the CPU sleep mode does not exist: the cache keeps its
+  fixed size `VLLM_CPU_KVCACHE_SPACE` (GiB; 1 unless set) through the update.
 - A resumed sample is prefilled again (prompt + partial response); vLLM's prefix cache
   makes that cheap when the blocks are still cached.
 """
@@ -82,6 +84,7 @@ class VLLMBackend:
         # never split across steps there: chunked prefill off, a step's budget >= one prompt.
         cpu = not torch.cuda.is_available()
         chunking = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_len, 8192)} if cpu else {}
+        self._sleep_mode, self._asleep = not cpu, False  # vLLM's sleep mode needs CUDA
         tmp = tempfile.mkdtemp(prefix="longrl-vllm-")
         try:
             save_policy(model, tokenizer, tmp)
@@ -89,7 +92,7 @@ class VLLMBackend:
                            dtype=DTYPE_NAMES.get(next(model.parameters()).dtype, "float32"),
                            max_model_len=max_len, gpu_memory_utilization=gpu_memory_utilization or 0.5,
                            max_num_seqs=max_num_seqs or 256, logprobs_mode="processed_logprobs",
-                           enable_prefix_caching=True, **chunking)
+                           enable_prefix_caching=True, enable_sleep_mode=self._sleep_mode, **chunking)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.engine = self.llm.llm_engine
@@ -106,11 +109,27 @@ class VLLMBackend:
         """Load the trainer's current weights into the engine in place (between steps)."""
         if self._live:
             raise RuntimeError("sync_weights with requests in flight: finish or abort them first")
+        if self._asleep:
+            self.llm.wake_up(tags=["weights"])  # the weights' memory back first; the KV cache after the load
         state = {k: v.detach() for k, v in model.state_dict().items()}
         if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(state.items()))})
+        if self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
         self.policy_version = version
+
+    def release_memory(self) -> None:
+        """Between the rollout and the weight sync (GPU): free the engine's KV cache and
+        weights for the trainer's update (sleep level 2; `sync_weights` reloads both)."""
+        if self._sleep_mode and not self._asleep and not self._live:
+            self.llm.sleep(level=2)
+            self._asleep = True
+
+    def _awake(self) -> None:
+        if self._asleep:
+            raise RuntimeError("the vLLM engine is asleep (released for the update): sync_weights wakes it")
 
     # ---- batched generation ---------------------------------------------------------------
 
@@ -127,6 +146,7 @@ class VLLMBackend:
             return []
         if any(r.media is not None for r in requests):
             raise ValueError("the vllm backend takes token-only requests (video embeddings are not handed to vLLM yet)")
+        self._awake()
         seeds = (torch.randint(0, 2**62, (len(requests),), generator=generator).tolist()
                  if generator is not None else [None] * len(requests))
         params = [self._params(r.n, sampling.max_new_tokens, sampling.temperature, sampling.top_p, s)
@@ -149,6 +169,7 @@ class VLLMBackend:
     def submit(self, requests: Iterable[Request]) -> None:
         from vllm.sampling_params import RequestOutputKind
 
+        self._awake()
         for req in requests:
             if req.max_new_tokens < 1:
                 raise ValueError(f"request {req.request_id!r}: max_new_tokens={req.max_new_tokens} must be at least 1")
