@@ -104,9 +104,9 @@ def _from_cache(source: str, subset: str, key: str) -> dict:
                   f"once with {hub.download_hint(source, 'dataset')} (HF_HOME sets where the cache is), or give a local file")
     try:
         return dict(datasets.load_dataset(source, name=subset or None))
-    except ValueError as e:  # a cached data set, but not that configuration
-        if subset and "config" in str(e).lower():
-            raise UserError(f"task.subset={subset!r}: {_first_line(e)}") from None
+    except ValueError as e:  # a cached data set, but not that configuration (or it has several)
+        if "config" in str(e).lower():
+            raise UserError(f"task.subset={subset!r}: {_first_line(e)}; set task.subset to a cached configuration") from None
         raise
     except (ConnectionError, FileNotFoundError):
         pass
