@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from longrl.errors import UserError
+from longrl.models import precision
 
 ADAPTER_DIR = "adapter"
 """Sub-directory of a checkpoint holding the adapter (peft's `save_pretrained` format)."""
@@ -61,8 +62,11 @@ def apply_lora(model, cfg, base_moved: bool = False) -> torch.nn.Module:
     peft = require_peft()
     targets = cfg.target_modules
     targets = targets[0] if targets == ["all-linear"] else list(targets)
+    # A causal-LM adapter where the model generates through transformers (so peft's own
+    # loaders can rebuild it); a plain one for models that do not (the GLA model).
+    task = "CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None
     config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                             bias="none", task_type="CAUSAL_LM")
+                             bias="none", task_type=task)
     try:
         with warnings.catch_warnings():  # peft asks transformers a deprecated question (is_gradient_checkpointing)
             warnings.simplefilter("ignore", FutureWarning)
@@ -72,6 +76,8 @@ def apply_lora(model, cfg, base_moved: bool = False) -> torch.nn.Module:
     if wrapped.get_base_model() is not model:  # the recipes rely on training this very object
         raise RuntimeError("peft did not inject the adapter in place")
     object.__setattr__(model, _HANDLE, wrapped)  # a plain attribute: not a submodule, not in state_dict
+    if (dtype := precision.compute_dtype(model)) is not None:  # mixed precision: the new layers too
+        precision.set_compute_dtype(model, precision.dtype_name(dtype))
     model.__dict__[_MOVED] = base_moved
     return model
 
