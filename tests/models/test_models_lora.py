@@ -163,3 +163,22 @@ def test_lora_settings_are_checked_when_the_config_loads():
     cfg.parallel.fsdp = True  # FSDP2 (parallel.fsdp) with LoRA is refused for now
     with pytest.raises(UserError, match="parallel.fsdp"):
         cfg.validate()
+
+
+def test_gla_models_take_adapters_too():
+    """The GLA model (not a transformers generation model) gets a plain peft adapter."""
+    torch.manual_seed(0)
+    shape = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    model, tok = load_policy(ModelConfig(arch="gla", tiny=shape), torch.device("cpu"))
+    base = copy.deepcopy(model)
+    lora.apply_lora(model, LORA)
+    batch = make_batch(*_rows(tok), tok.pad_token_id)
+    policy = TextPolicy(model, tok, chunk=4)
+    with lora.DisabledAdapter(model) as off:
+        assert torch.equal(policy.logprobs(batch, [None] * 3, model=off), policy.logprobs(batch, [None] * 3, model=base))
+    n = float(batch.mask.sum())
+    policy.loss_and_backward(batch, [None] * 3, lambda lp: sft_loss(lp, batch.mask, n))
+    trained = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name for name in trained)
+    # A fresh B is zero, so A's gradient is zero too; B's is not.
+    assert all(g is not None and g.abs().sum() > 0 for name, g in trained.items() if "lora_B" in name)
