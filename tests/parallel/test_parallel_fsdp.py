@@ -242,3 +242,16 @@ def test_refused_combinations(tmp_path, capsys, overrides, message):
     assert main(["train", f"run.out_dir={tmp_path}", "run.name=x", *overrides]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_fsdp_measures_the_shards():
+    """`longrl bench fsdp` on a small model: FSDP2 keeps half the state per rank at P=2 and
+    updates the weights as plain AdamW does; ZeRO-1 shards only the moments."""
+    from longrl.bench.fsdp import run as bench
+
+    result = bench(["--procs", "2", "--layers", "1", "--hidden", "64", "--vocab", "256", "--seq", "8"])
+    per = result["procs"]["2"]
+    assert abs(per["fsdp"]["ratio_to_plain"]["state"] - 0.5) < 0.01
+    assert 0.5 < per["zero"]["ratio_to_plain"]["state"] < 1.0
+    assert 0.5 < per["fsdp"]["ratio_to_plain"]["in_step"] < 1.0  # the gathered weights and full grads
+    assert all(per[k]["max_weight_diff_vs_plain"] < 1e-6 for k in per)

@@ -50,7 +50,7 @@ from torch import nn
 from longrl.errors import UserError
 from longrl.parallel import dist
 
-_ATTR = "_longrl_fsdp"
+_ATTR = dist.SHARDING_ATTR
 
 
 @dataclass
@@ -60,6 +60,10 @@ class _Sharding:
     sharded: dict[str, nn.Parameter]  # name -> sharded DTensor parameter (the optimizer's)
     modules: list  # the FSDP modules, root first (the same order on every rank)
     dp_group: object  # the process group the shards are spread over
+
+    def shard_grads(self, model, average: bool = False) -> None:
+        """`shard_grads(model)`: how `dist.all_reduce_gradients` reaches it without an import cycle."""
+        shard_grads(model, average)
 
 
 def check_world(world: int | None) -> None:
@@ -194,7 +198,7 @@ def _reduce_scatter(names: list[str], full: dict, state: _Sharding, average: boo
         offset += w
     mine = torch.empty(flat.shape[1], dtype=dtype, device=device)
     if P > 1:
-        tdist.reduce_scatter_tensor(mine, flat.reshape(-1), group=state.dp_group)
+        tdist.reduce_scatter_single(mine, flat.reshape(-1), group=state.dp_group)
     else:
         mine.copy_(flat[0])
     del flat
