@@ -1,4 +1,4 @@
-"""`longrl train | eval | bench | data`: parse arguments, call a recipe. Nothing else lives here.
+"""`longrl train | eval | bench | export | models | data`: parse arguments, call a recipe. Nothing else lives here.
 
 The config is loaded and validated before any recipe (so torch) is imported, and `eval
 --out` is checked before the evaluation: bad input answers at once, with one line, exit 2."""
@@ -23,6 +23,7 @@ BENCHES = {
     "allscan": "longrl.bench.allscan",
     "video-cache": "longrl.bench.video_cache",
     "zero": "longrl.bench.zero",
+    "fsdp": "longrl.bench.fsdp",
 }
 DATA = {"videos": "longrl.data.videos"}
 
@@ -100,13 +101,14 @@ def cmd_eval(args) -> int:
     if args.out is not None:  # checked now: the results are written only after the whole evaluation
         check_out_path(args.out, directory=bool(args.videomme))
     if args.videomme:
-        from longrl.eval.videomme import run_videomme
+        from longrl.eval.videomme import run_videomme, videomme_options
 
         if not args.videos:
             raise UserError("--videomme needs --videos DIR (the folder holding <video_id>.mp4 files)")
-        model = next((o.split("=", 1)[1] for o in args.overrides if o.startswith(("model=", "model.path="))), "")
-        result = run_videomme(args.videomme, args.videos, model_path=model, out_dir=args.out,
-                              max_frames=args.max_frames)
+        if args.config:
+            raise UserError("--config is for the task eval; --videomme takes its settings as key=value (model=PATH ...)")
+        result = run_videomme(args.videomme, args.videos, out_dir=args.out, max_frames=args.max_frames,
+                              **videomme_options(args.overrides))
         print(json.dumps(result, indent=2))
         return 0
     from longrl.recipes.evaluate import run_eval
@@ -141,6 +143,36 @@ def _flat(result: dict, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
+def cmd_export(args) -> int:
+    """A run's checkpoint (the newest verified one, or --step N) as a plain Hugging Face dir."""
+    from longrl.checkpoint import MANIFEST_FILE, export_checkpoint, latest_checkpoint
+
+    src = Path(args.run)
+    check_out_path(args.out, directory=True)
+    if args.step is not None:
+        ckpt = src / "checkpoints" / f"step_{args.step}"
+    elif (src / MANIFEST_FILE).is_file():  # a checkpoint directory itself
+        ckpt = src
+    else:
+        ckpt = latest_checkpoint(src)
+    if ckpt is None or not ckpt.is_dir():
+        which = f"step_{args.step}" if args.step is not None else "with a verified manifest"
+        raise UserError(f"{args.run}: no checkpoint {which} found; give a run directory (runs/<name>) "
+                        f"or a checkpoint (runs/<name>/checkpoints/step_N)")
+    out = export_checkpoint(ckpt, Path(args.out))
+    print(f"exported {ckpt} to {out} (Hugging Face format: transformers loads it without longrl)")
+    return 0
+
+
+def cmd_models(args) -> int:
+    """`models convert-gguf FILE --out DIR`: a GGUF checkpoint as a plain Hugging Face dir."""
+    from longrl.models.gguf import convert_gguf
+
+    out = convert_gguf(args.file, args.out)
+    print(f"converted {args.file} to {out} (Hugging Face format, float32): use model.path={out}")
+    return 0
+
+
 def cmd_data(args) -> int:
     import importlib
 
@@ -149,7 +181,7 @@ def cmd_data(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longrl", description="RL post-training of language and video-language models on long sequences.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,bench,data}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,bench,export,models,data}")
 
     t = sub.add_parser("train", help="CoT-SFT then GRPO (default: tiny model, built-in task, CPU)",
                        description=_train_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Example: longrl eval model=runs/x/checkpoints/step_100 task=addition")
     e.add_argument("--config", help="YAML file of config keys")
     e.add_argument("--out", help="per-item results: a JSONL file (task eval) or a directory (--videomme)")
-    e.add_argument("--videomme", metavar="ANNOT", help="Video-MME-format annotation file (JSON/JSONL)")
+    e.add_argument("--videomme", metavar="ANNOT", help="Video-MME-format annotation file (JSON/JSONL/parquet); with "
+                   "model=PATH (or model=tiny, untrained) and optionally eval.max_new_tokens, video.fps, video.max_pixels")
     e.add_argument("--videos", metavar="DIR", help="folder of videos named <video_id>.mp4 (with --videomme)")
     e.add_argument("--max-frames", type=int, default=32, help="frames sampled per video (with --videomme)")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="model=PATH task=NAME or any config key")
@@ -174,6 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="benchmark options (see `longrl bench NAME -h`)")
     b.set_defaults(func=cmd_bench)
+
+    x = sub.add_parser("export", help="a run's checkpoint as a plain Hugging Face directory",
+                       description="Copy a run's newest verified checkpoint (or --step N) to --out DIR as a plain "
+                                   "Hugging Face directory (weights, config, tokenizer) that transformers loads "
+                                   "without longrl. Example: longrl export runs/mine --out hf/mine")
+    x.add_argument("run", help="run directory (runs/<name>) or one checkpoint directory")
+    x.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
+    x.add_argument("--step", type=int, help="the checkpoint step to export (default: the newest verified)")
+    x.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("models", help="get models: convert a GGUF file to a Hugging Face directory")
+    msub = m.add_subparsers(dest="models_command", required=True, metavar="{convert-gguf}")
+    g = msub.add_parser("convert-gguf", help="a GGUF file as a plain Hugging Face directory",
+                        description="Dequantise a GGUF model file (any architecture transformers reads; needs the "
+                                    "gguf package: pip install 'longrl[gguf]') into --out DIR as float32 safetensors, "
+                                    "config and tokenizer, for model.path=DIR. Example: longrl models convert-gguf "
+                                    "SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2-135m-instruct")
+    g.add_argument("file", help="the .gguf file")
+    g.add_argument("--out", required=True, help="directory to write (new or empty; never overwritten)")
+    g.set_defaults(func=cmd_models)
 
     d = sub.add_parser("data", help="generate data sets", description="Generators: " + ", ".join(DATA))
     d.add_argument("generator", choices=sorted(DATA))

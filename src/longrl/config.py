@@ -60,6 +60,28 @@ class GLAModelConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters through peft (`longrl.models.lora`; the `lora` extra). Every training
+    phase (SFT, RL, each DPO round) trains a fresh adapter that is merged into the base when
+    the phase ends; the KL/DPO reference is the base with the adapter disabled."""
+
+    r: int = 0
+    """Adapter rank; 0 = no LoRA (full fine-tuning)."""
+    alpha: float = 32.0
+    """LoRA alpha: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input in training passes (the recomputed old log-probs too;
+    rollouts run in eval mode). 0 keeps old and new log-probs of one step identical."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (or name suffixes) that get adapters, e.g. [q_proj, v_proj] or
+    'q_proj,v_proj'; 'all-linear': every linear layer but the LM head."""
+    sft: bool = True
+    """SFT trains an adapter too (merged before RL). false: SFT fine-tunes every weight and
+    only RL trains adapters; needed for a randomly initialised model (the tiny default),
+    whose frozen random embeddings and head an adapter cannot make up for."""
+
+
+@dataclass
 class ModelConfig:
     path: str = ""
     """Local Hugging Face model directory. Empty: build the tiny default from `model.tiny`."""
@@ -79,17 +101,40 @@ class ModelConfig:
     """System message for chat-template (instruct) models: 'auto' asks for the response format
     (`longrl.models.load.FORMAT_INSTRUCTION`: reasoning in <think>, final answer in <answer>);
     '' sends none; any other text is sent as it is. Unused by the tiny model (no template)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters (`model.lora.r > 0`) instead of full fine-tuning."""
 
 
 @dataclass
 class TaskConfig:
     name: str = "addition"
     """Task: a built-in family ('addition', 'sort'), 'rg:<name>' for a reasoning-gym task,
-    or 'jsonl' for `task.train_file`/`task.eval_file`."""
+    'jsonl' for `task.train_file`/`task.eval_file`, or 'hf:<source>' for a data set read with
+    the `datasets` library: a local JSON/JSONL/parquet/arrow/CSV file, a `save_to_disk`
+    directory, or a hub id already in the local Hugging Face cache (`data/hf_datasets.py`)."""
     train_file: str = ""
     """JSONL of {"prompt": ..., "answer": ...} per line (with task.name=jsonl)."""
     eval_file: str = ""
-    """JSONL for held-out evaluation (with task.name=jsonl); empty: split off the train file."""
+    """JSONL for held-out evaluation (with task.name=jsonl; with hf:<source> a local data file
+    or saved data set); empty: split off the train file."""
+    prompt_column: str = "prompt"
+    """With task.name=hf:<source>: the column holding the prompt, a string or a chat (a list
+    of {"role", "content"} messages)."""
+    answer_column: str = "answer"
+    """With task.name=hf:<source>: the column holding the reference answer (string or number)."""
+    solution_column: str = ""
+    """With task.name=hf:<source>: a column of CoT-SFT demonstrations; empty: none (SFT then
+    demonstrates the bare `<answer>`)."""
+    id_column: str = ""
+    """With task.name=hf:<source>: a column of unique example ids; empty: row numbers."""
+    split: str = "train"
+    """With task.name=hf:<source>: the split trained on (a single file or Dataset has one)."""
+    eval_split: str = ""
+    """With task.name=hf:<source>: the held-out split (e.g. 'test'); empty: task.eval_file, or
+    a seeded fifth of the training rows (at most task.n_eval)."""
+    subset: str = ""
+    """With task.name=hf:<hub id>: the data set's configuration (load_dataset's `name`, e.g.
+    'main' for gsm8k); empty: its default."""
     n_train: int = 4000
     """Number of generated training examples (generated tasks)."""
     n_eval: int = 200
@@ -110,8 +155,9 @@ class TaskConfig:
 class RewardConfig:
     correctness: str = "auto"
     """Answer check: 'auto' (the task's own verifier), 'exact', 'normalized', 'math', 'mcq',
-    'code' (run the answer as a Python program against the example's "tests" in a sandboxed
-    subprocess; reward = fraction passed; `longrl.rewards.code`) or 'judge' (a local model
+    'code' (run the answer as a Python program in a sandbox - bubblewrap where installed,
+    weaker isolation announced - that returns the values of the tests' expressions, compared
+    in the trainer; reward = fraction passed; `longrl.rewards.code`) or 'judge' (a local model
     rates the answer: reward.judge_model)."""
     correctness_weight: float = 1.0
     """Weight of the correctness reward."""
@@ -224,6 +270,11 @@ class RLConfig:
     """Overlong handling: 'none', 'filter' (mask truncated) or 'soft' (DAPO soft punishment)."""
     overlong_buffer: int = 8
     """Soft punishment ramps over the last this-many tokens before max_new_tokens."""
+    dpo_rounds: int = 1
+    """Multi-round DPO with LoRA (rl.algorithm=dpo, model.lora.r > 0; video-SALMONN 2): the
+    rl.steps are split into this many rounds of equal length; each round trains a fresh
+    adapter on pairs sampled from the current policy, against that round's starting model
+    as the reference, and merges it into the base at the round's end."""
     eval_every: int = 20
     """Held-out accuracy every this many RL steps (0 = only at the end)."""
 
@@ -246,6 +297,13 @@ class TrainConfig:
     threads: int = 1
     """CPU threads for torch (0 = torch's default). Tiny models run fastest on one thread:
     their matmuls are too small to split, and extra threads only add contention."""
+    dtype: str = "float32"
+    """Compute dtype of the forward/backward passes: 'float32', or 'bfloat16' (also 'bf16')
+    for mixed precision: the decoder layers' linear projections run in bf16 (autocast)
+    while the weights, gradients and optimizer state stay in `model.dtype` (which must then
+    be float32: the master weights), and attention, norms, the LM head, log-probs and
+    losses stay in fp32
+    (`longrl.models.precision`). `model.dtype` is the storage dtype of the weights themselves."""
 
 
 @dataclass
@@ -314,6 +372,15 @@ class ParallelConfig:
     """Shard AdamW's moments over the ranks (ZeRO stage 1, torch's ZeroRedundancyOptimizer):
     optimizer memory per rank / world, the same updates. Only under torchrun; weights and
     gradients stay replicated."""
+    fsdp: bool = False
+    """FSDP2 (torch's fully_shard, each decoder layer and the root) over the data-parallel
+    ranks: weights, gradients and AdamW state sharded 1/P per rank, gathered once per step
+    for rollouts and the training passes (see longrl/parallel/fsdp.py for what that costs);
+    DCP sharded checkpoints. Needs torchrun (--nproc-per-node 1 also runs); replaces
+    zero_optimizer (the pair is refused); text models only."""
+    fsdp_offload: bool = False
+    """With fsdp: keep the shards and the optimizer step in host memory (FSDP's
+    CPUOffloadPolicy); frees accelerator memory, changes nothing on a CPU-only machine."""
 
 
 @dataclass
@@ -342,6 +409,7 @@ class Config:
         check_survivable(self)
         _choice("model.dtype", self.model.dtype, ["float32", "bfloat16", "float16"])
         _choice("model.arch", self.model.arch, ["qwen2", "gla"])
+        _check_lora_and_precision(self)
         if self.model.arch == "gla" and not self.model.path:
             if self.train.backprop == "streambp":
                 raise UserError("train.backprop=streambp re-runs Hugging Face softmax-attention layers chunk by chunk; "
@@ -356,8 +424,6 @@ class Config:
                 raise UserError(f"rl.dpo_beta={self.rl.dpo_beta} must be positive")
             if self.rollout.partial:
                 raise UserError("rl.algorithm=dpo samples its pairs synchronously; set rollout.partial=false")
-            if self.task.name == "videos":
-                raise UserError("rl.algorithm=dpo is for text tasks; the video recipe trains with GRPO (rl.algorithm=grpo)")
         _choice("rl.advantage", self.rl.advantage, ["grpo", "drgrpo", "rloo"])
         _choice("rl.loss", self.rl.loss, ["ppo", "gspo"])
         _choice("rl.loss_agg", self.rl.loss_agg, ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
@@ -401,7 +467,65 @@ class Config:
             raise UserError("video.embed_cache_dir needs a frozen vision tower; set video.train_vision=false or video.embed_cache_dir=''")
         if self.task.name == "jsonl" and not self.task.train_file:
             raise UserError("task.name=jsonl needs task.train_file=PATH (a JSONL of {\"prompt\", \"answer\"} lines)")
+        _check_fsdp(self.parallel, self.task.name, self.rollout.backend)
         return self
+
+
+def _check_fsdp(p: ParallelConfig, task_name: str, backend: str) -> None:
+    """What parallel.fsdp does not combine with (the torchrun check is in parallel/fsdp.py)."""
+    if p.fsdp_offload and not p.fsdp:
+        raise UserError("parallel.fsdp_offload=true offloads FSDP2's shards; add parallel.fsdp=true")
+    if not p.fsdp:
+        return
+    if p.zero_optimizer:
+        raise UserError("parallel.fsdp=true already shards the optimizer state (and the weights and gradients); "
+                        "drop parallel.zero_optimizer=true")
+    if task_name == "videos":
+        raise UserError("parallel.fsdp=true is not wired into the video policy yet; train video models with plain "
+                        "data parallelism (parallel.fsdp=false), optionally parallel.zero_optimizer=true")
+    if backend == "vllm":
+        raise UserError("parallel.fsdp=true with rollout.backend=vllm is not supported yet (vLLM would read the "
+                        "sharded state dict); use rollout.backend=hf or continuous")
+
+
+def _check_lora_and_precision(cfg: "Config") -> None:
+    """model.lora, train.dtype and rl.dpo_rounds (normalises the aliases and the list)."""
+    cfg.train.dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(cfg.train.dtype, cfg.train.dtype)
+    _choice("train.dtype", cfg.train.dtype, ["float32", "bfloat16"])
+    if cfg.train.dtype == "bfloat16" and cfg.model.dtype != "float32":
+        raise UserError(f"train.dtype=bfloat16 keeps fp32 master weights, but model.dtype={cfg.model.dtype}: "
+                        f"set model.dtype=float32 (or train.dtype=float32 to train in {cfg.model.dtype} itself)")
+    lora = cfg.model.lora
+    if isinstance(lora.target_modules, str):
+        lora.target_modules = [t.strip() for t in lora.target_modules.split(",") if t.strip()]
+    if not isinstance(lora.target_modules, list) or not lora.target_modules or not all(
+            isinstance(t, str) and t for t in lora.target_modules):
+        raise UserError(f"model.lora.target_modules={lora.target_modules!r} must be module names, e.g. "
+                        "[q_proj, v_proj], 'q_proj,v_proj' or all-linear")
+    if lora.r < 0 or lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0:
+        raise UserError(f"model.lora: r={lora.r} must be >= 0 (0: off), alpha={lora.alpha} > 0 and "
+                        f"dropout={lora.dropout} in [0, 1)")
+    if cfg.rl.dpo_rounds < 1:
+        raise UserError(f"rl.dpo_rounds={cfg.rl.dpo_rounds} must be at least 1")
+    if cfg.rl.dpo_rounds > 1:
+        if cfg.rl.algorithm != "dpo" or lora.r == 0:
+            raise UserError(f"rl.dpo_rounds={cfg.rl.dpo_rounds}: multi-round DPO merges a LoRA adapter per round; "
+                            "set rl.algorithm=dpo and model.lora.r > 0 (e.g. 16), or rl.dpo_rounds=1")
+        if cfg.rl.steps % cfg.rl.dpo_rounds:
+            raise UserError(f"rl.steps={cfg.rl.steps} must divide into rl.dpo_rounds={cfg.rl.dpo_rounds} rounds "
+                            "of equal length")
+    if lora.r == 0:
+        return
+    if importlib.util.find_spec("peft") is None:
+        raise UserError('model.lora.r > 0 needs peft: pip install -e ".[lora]" (or pip install "peft>=0.13")')
+    if getattr(cfg.parallel, "fsdp", False):
+        raise UserError("model.lora with parallel.fsdp=true is not supported yet: use one of them "
+                        "(LoRA's optimizer state is already small: data parallel without FSDP works)")
+    if cfg.rollout.backend == "vllm":
+        raise UserError("model.lora with rollout.backend=vllm is not supported yet (the engine loads plain "
+                        "weights): use rollout.backend=hf or continuous")
+    if cfg.task.name == "videos":
+        raise UserError("model.lora is for text models for now; train the video model with model.lora.r=0")
 
 
 def _choice(key: str, value: str, options: list[str]) -> None:

@@ -99,6 +99,8 @@ class Layout:
 
 
 _LAYOUT: Layout | None = None
+SHARDING_ATTR = "longrl_sharding"
+"""The attribute under which `parallel.fsdp.shard_model` leaves its state on a model."""
 
 
 def layout() -> Layout:
@@ -159,7 +161,7 @@ def barrier(group=None) -> None:
         dist.barrier(group)
 
 
-def _comm_device(group=None) -> torch.device:
+def comm_device(group=None) -> torch.device:
     """NCCL reduces only CUDA tensors; gloo only CPU ones."""
     if _active() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -172,12 +174,12 @@ def all_reduce_sum(x, group=None):
     if isinstance(x, torch.Tensor):
         if not _active():
             return x.clone()
-        buf = x.detach().to(_comm_device(group), copy=True)
+        buf = x.detach().to(comm_device(group), copy=True)
         dist.all_reduce(buf, group=group)
         return buf.to(x.device)
     if not _active():
         return float(x)
-    buf = torch.tensor([float(x)], dtype=torch.float64, device=_comm_device(group))
+    buf = torch.tensor([float(x)], dtype=torch.float64, device=comm_device(group))
     dist.all_reduce(buf, group=group)
     return float(buf.item())
 
@@ -188,7 +190,7 @@ def broadcast_object(obj, src: int = 0, group=None):
     if not _active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group, device=_comm_device(group))
+    dist.broadcast_object_list(box, src=src, group=group, device=comm_device(group))
     return box[0]
 
 
@@ -224,12 +226,20 @@ def all_reduce_gradients(model: torch.nn.Module, group=None, average: bool = Fal
     whose batch had no trained token) joins as zeros, so every rank reduces the
     same buffer; one whose .grad is None on every rank stays None, as it would
     in a single process (the optimizer then skips it).
+
+    A model sharded with FSDP2 (`parallel/fsdp.py`) is reduced there instead, into its
+    shards (reduce-scatter over the DP group, all-reduce over the SP group): every rank
+    must call this for it, and `group` is not used.
     """
+    sharding = getattr(model, SHARDING_ATTR, None)  # set by parallel.fsdp.shard_model (which imports this module)
+    if sharding is not None:
+        sharding.shard_grads(model, average=average)
+        return
     n = world(group)
     if n == 1:
         return
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-    device = _comm_device(group)
+    device = comm_device(group)
     present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)  # [n_params]
     dist.all_reduce(present, group=group)
     params = [p for p, k in zip(params, present.tolist()) if k > 0]
@@ -246,13 +256,6 @@ def all_reduce_gradients(model: torch.nn.Module, group=None, average: bool = Fal
             flat /= n
         for p, g in zip(ps, flat.split([p.numel() for p in ps])):
             p.grad.copy_(g.view_as(p.grad))
-
-
-def average_gradients(model: torch.nn.Module, group=None) -> None:
-    """Mean of the gradients over ranks: right only if each rank normalised its loss by a
-    LOCAL count and all ranks hold equal shares. With `global_loss_normalizer` use
-    `all_reduce_gradients(model)` (the sum) instead."""
-    all_reduce_gradients(model, group, average=True)
 
 
 def shard_indices(n: int, rank: int, world: int, strided: bool = False) -> list[int]:

@@ -279,10 +279,10 @@ class VideoPolicy:
     @staticmethod
     def _streambp(model, mb, examples: list[Example], videos: dict, loss_fn, chunk: int, temperature: float):
         """StreamBP on whole rows: each row's token embeddings with its video spliced in and
-        its M-RoPE positions, then `streambp.layers.loss_and_backward` (gradients flow on into
+        its M-RoPE positions, then `streambp.logprobs.streambp_loss_and_backward` (gradients flow on into
         the embeddings: the token table and, when trainable, the video leaves)."""
         from longrl.models.vlm import mrope_position_ids, video_inputs_embeds
-        from longrl.streambp import layers
+        from longrl.streambp.logprobs import streambp_loss_and_backward
 
         embeds, positions = [None] * len(examples), [None] * len(examples)
         by_video: dict[str, list[int]] = {}
@@ -294,8 +294,8 @@ class VideoPolicy:
             p = mrope_position_ids(model, ids, videos[path])  # [3, n, T]
             for j, i in enumerate(idx):
                 embeds[i], positions[i] = e[j], p[:, j]
-        return layers.loss_and_backward(model, mb, loss_fn, chunk=chunk, temperature=temperature,
-                                        inputs_embeds=torch.stack(embeds), position_ids=torch.stack(positions, 1))
+        return streambp_loss_and_backward(model, mb, loss_fn, chunk=chunk, temperature=temperature,
+                                          inputs_embeds=torch.stack(embeds), position_ids=torch.stack(positions, 1))
 
     # ---- evaluation and counts ----------------------------------------------------------
 

