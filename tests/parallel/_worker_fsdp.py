@@ -82,9 +82,34 @@ def main(out_path, sp_size):
     side = {"rank": ctx.rank, "optimizer_share": share}
     if sp_size == 1:  # StreamBP's layer-by-layer backward on the gathered weights (SP refuses StreamBP)
         side["streambp_errs"] = sp._compare(sp.sft_case(*STREAMBP), STREAMBP_REF[STREAMBP])
-    sp.main(out_path, sp_size)  # the cases, compared with the references; rank 0 writes OUT.json
+    if dist.layout().dp_size <= sp.N_PROMPTS - 1:
+        sp.main(out_path, sp_size)  # the cases, compared with the references; rank 0 writes OUT.json
+    else:  # more replicas than the rollout case has prompts: the update cases only
+        _update_cases(out_path)
     with open(f"{out_path}.rank{ctx.rank}", "w") as f:
         json.dump({**side, "param_shares": SHARES}, f)
+
+
+def _update_cases(out_path):
+    """`sp.main` without its rollout case (which needs a prompt per replica): the same SFT,
+    GRPO and DPO records, written the same way."""
+    ctx, lay = dist.init_from_env(), dist.layout()
+    base = dict(rank=ctx.rank, world=ctx.world, sp_size=lay.sp_size, sp_rank=lay.sp_rank, dp_rank=lay.dp_rank)
+    records = []
+    for mode, dtype in sp.SFT_CASES:
+        got = sp.sft_case(mode, dtype)
+        records.append(dict(base, kind="sft", mode=mode, dtype=str(dtype), checkpointed=got["checkpointed"],
+                            errs=sp._compare(got, sp.REF["sft"][(mode, dtype)])))
+    for case in sp.GRPO_CASES:
+        records.append(dict(base, kind="grpo", loss=case[0], kl=case[2] > 0, clip_frac=sp.REF["grpo"][case]["clip_frac"],
+                            errs=sp._compare(sp.grpo_case(*case), sp.REF["grpo"][case])))
+    got = sp.dpo_case()
+    records.append(dict(base, kind="dpo", pairs=got["pairs"], errs=sp._compare(got, sp.REF["dpo"])))
+    gathered = dist.all_gather_object(records)
+    if ctx.is_main:
+        with open(out_path, "w") as f:
+            json.dump([r for rs in gathered for r in rs], f)
+    tdist.destroy_process_group()
 
 
 def _forked_rank(rank, world, port, out_path, sp_size):

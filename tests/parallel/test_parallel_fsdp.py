@@ -1,11 +1,12 @@
 """FSDP2 (`parallel.fsdp`): sharded training equals one process, DCP checkpoints, export.
 
 - Two gloo runs of `_worker_fsdp.py` (the cases of `_worker_sp_recipes.py` with every
-  rank's model sharded): FSDP2 over 2 ranks, and SP 2 x FSDP 2 over 4. One SFT step
-  (chunked and checkpoint backprop, float64 and float32), one GRPO step (2 PPO epochs,
-  micro-batches, PPO+KL and GSPO, uneven lengths), one online-DPO step and greedy
-  rollouts leave every gradient and parameter equal to one process on the whole batch,
-  while each rank holds half of the weights and of AdamW's moments.
+  rank's model sharded): FSDP2 over 2 and over 4 ranks, and SP 2 x FSDP 2 over 4. One SFT
+  step (chunked, checkpoint and, without SP, StreamBP backprop; float64 and float32), one
+  GRPO step (2 PPO epochs, micro-batches, PPO+KL and GSPO, uneven lengths), one online-DPO
+  step and greedy rollouts (at most 3 replicas: the case has 3 prompts) leave every
+  gradient and parameter equal to one process on the whole batch, while each rank holds
+  1/replicas of the weights and of AdamW's moments.
 - DCP: a sharded checkpoint written by 2 ranks (with and without CPU offload) loads on
   1 rank, sharded or plain, with bit-equal weights and moments.
 - `torchrun --nproc-per-node 2 -m longrl train parallel.fsdp=true`: a run stopped after
@@ -28,7 +29,7 @@ from longrl.parallel.local_spawn import free_port, spawn_local
 
 WORKER = Path(__file__).with_name("_worker_fsdp.py")
 TOL = {"torch.float64": 1e-10, "torch.float32": 1e-5}
-LAYOUTS = {"fsdp2": (2, 1), "sp2xfsdp2": (4, 2)}
+LAYOUTS = {"fsdp2": (2, 1), "fsdp4": (4, 1), "sp2xfsdp2": (4, 2)}
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -95,6 +96,8 @@ def test_dpo_step_equals_one_process(run):
 
 def test_rollouts_from_the_gathered_weights(run):
     """The native engine generates from the gathered full weights: greedy rollouts equal one process's."""
+    if run[0] // run[1] > 3:
+        pytest.skip("the rollout case has 3 prompts: one per replica needs at most 3 replicas")
     chosen = _select(run[2], kind="rollout")
     assert all(r["same"] and r["behaviour_err"] < 1e-5 for r in chosen)
 
