@@ -62,7 +62,7 @@ def cmd_train(args) -> int:
 
 def _print_summary(s: dict) -> None:
     rows = [("held-out accuracy, initial", s.get("accuracy_initial")),
-            ("held-out accuracy, after SFT", s["accuracy_after_sft"]),
+            *([("held-out accuracy, after SFT", s["accuracy_after_sft"])] if s.get("sft_steps", 1) else []),
             ("held-out accuracy, after RL", s["accuracy_after_rl"]),
             ("RL gain", s["rl_gain"]),
             ("wall time (s)", s["wall_seconds"])]

@@ -101,7 +101,7 @@ def test_torchrun_sequence_parallel_train_writes_summary(tmp_path):
            "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
            "task.n_train=50", "task.n_eval=4", "sft.steps=2", "sft.batch_size=4", "rl.steps=1",
            "rl.prompts_per_step=2", "rl.group_size=3", "rollout.max_new_tokens=8", "eval.max_new_tokens=8",
-           "run.progress=false"]
+           "run.progress=false", "rl.kl_coef=0.05"]  # KL: the step updates even if every reward is 0
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     run = tmp_path / "sp"

@@ -111,9 +111,12 @@ TINY = [
 
 
 @pytest.mark.parametrize("hot", [["sft.lr=1e6"],
-                                 # 30 SFT steps at a sane rate give rewards that vary, so RL has a gradient
+                                 # 30 SFT steps at a sane rate give rewards that vary, so RL has a gradient;
+                                 # the KL term keeps every later step a real update (a step without any
+                                 # signal makes none, and the broken model's rewards are all 0)
                                  ["sft.steps=30", "sft.lr=1e-2", "rl.steps=6", "rl.prompts_per_step=3",
-                                  "rl.group_size=4", "rl.lr=1e6", "eval.max_new_tokens=12", "rollout.max_new_tokens=12"]])
+                                  "rl.group_size=4", "rl.lr=1e6", "rl.kl_coef=0.1", "eval.max_new_tokens=12",
+                                  "rollout.max_new_tokens=12"]])
 def test_a_learning_rate_that_blows_up_stops_cleanly_and_writes_no_nan_weights(tmp_path, capsys, hot):
     code = main(["train", f"run.out_dir={tmp_path}", "run.name=hot", *TINY, *hot, "train.grad_clip=0"])
     err = capsys.readouterr().err

@@ -38,7 +38,7 @@ from longrl.parallel import dist
 from longrl.policy.base import Policy
 from longrl.models.lora import new_adapter
 from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, skipped_steps
-from longrl.recipes.grpo import GRPOState, collect, reduce_metrics, reference_logprobs
+from longrl.recipes.grpo import GRPOState, collect, no_signal_steps, no_update, reduce_metrics, reference_logprobs
 from longrl.rollout.base import RolloutBackend
 from longrl.rl.losses import dpo_loss
 from longrl.streambp.logprobs import make_batch
@@ -116,6 +116,9 @@ def dpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Confi
     t_rollout = time.time() - t0
     n_total = dist.all_reduce_sum(float(len(pairs)), dist.layout().dp_group)  # the step's normaliser
     metrics["dpo/pairs"] = n_total  # the whole step's, over every data-parallel rank
+    if n_total == 0:  # no group's rewards differ: nothing to learn, and AdamW must not drift on its momentum
+        metrics["dpo/round"] = state.step // round_length(cfg) + 1
+        return no_update(model, backend, cfg, state, metrics, t0, t_rollout)
     device = next(model.parameters()).device
     per_micro = dpo_pairs_per_micro(cfg)  # a micro-batch holds whole pairs
     sums = {"loss/dpo": 0.0, "dpo/margin": 0.0, "dpo/accuracy": 0.0}
@@ -140,6 +143,7 @@ def dpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Confi
         sums["dpo/accuracy"] += m["dpo/correct"]
     # Every rank steps, also one without pairs: gradients are summed over the world.
     dist.all_reduce_gradients(model)
+    lr = state.scheduler.get_last_lr()[0]  # the rate this update uses
     grad_norm = clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip, loss=sums["loss/dpo"],
                               where=f"RL step {state.step + 1}")
     state.step += 1
@@ -150,8 +154,8 @@ def dpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Confi
         "dpo/margin": sums["dpo/margin"] / max(1, len(pairs)),
         "dpo/accuracy": sums["dpo/accuracy"] / max(1, len(pairs)),
         "dpo/round": (state.step - 1) // round_length(cfg) + 1,
-        "grad/norm": grad_norm, "lr": state.scheduler.get_last_lr()[0],
-        "train/skipped_steps": skipped_steps(state.optimizer),
+        "grad/norm": grad_norm, "lr": lr,
+        "train/skipped_steps": skipped_steps(state.optimizer), "train/no_signal_steps": no_signal_steps(state.optimizer),
         "time/rollout": t_rollout, "time/train": time.time() - t1, "time/step": time.time() - t0,
     })
     return reduce_metrics(metrics)

@@ -18,6 +18,10 @@ def run_eval(overrides: list[str], config: str | None = None, out: str | None = 
     if not cfg.model.path:
         raise UserError("longrl eval needs model=PATH (a Hugging Face model directory or runs/<name>/checkpoints/step_<N>)")
     seed_everything(cfg.train.seed)
+    if cfg.train.threads > 0:  # as `longrl train` does: on a loaded machine fewer threads are faster
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
     from longrl.recipes.train import load_task_and_policy
     from longrl.rollout import make_backend
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -280,8 +281,14 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
     t_rollout = time.time() - t0
     B = len(roll.examples)
     metrics["rollout/groups"] = B // G
-    if B == 0:  # nothing to train on here; other data-parallel ranks may still have data
-        if dist.world() > 1:
+    b_adv = group_advantages(roll.rewards, G, rcfg.advantage) if B else torch.zeros(0)  # [B]
+    # No learning signal anywhere (every group's rewards equal, no KL term): the gradient is
+    # zero, but AdamW would still move the weights on its momentum and weight decay. Skip the
+    # update on every rank (the decision is global), count it, keep the schedule in step.
+    if rcfg.kl_coef == 0 and dist.all_reduce_sum(float(b_adv.abs().sum()), dist.layout().dp_group) == 0:
+        return no_update(model, backend, cfg, state, metrics, t0, t_rollout)
+    if B == 0:  # nothing to train on here; other data-parallel ranks may have data
+        if dist.world() > 1:  # join their collectives
             dist.global_loss_normalizer(torch.zeros(0, 1), rcfg.loss_agg, dist.layout().dp_group)
             for _epoch in range(rcfg.ppo_epochs):
                 dist.all_reduce_gradients(model)
@@ -291,7 +298,6 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
         backend.sync_weights(model, state.step)
         return reduce_metrics({**metrics, "time/rollout": t_rollout, "time/step": time.time() - t0})
 
-    b_adv = group_advantages(roll.rewards, G, rcfg.advantage)  # [B]
     device = next(model.parameters()).device
     b_batch = make_batch(roll.prompt_ids, roll.response_ids, policy.tokenizer.pad_token_id).to(device)
     b_behaviour = _on_positions(roll.behaviour_logprobs, b_batch.mask, 0.0)  # [B, T]
@@ -348,6 +354,7 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
         # Sum over the world: each replica's loss is already divided by the global normaliser,
         # and each rank of an SP group holds the gradient of its own positions.
         dist.all_reduce_gradients(model)
+        lr = state.scheduler.get_last_lr()[0]  # the rate this update uses (the schedule moves on in the step)
         grad_norm = clip_and_step(model, state.optimizer, state.scheduler, cfg.train.grad_clip,
                                   loss=sums.get("loss/policy"), where=f"RL step {state.step + 1}")
     state.step += 1
@@ -359,11 +366,34 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
         "advantage/abs_mean": float(b_adv.abs().mean()),
         "logprob/engine_trainer_gap": gap_sum / max(1, gap_n),
         "rollout/mismatch_masked_frac": n_dropped / B,
-        "grad/norm": grad_norm, "lr": state.scheduler.get_last_lr()[0],
-        "train/skipped_steps": skipped_steps(state.optimizer),
+        "grad/norm": grad_norm, "lr": lr,
+        "train/skipped_steps": skipped_steps(state.optimizer), "train/no_signal_steps": no_signal_steps(state.optimizer),
         "time/rollout": t_rollout, "time/train": time.time() - t1, "time/step": time.time() - t0,
     })
     return reduce_metrics(metrics)
+
+
+def no_signal_steps(optimizer) -> int:
+    """RL steps that made no update for want of a learning signal (kept with the optimizer's
+    state, so a resumed run keeps counting)."""
+    return int(optimizer.param_groups[0].get("no_signal_steps", 0))
+
+
+def no_update(model, backend, cfg: Config, state: GRPOState, metrics: dict, t0: float, t_rollout: float) -> dict:
+    """End a step without touching the weights or the optimizer's moments: the schedule
+    advances (it counts RL steps), the count goes up, the engine gets the new version."""
+    lr = state.scheduler.get_last_lr()[0]
+    for group in state.optimizer.param_groups:
+        group["no_signal_steps"] = group.get("no_signal_steps", 0) + 1
+    with warnings.catch_warnings():  # torch warns when the schedule steps before any optimizer step
+        warnings.simplefilter("ignore", UserWarning)
+        state.scheduler.step()
+    state.step += 1
+    if backend is not None:  # offline DPO runs without one
+        backend.sync_weights(model, state.step)
+    return reduce_metrics({**metrics, "lr": lr, "train/no_signal_steps": no_signal_steps(state.optimizer),
+                           "train/skipped_steps": skipped_steps(state.optimizer),
+                           "time/rollout": t_rollout, "time/step": time.time() - t0})
 
 
 def reduce_metrics(metrics: dict) -> dict:

@@ -63,9 +63,10 @@ def run_sft(policy: Policy, examples: list[Example], cfg: Config, device, log: C
                                               lambda lp: sft_loss(lp, batch.mask, norm), temperature=1.0)
         dist.all_reduce_gradients(model)  # whole world: DP replicas and each SP rank's positions
         loss = dist.all_reduce_sum(float(loss), lay.dp_group)
+        lr = scheduler.get_last_lr()[0]  # the rate this update uses (the schedule moves on in the step)
         grad_norm = clip_and_step(model, optimizer, scheduler, cfg.train.grad_clip, loss=loss, where=f"SFT step {step}")
         record = {"phase": "sft", "step": step, "loss/sft": float(loss), "grad/norm": grad_norm,
-                  "lr": scheduler.get_last_lr()[0], "train/skipped_steps": skipped_steps(optimizer),
+                  "lr": lr, "train/skipped_steps": skipped_steps(optimizer),
                   "time/step": time.time() - t0, **policy.step_metrics()}
         log(record)
         bar.update(step, record)

@@ -126,7 +126,8 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
 
     if resume_ckpt is None:
         model, tokenizer = policy.model, policy.tokenizer
-        results = {"accuracy_initial": held_out()["eval/accuracy"]}
+        initial = held_out(step=0 if cfg.sft.steps == 0 else None)
+        results = {"accuracy_initial": initial["eval/accuracy"]}
         t_sft = time.time()
         if lora.has_lora(model) and not cfg.model.lora.sft and cfg.sft.steps > 0:
             lora.merge_adapter(model)  # model.lora.sft=false: SFT trains every weight (the fresh B = 0 merges exactly)
@@ -135,7 +136,7 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
             lora.new_adapter(model, cfg.model.lora, base_moved=False)  # step_0 below holds this base
         backend.sync_weights(model, 0)  # the post-SFT policy is version 0 of RL
         results["sft_seconds"] = time.time() - t_sft
-        after_sft = held_out(step=0)
+        after_sft = held_out(step=0) if cfg.sft.steps > 0 else initial  # no SFT: the same weights, evaluated once
         results["accuracy_after_sft"] = after_sft["eval/accuracy"]
         log({"phase": "rl", "step": 0, **after_sft})
         redraw()
@@ -156,10 +157,13 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
     step_fn = dpo_step if cfg.rl.algorithm == "dpo" else grpo_step
     bar = Progress(cfg.rl.steps, cfg.rl.algorithm, cfg.run.progress, cfg.run.log_every, enabled=main,
                    initial=state.step)
-    t_rl = time.time()
+    t_rl, zero_rewards = time.time(), 0
     while state.step < cfg.rl.steps:
         metrics = step_fn(policy, backend, task, cfg, state)
         metrics.update(policy.step_metrics())  # e.g. video encodes run / saved this step
+        zero_rewards = zero_rewards + 1 if metrics.get("reward/mean", 1.0) == 0 else 0
+        if zero_rewards == ZERO_REWARD_STEPS and main:
+            print(zero_reward_warning(state.step, zero_rewards), file=sys.stderr)
         step = state.step
         if cfg.rl.eval_every and step % cfg.rl.eval_every == 0 and step < cfg.rl.steps:
             metrics.update(held_out(step))
@@ -251,6 +255,17 @@ def _saved_rank_state(saved: dict, ckpt: Path, cfg: Config) -> dict:
         raise UserError(f"checkpoint {ckpt} holds APRIL state for {len(ranks)} process(es) and this run has "
                         f"{dist.world()}: resume with the same number (torchrun --nproc-per-node {len(ranks)})")
     return {**ranks[0], "sampler": torch.Generator().manual_seed(cfg.train.seed + 1 + dist.rank()).get_state()}
+
+
+ZERO_REWARD_STEPS = 5
+"""RL steps in a row with reward 0 on every sample before `longrl train` warns (once per streak)."""
+
+
+def zero_reward_warning(step: int, n: int) -> str:
+    return (f"warning: every sample scored reward 0 for {n} RL steps in a row (steps {step - n + 1}-{step}): "
+            "nothing to learn from (those steps make no update). Check that responses have the answer format "
+            "the verifier reads (model.system_prompt, reward.correctness), that the response budget fits "
+            "(rollout.max_new_tokens), or whether a learning rate broke the model (rl.lr)")
 
 
 def demonstration_length_warning(task, tokenizer, cfg: Config) -> str | None:
