@@ -192,3 +192,22 @@ def load_rank(rank, world, out_dir, sharded):
                   "n_moments": len(moments), "lr": opt.param_groups[0]["lr"]}
         with open(Path(out_dir) / f"load_{world}_{sharded}.json", "w") as f:
             json.dump(result, f)
+
+
+def replica_rank(rank, world, out_dir):
+    """The KL/DPO reference of a sharded model: a plain module with the same weights and the
+    same layer classes (bf16 autocast linears stay autocast), giving the same logits."""
+    from pathlib import Path
+
+    from longrl.models.precision import compute_dtype, set_compute_dtype
+
+    dist.setup_layout(1)
+    model = set_compute_dtype(_plain_model(torch.float32), "bfloat16")
+    ids = torch.randint(6, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    want = model(ids).logits
+    model = fsdp.shard_model(model)
+    ref = fsdp.replica(model)
+    result = {"plain": not fsdp.is_sharded(ref) and not any(isinstance(p, DTensor) for p in ref.parameters()),
+              "compute_dtype": str(compute_dtype(ref)), "same_logits": torch.equal(ref(ids).logits, want),
+              "own_memory": all(a.data_ptr() != b.data_ptr() for a, b in zip(ref.parameters(), model.parameters()))}
+    (Path(out_dir) / f"replica_{rank}.json").write_text(json.dumps(result))

@@ -139,6 +139,13 @@ def test_sharded_checkpoint_loads_on_another_world_size(tmp_path, offload):
         assert got["lr"] == 1e-2  # the param groups come back from the trainer state
 
 
+def test_reference_is_a_plain_copy_of_the_gathered_weights(tmp_path):
+    _in_worker("replica_rank", 2, str(tmp_path))
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"replica_{rank}.json").read_text())
+        assert got == {"plain": True, "compute_dtype": "torch.bfloat16", "same_logits": True, "own_memory": True}
+
+
 # ----------------------------------------------------------------------------------------
 # torchrun: resume, resume on another world size, export
 # ----------------------------------------------------------------------------------------

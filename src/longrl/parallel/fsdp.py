@@ -252,6 +252,8 @@ def replica(model: nn.Module, clone: bool = True) -> nn.Module:
     seen: dict[int, nn.Parameter] = {}
     for name, mod in out.named_modules():
         orig = src[name]
+        if type(orig) is not type(mod) and not type(orig).__name__.startswith("FSDP"):
+            mod.__class__ = type(orig)  # a class swapped after loading (e.g. models.precision's autocast linears)
         for k, p in orig._parameters.items():
             if p is not None and id(p) not in seen:  # tied weights stay tied
                 seen[id(p)] = nn.Parameter(p.detach().clone() if clone else p.detach(), requires_grad=p.requires_grad)
