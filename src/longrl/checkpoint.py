@@ -52,7 +52,7 @@ import torch
 
 from longrl.errors import UserError
 from longrl.models.load import save_policy
-from longrl.utils import atomic_dir, honour_umask, rng_state
+from longrl.utils import atomic_dir, replace_dir, rng_state
 
 STATE_FILE = "trainer_state.pt"
 DCP_DIR = "dcp"
@@ -145,15 +145,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_
 
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Rename a complete temp directory to `final`, replacing an older one (as `atomic_dir`)."""
-    honour_umask(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final)
 
 
 def load_sharded_state(ckpt: Path, model, optimizer, param_groups: list) -> None:

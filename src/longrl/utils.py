@@ -42,6 +42,20 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename a complete temp directory to `final`, replacing an older one: the old one is
+    moved aside first, so a crash leaves either the old or the new directory in place."""
+    honour_umask(tmp)  # mkdtemp makes it 0700 and some writers make files 0600
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 @contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temp directory next to `final`; on success rename it to `final`.
@@ -54,15 +68,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp"))
     try:
         yield tmp
-        honour_umask(tmp)  # mkdtemp makes it 0700 and some writers make files 0600
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -57,26 +57,14 @@ def test_the_result_channel_is_not_the_programs_stdout():
     assert run_tests("import sys\nsys.stdout.close()\ndef add(a, b): return a + b", TESTS, FAST) == 1.0
 
 
-def _running(marker: str) -> list[int]:
-    """Pids of live processes (any pid namespace) whose command line holds `marker`."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(int(pid))
-        except OSError:
-            pass
-    return pids
-
-
-def test_hangs_forks_and_memory_blowups_are_cut_off():
+def test_hangs_forks_and_memory_blowups_are_cut_off(running):
     t0 = time.time()
     assert run_tests("while True:\n    pass", TESTS, SandboxLimits(timeout_s=1.0)) == 0.0
     marker = f"longrl-fork-{uuid.uuid4().hex}"  # the fork runs under this name, so we can look for it
     fork = (f"import os, sys\nif os.fork() == 0:\n    os.execv(sys.executable, [sys.executable, '-c', "
             f"'while True: pass', {marker!r}])\n")
     assert run_tests(fork + "def add(a, b): return a + b", TESTS, SandboxLimits(timeout_s=2.0)) == 1.0  # room for a loaded machine
-    assert _running(marker) == []  # the fork died with the call
+    assert running(marker) == []  # the fork died with the call
     assert time.time() - t0 < 10
     assert run_tests("x = bytearray(4 << 30)\ndef add(a, b): return a + b", TESTS,
                      SandboxLimits(memory_mb=512)) == 0.0  # MemoryError under the address-space limit

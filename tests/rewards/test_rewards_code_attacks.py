@@ -49,18 +49,6 @@ def tiers_guarding(guard: str) -> list:
             for t in sandbox.TIERS if guard in sandbox.GUARDS[t]]
 
 
-def _running(marker: str) -> list[int]:
-    """Pids of live processes (any pid namespace) whose command line holds `marker`."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(int(pid))
-        except OSError:
-            pass
-    return pids
-
-
 def _sandbox_dirs() -> set[str]:
     return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("longrl-sandbox-")}
 
@@ -155,7 +143,7 @@ def test_a_flood_of_output_scores_zero_and_is_cut_at_the_cap(tier):
 
 
 @pytest.mark.parametrize("tier", tiers_guarding("processes"))
-def test_setsid_and_setpgid_children_die_with_the_call(tier, tmp_path):
+def test_setsid_and_setpgid_children_die_with_the_call(tier, tmp_path, running):
     marker = f"longrl-escape-{uuid.uuid4().hex}"
     log = tmp_path / "still-writing.log"
     # each child leaves the session or group (or double-forks) and keeps writing, under a name we can find
@@ -175,7 +163,7 @@ while alive() < 3 and time.time() < deadline:
     time.sleep(0.01)
 """
     assert run_tests(program, ["assert alive() == 3"], SandboxLimits(timeout_s=3.0), tier) == 1.0  # they ran
-    assert _running(marker) == []  # and died with the call
+    assert running(marker) == []  # and died with the call
     size = log.stat().st_size if log.exists() else 0
     time.sleep(0.2)
     assert (log.stat().st_size if log.exists() else 0) == size  # nobody is writing any more

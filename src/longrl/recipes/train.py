@@ -70,6 +70,10 @@ def train(cfg: Config) -> dict:
         raise UserError("rollout.partial=true (APRIL) runs with data parallelism but not with sequence parallelism yet: "
                         "use parallel.sp_size=1 or rollout.partial=false")
     dist.setup_layout(cfg.parallel.sp_size)  # SP groups of parallel.sp_size ranks; the rest is data parallel
+    if dist.layout().dp_size > cfg.rl.prompts_per_step and cfg.rl.steps > 0:
+        raise UserError(f"rl.prompts_per_step={cfg.rl.prompts_per_step} is fewer than the {dist.layout().dp_size} "
+                        "data-parallel replicas: every replica needs at least one group per step; raise "
+                        "rl.prompts_per_step or use fewer processes")
     quiet_libraries()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
