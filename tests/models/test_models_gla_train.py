@@ -153,6 +153,7 @@ TINY_GLA = [
     "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=3", "rl.micro_batch_size=4",
     "rl.eval_every=2", "rollout.max_new_tokens=10", "eval.max_new_tokens=10",
     "run.save_every=2", "run.progress=false",
+    "rl.kl_coef=0.05",  # every RL step updates (this untrained model's rewards are all 0: no signal otherwise)
 ]
 
 

@@ -43,20 +43,22 @@ def data_dir(tmp_path_factory):
 
 
 def test_video_train_end_to_end_writes_summary_and_counts_saved_encodes(tmp_path, data_dir):
+    # A KL term: every RL step updates (this untrained model's rewards are all 0, and a step
+    # without signal would make no update and run no training pass).
     assert main(["train", *TINY, f"task.train_file={data_dir}/train.jsonl", f"run.out_dir={tmp_path}",
-                 "run.name=v"]) == 0
+                 "run.name=v", "rl.kl_coef=0.05"]) == 0
     run = tmp_path / "v"
     summary = json.loads((run / "summary.json").read_text())
     for k in ("accuracy_after_sft", "accuracy_after_rl", "wall_seconds"):
         assert k in summary
     # Frozen tower: each of the 8 videos is encoded once in the whole run (eval encodes are
     # not counted); a pixel pipeline would encode G per rollout and once per sequence per
-    # pass: 2 SFT steps x 3 + 2 RL steps x 2 prompts x 2 samples x (rollout, old, update).
+    # pass: 2 SFT steps x 3 + 2 RL steps x 2 prompts x 2 samples x (rollout, old, reference, update).
     assert summary["video_encodes"] <= 6
-    assert summary["video_encodes"] + summary["video_encodes_saved"] == 2 * 3 + 2 * 2 * 2 * 3
+    assert summary["video_encodes"] + summary["video_encodes_saved"] == 2 * 3 + 2 * 2 * 2 * 4
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in recs if r["phase"] == "rl" and r["step"] > 0]
-    assert [r["video/encodes_saved"] for r in rl] == [12, 12] and all(r["video/encodes"] == 0 for r in rl)
+    assert [r["video/encodes_saved"] for r in rl] == [16, 16] and all(r["video/encodes"] == 0 for r in rl)
     assert all(r["logprob/engine_trainer_gap"] < 1e-4 for r in rl)  # rollout log-probs == trainer's
     assert (run / "checkpoints" / "step_2" / "model.safetensors").is_file()
 
@@ -149,7 +151,7 @@ def test_streambp_update_equals_the_chunked_one(data_dir, train_vision, rows, to
 
 def test_video_train_runs_with_streambp(tmp_path, data_dir):
     assert main(["train", *TINY, f"task.train_file={data_dir}/train.jsonl", f"run.out_dir={tmp_path}",
-                 "run.name=s", "train.backprop=streambp", "train.stream_chunk=8"]) == 0
+                 "run.name=s", "train.backprop=streambp", "train.stream_chunk=8", "rl.kl_coef=0.05"]) == 0
     recs = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in recs if r["phase"] == "rl" and r["step"] > 0]
     assert len(rl) == 2 and all(r["logprob/engine_trainer_gap"] < 1e-4 for r in rl)

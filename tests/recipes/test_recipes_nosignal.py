@@ -137,3 +137,27 @@ def test_a_run_whose_rewards_stay_zero_warns_once(tmp_path, capsys):
                  "run.progress=false", f"run.out_dir={tmp_path}", "run.name=z"]) == 0  # a random model: reward 0
     err = capsys.readouterr().err
     assert err.count("scored reward 0") == 1 and f"for {ZERO_REWARD_STEPS} RL steps in a row (steps 1-" in err
+
+
+def test_eval_shows_progress_on_a_terminal_only(tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    from longrl.cli import main
+
+    assert main(["train", "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
+                 "task.n_eval=3", "sft.steps=0", "rl.steps=0", "run.progress=false", f"run.out_dir={tmp_path}",
+                 "run.name=p"]) == 0
+    ckpt = tmp_path / "p" / "checkpoints" / "step_0"
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for term, bar in ((False, False), (True, True)):
+        capsys.readouterr()
+        if term:
+            monkeypatch.setattr(sys, "stderr", Terminal())
+        assert main(["eval", f"model={ckpt}", "task.n_eval=3", "eval.max_new_tokens=3", "eval.batch_size=2"]) == 0
+        err = sys.stderr.getvalue() if term else capsys.readouterr().err
+        assert ("3/3" in err) == bar  # the bar counts the examples as they decode

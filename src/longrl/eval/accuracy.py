@@ -26,16 +26,21 @@ def decode_response(tokenizer, ids: list[int]) -> str:
 
 @torch.no_grad()
 def evaluate(policy, backend, examples: list[Example], score: Callable[[str, Example], float], *,
-             max_new_tokens: int, batch_size: int, return_items: bool = False) -> dict:
+             max_new_tokens: int, batch_size: int, return_items: bool = False, progress: bool = False) -> dict:
     """Greedy accuracy of `policy` decoded by `backend` (`rollout/base.py`) over `examples`:
-    {"eval/accuracy", "eval/format", "eval/response_len"} (+ "items" with `return_items`)."""
+    {"eval/accuracy", "eval/format", "eval/response_len"} (+ "items" with `return_items`).
+    `progress`: a bar over the examples on stderr while they decode (`longrl eval`)."""
+    from tqdm.auto import tqdm
+
     from longrl.rollout.base import SamplingParams
 
     greedy = SamplingParams(max_new_tokens, temperature=0.0)
     responses = []
-    for s in range(0, len(examples), batch_size):
-        requests = policy.requests(examples[s : s + batch_size], 1, eval=True)
-        responses += [g.response_ids for g in backend.generate(requests, greedy)]
+    with tqdm(total=len(examples), desc="eval", unit="ex", disable=not progress, dynamic_ncols=True) as bar:
+        for s in range(0, len(examples), batch_size):
+            requests = policy.requests(examples[s : s + batch_size], 1, eval=True)
+            responses += [g.response_ids for g in backend.generate(requests, greedy)]
+            bar.update(len(requests))
     return score_responses_greedy(policy.tokenizer, examples, responses, score, return_items)
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from longrl.models.compat import cache_kwargs
 from longrl.errors import UserError
 from longrl.rollout.sampling import sample_next
 
@@ -338,13 +339,13 @@ def sample_with_video(model, video: VideoEmbeds, prompt_ids: list[int], n: int, 
     embeds = video_inputs_embeds(model, ids, video)  # [1, P, D]
     cache = DynamicCache(config=model.config.text_config)
     if share_prefill:
-        h = lm(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        h = lm(inputs_embeds=embeds, position_ids=positions, **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state
         cache.batch_repeat_interleave(n)
         h = h[:, -1].expand(n, -1)  # [n, D]
     else:
         P = ids.shape[1]
         h = lm(inputs_embeds=embeds.expand(n, -1, -1), position_ids=positions.expand(3, n, P),
-               past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # [n, D]
+               **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state[:, -1]  # [n, D]
     next_pos = int(positions[0, 0, -1]) + 1  # the prompt ends in text: all three axes agree
     tokens, logps = [], []
     done = torch.zeros(n, dtype=torch.bool)
@@ -357,7 +358,7 @@ def sample_with_video(model, video: VideoEmbeds, prompt_ids: list[int], n: int, 
             break
         pos = torch.full((3, n, 1), next_pos + step)
         h = lm(inputs_embeds=model.get_input_embeddings()(tok[:, None]), position_ids=pos,
-               past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+               **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state[:, -1]
     tok_mat, lp_mat = torch.stack(tokens, 1), torch.stack(logps, 1)  # [n, steps]
     responses = [[t for t in row if t >= 0] for row in tok_mat.tolist()]
     return responses, [lp_mat[i, : len(r)].tolist() for i, r in enumerate(responses)]
@@ -382,7 +383,7 @@ def _prefill(model, video: VideoEmbeds, prompt_ids: list[int], positions: torch.
     ids = torch.tensor([prompt_ids], device=video.embeds.device)  # [1, P]
     cache = DynamicCache(config=model.config.text_config)
     h = model.model.language_model(inputs_embeds=video_inputs_embeds(model, ids, video), position_ids=positions[:, None],
-                                   past_key_values=cache, use_cache=True).last_hidden_state
+                                   **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state
     return h, cache
 
 
@@ -403,7 +404,7 @@ def shared_prompt_hidden(model, video: VideoEmbeds, prompt_ids: list[int], posit
     start = int(positions[0, -1]) + 1
     pos = (start + torch.arange(R, device=responses.device)).view(1, 1, R).expand(3, n, R)  # [3, n, R]
     h_resp = model.model.language_model(inputs_embeds=model.get_input_embeddings()(responses), position_ids=pos,
-                                        past_key_values=cache, use_cache=True).last_hidden_state
+                                        **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state
     return h_prompt, h_resp
 
 
@@ -463,7 +464,7 @@ def sample_prompts(model, videos: list[VideoEmbeds], prompts: list[list[int]], p
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], 1)
         pos = (next_pos + step).view(1, rows, 1).expand(3, rows, 1)  # [3, N*n, 1]
         h = lm(inputs_embeds=embed(tok[:, None]), position_ids=pos, attention_mask=mask,
-               past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+               **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state[:, -1]
     tok_mat, lp_mat = torch.stack(tokens, 1), torch.stack(logps, 1)  # [N*n, steps]
     responses = [[t for t in row if t >= 0] for row in tok_mat.tolist()]
     return responses, [lp_mat[i, : len(r)].tolist() for i, r in enumerate(responses)]

@@ -29,8 +29,11 @@ def run_eval(overrides: list[str], config: str | None = None, out: str | None = 
     task, load, as_policy = load_task_and_policy(cfg, device)  # text or video: the same evaluation
     model, tokenizer = load(cfg.model, device)
     policy, backend = as_policy(model, tokenizer), make_backend(cfg, model, tokenizer)
+    import sys
+
     result = evaluate(policy, backend, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
-                      batch_size=cfg.eval.batch_size, return_items=out is not None)
+                      batch_size=cfg.eval.batch_size, return_items=out is not None,
+                      progress=cfg.run.progress and sys.stderr.isatty())  # a bar on a terminal; stdout stays the JSON
     items = result.pop("items", None)
     if out:
         atomic_write_text(out, "".join(json.dumps(it) + "\n" for it in items))

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from longrl.models.compat import cache_kwargs, returned_cache
 from longrl.rollout.sampling import top_p_filter
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -200,17 +201,15 @@ class ContinuousEngine:
         dev = self.device
         input_ids = torch.tensor([[r.next_input] for r in self._rows], device=dev)  # [B, 1]
         if self._recurrent:  # every row's state is current: no mask, no positions
-            out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             past_key_values=self._cache, use_cache=True)
+            out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
+                             **cache_kwargs(self.model, self._cache))
         else:
             cached = torch.tensor([r.cached for r in self._rows], device=dev)  # [B]
             mask = _decode_mask(cached, C, self.model.dtype)  # [B, 1, 1, C+1]
             cache = self._cache if self._cache is not None else DynamicCache()
-            out = self.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=cached[:, None],
-                past_key_values=cache, use_cache=True,
-            )
-        self._cache = out.past_key_values
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=cached[:, None], use_cache=True,
+                             **cache_kwargs(self.model, cache))
+        self._cache = returned_cache(out)
         logits = out.logits[:, -1].float()  # [B, V]
         u = torch.tensor([r.rng.random() for r in self._rows], device=dev)  # [B]
         tokens, logprobs = sample_with_uniforms(logits, u, self.temperature, self.top_p)  # [B], [B]
@@ -313,12 +312,10 @@ class ContinuousEngine:
         col = torch.arange(P, device=dev)  # [P]
         positions = (col[None, :] - start[:, None]).clamp(min=0)  # [n, P]
         mask = _prefill_mask(start, P, self.model.dtype)  # [n, 1, P, P]
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions,
-            past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1,
-        )
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                         **cache_kwargs(self.model, DynamicCache()))
         self.prefill_tokens += sum(lens)
-        return _cache_tensors(out.past_key_values)
+        return _cache_tensors(returned_cache(out))
 
     def _columns(self) -> int:
         return 0 if self._cache is None else self._cache.get_seq_length()
@@ -360,7 +357,7 @@ class _RecurrentRows:
                 valid[i, P - len(c):] = 1
         out = engine.model(input_ids=ids, attention_mask=valid, use_cache=True, logits_to_keep=1)
         engine.prefill_tokens += sum(len(c) for c in contexts)
-        return out.past_key_values  # the model's own cache type
+        return returned_cache(out)  # the model's own cache type
 
     @staticmethod
     def concat(caches: list):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from longrl.models.compat import cache_kwargs, returned_cache
 from longrl.rollout.sampling import sample_next
 
 
@@ -56,11 +57,9 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
     step_ids, step_pos = input_ids, positions
     for _ in range(max_new_tokens):
-        out = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-            past_key_values=cache, use_cache=True,
-        )
-        cache = out.past_key_values  # a model with its own cache type (GLA's recurrent state) returns it here
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                    **cache_kwargs(model, cache))
+        cache = returned_cache(out)  # a model with its own cache type (GLA's recurrent state) returns it here
         logits = out.logits[:, -1]  # [B, V]
         tokens, logps = sample_next(logits, temperature, top_p, generator)  # [B], [B]
         tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)
