@@ -267,7 +267,7 @@ ZERO_REWARD_STEPS = 5
 
 def zero_reward_warning(step: int, n: int) -> str:
     return (f"warning: every sample scored reward 0 for {n} RL steps in a row (steps {step - n + 1}-{step}): "
-            "nothing to learn from (those steps make no update). Check that responses have the answer format "
+            "nothing to learn from (without a KL term those steps make no update). Check that responses have the answer format "
             "the verifier reads (model.system_prompt, reward.correctness), that the response budget fits "
             "(rollout.max_new_tokens), or whether a learning rate broke the model (rl.lr)")
 
