@@ -221,3 +221,45 @@ def test_files_honour_the_umask(tmp_path, policy, mask):
     assert mode(tmp_path / "config.yaml") == 0o666 & ~mask
     assert mode(ckpt) == 0o777 & ~mask
     assert {mode(p) for p in ckpt.iterdir()} == {0o666 & ~mask}  # model.safetensors was written 0600
+
+
+def test_a_crafted_dcp_metadata_does_not_run_on_resume(tmp_path):
+    """DCP unpickles `.metadata` and torch.load(weights_only=False)s 'bytes' entries; longrl's
+    reader allows only the classes of a tensor checkpoint and refuses 'bytes' entries."""
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from longrl.checkpoint import safe_dcp_reader
+    from longrl.errors import UserError
+
+    good = tmp_path / "good"
+    m = torch.nn.Linear(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
+        dcp.save({"model": m.state_dict()}, checkpoint_id=str(good))
+        back = {"model": {k: torch.zeros_like(v) for k, v in m.state_dict().items()}}
+        dcp.load(back, checkpoint_id=str(good), storage_reader=safe_dcp_reader(good))  # a real one loads
+    assert all(torch.equal(back["model"][k], v) for k, v in m.state_dict().items())
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('x')",))
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UserError, match="not a sharded checkpoint longrl wrote"):
+        safe_dcp_reader(evil).read_metadata()
+    assert not marker.exists()
+
+    meta = safe_dcp_reader(good).read_metadata()  # valid classes, but an entry routed to torch.load(weights_only=False)
+    meta.state_dict_metadata["model.weight"] = BytesStorageMetadata()
+    meta.storage_meta = None
+    (evil / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(UserError, match="not a sharded checkpoint longrl wrote|entries other than tensors"):
+        safe_dcp_reader(evil).read_metadata()

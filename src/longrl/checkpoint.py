@@ -15,9 +15,9 @@ reshards on load, so a run resumes on another number of processes with the same 
 and optimizer state; the optimizer's param groups (plain numbers) go into the trainer state
 instead, and the main rank still writes the Hugging Face weights from the full weights
 every rank holds during a step (`parallel/fsdp.py`), so every checkpoint loads in plain
-`transformers` and `export_checkpoint` only copies. DCP reads its own `.metadata` with
-pickle: the manifest's sha256 catches a damaged file, not a crafted one, so resume only
-from checkpoints you wrote.
+`transformers` and `export_checkpoint` only copies. DCP's own reader unpickles `.metadata`
+and loads "bytes" entries with full pickle; `safe_dcp_reader` unpickles only the classes of
+a tensor checkpoint and refuses "bytes" entries, so a crafted `dcp/` cannot run code.
 
 The trainer state loads with `torch.load(weights_only=True)`: tensors and plain containers
 only, so a crafted `trainer_state.pt` cannot run code on resume. What is not plain is
@@ -148,6 +148,58 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     replace_dir(tmp, final)
 
 
+# DCP's reader unpickles `.metadata` with plain pickle, and loads any entry the metadata
+# calls "bytes" with torch.load(weights_only=False): a crafted `dcp/` in a run directory
+# would run code on `resume=`. This reader unpickles only the classes DCP writes for tensor
+# checkpoints, and refuses "bytes" entries (longrl never writes any).
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                              "ChunkStorageMetadata", "MetadataIndex", "StorageMeta",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "Path"},
+}
+
+
+def safe_dcp_reader(path: Path):
+    """A `FileSystemReader` for `path` whose metadata can hold only tensor-checkpoint data."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if name in _DCP_CLASSES.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                       torch.dtype)):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"{module}.{name}")
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            file = Path(path) / ".metadata"
+            try:
+                metadata = _Unpickler(io.BytesIO(file.read_bytes())).load()
+            except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+                raise UserError(f"{file}: not a sharded checkpoint longrl wrote ({type(e).__name__}: {e}); "
+                                "resume from a checkpoint of your own run") from None
+            entries = getattr(metadata, "state_dict_metadata", None)
+            if not isinstance(entries, dict) or any(isinstance(v, BytesStorageMetadata) for v in entries.values()):
+                raise UserError(f"{file}: holds entries other than tensors, which longrl never writes; "
+                                "resume from a checkpoint of your own run")
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
 def load_sharded_state(ckpt: Path, model, optimizer, param_groups: list) -> None:
     """The weights and optimizer moments of `ckpt/dcp` into `model` (FSDP2 or plain) and its
     optimizer, resharded to this run's number of processes (collective under torchrun)."""
@@ -158,7 +210,8 @@ def load_sharded_state(ckpt: Path, model, optimizer, param_groups: list) -> None
 
     model_state, optim_state = get_state_dict(model, optimizer)  # templates: this run's shards
     state = {"model": model_state, "optim": optim_state["state"]}
-    dcp.load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR))
+    path = Path(ckpt) / DCP_DIR
+    dcp.load(state, checkpoint_id=str(path), storage_reader=safe_dcp_reader(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict={"state": state["optim"], "param_groups": param_groups})
     if fsdp.is_sharded(model):
