@@ -192,8 +192,9 @@ def test_bad_input_in_a_fresh_process(build, message, tmp_path):
 NO_TORCH = "import sys; from longrl.cli import main; rc = main(sys.argv[1:]); print(sorted({'torch', 'transformers'} & set(sys.modules))); sys.exit(rc)"
 
 
-@pytest.mark.parametrize("args", [["train", "rl.grup_size=4"], ["train", "rl.clip_low=5"], ["train", "run.name=../x"]],
-                         ids=["typo", "range", "run.name"])
+@pytest.mark.parametrize("args", [["train", "rl.grup_size=4"], ["train", "rl.clip_low=5"], ["train", "run.name=../x"],
+                                  ["eval", "model=m", "task.n_evl=3"]],
+                         ids=["typo", "range", "run.name", "eval-typo"])
 def test_config_errors_answer_before_torch_is_imported(args, tmp_path):
     """A typo answers in well under 2 s because nothing heavy is imported to refuse it."""
     r = _longrl(args, tmp_path, code=NO_TORCH)

@@ -111,6 +111,9 @@ def cmd_eval(args) -> int:
                               **videomme_options(args.overrides))
         print(json.dumps(result, indent=2))
         return 0
+    from longrl.config import eval_overrides, load_config
+
+    load_config(args.config, eval_overrides(args.overrides))  # a typo answers before torch is imported
     from longrl.recipes.evaluate import run_eval
 
     result = run_eval(args.overrides, config=args.config, out=args.out)

@@ -747,6 +747,19 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+EVAL_ALIASES = {"model": "model.path", "task": "task.name"}
+"""`longrl eval model=... task=...`: short names for the two keys an evaluation always sets."""
+
+
+def eval_overrides(overrides) -> list[str]:
+    """`longrl eval`'s key=value items with its short names expanded (EVAL_ALIASES)."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        out.append(f"{EVAL_ALIASES.get(key.strip(), key.strip())}{sep}{value}" if sep else item)
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- `key=value` overrides, then validate."""
     cfg = Config()

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 
-from longrl.config import load_config
+from longrl.config import eval_overrides, load_config
 from longrl.errors import UserError
 from longrl.eval.accuracy import evaluate
 from longrl.utils import atomic_write_text, pick_device, seed_everything
 
-ALIASES = {"model": "model.path", "task": "task.name"}
-
 
 def run_eval(overrides: list[str], config: str | None = None, out: str | None = None) -> dict:
-    overrides = [_alias(o) for o in overrides]
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, eval_overrides(overrides))
     if not cfg.model.path:
         raise UserError("longrl eval needs model=PATH (a Hugging Face model directory or runs/<name>/checkpoints/step_<N>)")
     seed_everything(cfg.train.seed)
@@ -41,7 +38,3 @@ def run_eval(overrides: list[str], config: str | None = None, out: str | None = 
             "accuracy": result["eval/accuracy"], "format": result["eval/format"],
             "response_len": result["eval/response_len"]}
 
-
-def _alias(item: str) -> str:
-    key, sep, value = item.partition("=")
-    return f"{ALIASES.get(key.strip(), key.strip())}{sep}{value}" if sep else item
