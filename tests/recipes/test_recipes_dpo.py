@@ -1,6 +1,7 @@
 """Online DPO (`rl.algorithm=dpo`): the loss by hand, pair choice, and one step's gradient
 against a brute-force full-batch reference, whatever the micro-batch size."""
 
+import copy
 import math
 from dataclasses import replace
 from types import SimpleNamespace
@@ -70,7 +71,7 @@ def _step_grads(model, cfg, monkeypatch):
 
 def _reference_grads(model, roll, beta, pairs=None):
     """Brute force: full logits of every pair's chosen and rejected sequence, one loss, one backward."""
-    ref_model = grpo.copy.deepcopy(model)
+    ref_model = copy.deepcopy(model)
 
     def seq_logp(m, i):
         ids = torch.tensor([roll.prompt_ids[i] + roll.response_ids[i]])
@@ -157,7 +158,7 @@ def test_offline_dpo_step_gradient_equals_the_full_batch_reference(tmp_path, mon
     assert tok.decode(responses[0][:-1]) == examples[0].meta["chosen"] and responses[0][-1] == tok.eos_token_id
     roll = SimpleNamespace(prompt_ids=prompts, response_ids=responses,
                            rewards=torch.tensor([1.0] * 5 + [0.0] * 5))
-    reference = _reference_grads(grpo.copy.deepcopy(model), roll, beta=0.2, pairs=pairs)
+    reference = _reference_grads(copy.deepcopy(model), roll, beta=0.2, pairs=pairs)
     grads = _capture_grads(monkeypatch)
     metrics = dpo.dpo_step(policy, None, task, cfg, state)  # offline: nothing sampled
     assert metrics["dpo/pairs"] == 5

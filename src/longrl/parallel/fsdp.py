@@ -44,7 +44,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 from torch import nn
 
 from longrl.errors import UserError

@@ -74,11 +74,8 @@ def clip_and_step(model, optimizer, scheduler, grad_clip: float, loss=None, wher
         _count_skip(optimizer, skipped=False)
         scheduler.step()
     else:
-        optimizer.zero_grad(set_to_none=True)
         in_a_row = _count_skip(optimizer, skipped=True)
-        with warnings.catch_warnings():  # torch warns when the schedule steps before any optimizer step
-            warnings.simplefilter("ignore", UserWarning)
-            scheduler.step()
+        skip_update(optimizer, scheduler)
         if in_a_row >= MAX_NONFINITE_STEPS:
             raise UserError(f"{where or f'optimizer step {scheduler.last_epoch}'}: the loss or gradient norm was NaN "
                             f"or inf for {in_a_row} steps in a row (those updates were skipped; weights are as after "
@@ -88,6 +85,26 @@ def clip_and_step(model, optimizer, scheduler, grad_clip: float, loss=None, wher
     if fsdp.is_sharded(model):
         fsdp.gather(model)
     return norm
+
+
+def skip_update(optimizer, scheduler) -> None:
+    """An optimizer step not taken: no weight or moment moves and the grads are dropped; the
+    LR schedule still advances, so it stays aligned with the loop's steps."""
+    optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # torch warns when the schedule steps before any optimizer step
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+
+
+def no_signal_steps(optimizer) -> int:
+    """RL steps that made no update for want of a learning signal (kept in the optimizer's
+    param groups, so a resumed run keeps counting)."""
+    return int(optimizer.param_groups[0].get("no_signal_steps", 0))
+
+
+def count_no_signal(optimizer) -> None:
+    for group in optimizer.param_groups:
+        group["no_signal_steps"] = group.get("no_signal_steps", 0) + 1
 
 
 def skipped_steps(optimizer) -> int:

@@ -37,8 +37,8 @@ from longrl.errors import UserError
 from longrl.parallel import dist
 from longrl.policy.base import Policy
 from longrl.models.lora import new_adapter
-from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, skipped_steps
-from longrl.recipes.grpo import GRPOState, collect, no_signal_steps, no_update, reduce_metrics, reference_logprobs
+from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, no_signal_steps, skipped_steps
+from longrl.recipes.grpo import GRPOState, collect, no_update, reduce_metrics, reference_logprobs
 from longrl.rollout.base import RolloutBackend
 from longrl.rl.losses import dpo_loss
 from longrl.streambp.logprobs import make_batch

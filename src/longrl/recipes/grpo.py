@@ -18,10 +18,8 @@ The loop takes a `Policy` (`policy/`: text or video, the same code) and a `Rollo
 
 from __future__ import annotations
 
-import copy
 import random
 import time
-import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,7 +32,8 @@ from longrl.parallel import dist, fsdp
 from longrl.policy.base import Policy
 from longrl.metrics import length_stats
 from longrl.models.lora import DisabledAdapter, has_lora
-from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, skipped_steps
+from longrl.recipes.common import (clip_and_step, count_no_signal, make_optimizer, make_scheduler, no_signal_steps,
+                                   skip_update, skipped_steps)
 from longrl.rewards.combine import score_responses
 from longrl.rl.advantages import constant_groups, group_advantages, overlong_soft_penalty
 from longrl.rl.losses import policy_loss
@@ -373,21 +372,12 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
     return reduce_metrics(metrics)
 
 
-def no_signal_steps(optimizer) -> int:
-    """RL steps that made no update for want of a learning signal (kept with the optimizer's
-    state, so a resumed run keeps counting)."""
-    return int(optimizer.param_groups[0].get("no_signal_steps", 0))
-
-
 def no_update(model, backend, cfg: Config, state: GRPOState, metrics: dict, t0: float, t_rollout: float) -> dict:
     """End a step without touching the weights or the optimizer's moments: the schedule
     advances (it counts RL steps), the count goes up, the engine gets the new version."""
     lr = state.scheduler.get_last_lr()[0]
-    for group in state.optimizer.param_groups:
-        group["no_signal_steps"] = group.get("no_signal_steps", 0) + 1
-    with warnings.catch_warnings():  # torch warns when the schedule steps before any optimizer step
-        warnings.simplefilter("ignore", UserWarning)
-        state.scheduler.step()
+    count_no_signal(state.optimizer)
+    skip_update(state.optimizer, state.scheduler)
     state.step += 1
     if backend is not None:  # offline DPO runs without one
         backend.sync_weights(model, state.step)

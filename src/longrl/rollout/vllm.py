@@ -192,10 +192,11 @@ class VLLMBackend:
                 continue
             req, ids, lps, versions = self._live[out.request_id]
             c = out.outputs[0]
-            new = list(c.token_ids)[len(ids):]
+            seen = len(ids)
+            new = list(c.token_ids)[seen:]
             self.tokens_generated += len(new)
             ids.extend(new)
-            lps[:] = _token_logprobs(ids, c.logprobs)
+            lps.extend(_token_logprobs(new, None if c.logprobs is None else c.logprobs[seen:]))  # the new tokens only
             versions.extend([self.policy_version] * len(new))
             if out.finished:
                 del self._live[out.request_id]
