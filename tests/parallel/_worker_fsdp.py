@@ -11,7 +11,6 @@ tensors (the shards' DTensor grads gathered). Each rank also records how much of
 weights and of AdamW's state it holds.
 """
 import json
-import os
 import sys
 
 import torch
@@ -105,17 +104,7 @@ def _update_cases(out_path):
                             errs=sp._compare(sp.grpo_case(*case), sp.REF["grpo"][case])))
     got = sp.dpo_case()
     records.append(dict(base, kind="dpo", pairs=got["pairs"], errs=sp._compare(got, sp.REF["dpo"])))
-    gathered = dist.all_gather_object(records)
-    if ctx.is_main:
-        with open(out_path, "w") as f:
-            json.dump([r for rs in gathered for r in rs], f)
-    tdist.destroy_process_group()
-
-
-def _forked_rank(rank, world, port, out_path, sp_size):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    main(out_path, sp_size)
+    sp.write_records(records, ctx, out_path)
 
 
 if __name__ == "__main__":
@@ -124,7 +113,7 @@ if __name__ == "__main__":
     sp.references()  # one plain process on the whole batch
     STREAMBP_REF[STREAMBP] = sp.sft_case(*STREAMBP)
     sp._model, sp._record_grads = _sharded_model, _record_full_grads  # the ranks inherit these (fork)
-    torch.multiprocessing.start_processes(_forked_rank, args=(world, free_port(), out, sp_size), nprocs=world,
+    torch.multiprocessing.start_processes(sp.forked_rank, args=(main, world, free_port(), out, sp_size), nprocs=world,
                                           start_method="fork")
 
 

@@ -242,6 +242,11 @@ def main(out_path, sp_size):
     records.append(dict(base, kind="rollout", same=all(roll[k] == want[k] for k in ("prompt_ids", "response_ids",
                                                                                        "rewards", "ids")),
                         n_rows=len(roll["ids"]), behaviour_err=behaviour_err))
+    write_records(records, ctx, out_path)
+
+
+def write_records(records, ctx, out_path):
+    """Every rank's records, written once by the main rank; then the process group ends."""
     gathered = dist.all_gather_object(records)
     if ctx.is_main:
         with open(out_path, "w") as f:
@@ -249,15 +254,16 @@ def main(out_path, sp_size):
     tdist.destroy_process_group()
 
 
-def _forked_rank(rank, world, port, out_path, sp_size):
+def forked_rank(rank, main, world, port, out_path, arg):
+    """A `start_processes` target: this fork's torchrun-style rank environment, then `main(out_path, arg)`."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    main(out_path, sp_size)
+    main(out_path, arg)
 
 
 if __name__ == "__main__":
     out, world, sp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(1)  # before any kernel runs: the ranks are forked from this process
     references()
-    torch.multiprocessing.start_processes(_forked_rank, args=(world, free_port(), out, sp), nprocs=world,
+    torch.multiprocessing.start_processes(forked_rank, args=(main, world, free_port(), out, sp), nprocs=world,
                                           start_method="fork")

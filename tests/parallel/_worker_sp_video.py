@@ -18,13 +18,10 @@ is replaced by one that runs the real rollout of this replica's prompts (so the 
 videos are encoded as in training) and returns its share of the fixed rows instead. The rollout split itself is compared
 with greedy decoding, which makes the reference reproducible.
 """
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 
 from longrl.config import load_config
 from longrl.data.example import Example
@@ -37,7 +34,7 @@ from longrl.rollout.hf import HFBackend
 from longrl.rewards.verifiers import answer_scorer
 
 # The text SP worker's gradient recorder and comparison (this file's directory is on sys.path).
-from _worker_sp_recipes import _compare, _err, _params, _record_grads  # noqa: E402
+from _worker_sp_recipes import _compare, _err, _params, _record_grads, forked_rank, write_records  # noqa: E402
 
 N_PROMPTS, G = 4, 3
 VIDEOS = {"v0": 6, "v1": 4, "v2": 2}  # frames: 3, 2 and 1 temporal patches
@@ -210,17 +207,7 @@ def main(out_path, task):
     ctx = dist.init_from_env()
     torch.set_num_threads(1)
     records = run_layout(task, ctx, 2) + run_layout(task, ctx, 1)
-    gathered = dist.all_gather_object(records)
-    if ctx.is_main:
-        with open(out_path, "w") as f:
-            json.dump([r for rs in gathered for r in rs], f)
-    tdist.destroy_process_group()
-
-
-def _forked_rank(rank, world, port, out_path, task):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    main(out_path, task)
+    write_records(records, ctx, out_path)
 
 
 if __name__ == "__main__":
@@ -230,5 +217,5 @@ if __name__ == "__main__":
     _float64_throughout()
     task = _task(root)
     references(task)
-    torch.multiprocessing.start_processes(_forked_rank, args=(2, free_port(), out, task), nprocs=2,
+    torch.multiprocessing.start_processes(forked_rank, args=(main, 2, free_port(), out, task), nprocs=2,
                                           start_method="fork")

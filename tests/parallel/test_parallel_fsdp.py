@@ -27,6 +27,8 @@ import torch
 from longrl.cli import main
 from longrl.parallel.local_spawn import free_port, spawn_local
 
+from _records import assert_close as _assert_close, select as _select  # noqa: E402
+
 WORKER = Path(__file__).with_name("_worker_fsdp.py")
 TOL = {"torch.float64": 1e-10, "torch.float32": 1e-5}
 LAYOUTS = {"fsdp2": (2, 1), "fsdp4": (4, 1), "sp2xfsdp2": (4, 2)}
@@ -40,18 +42,6 @@ def run(request, run_worker, tmp_path_factory):
     records = run_worker(WORKER, f"fsdp_{request.param}", world, sp)
     newest = max(tmp_path_factory.getbasetemp().glob(f"fsdp_{request.param}*"), key=lambda p: p.stat().st_mtime)
     return world, sp, records, [json.loads(p.read_text()) for p in sorted(newest.glob("records.json.rank*"))]
-
-
-def _select(records, **want):
-    chosen = [r for r in records if all(r.get(k) == v for k, v in want.items())]
-    assert chosen, f"no records for {want}"
-    return chosen
-
-
-def _assert_close(chosen, tol):
-    for r in chosen:
-        bad = {k: v for k, v in r["errs"].items() if not v <= tol}
-        assert not bad, f"{r['kind']} world={r['world']} rank={r['rank']}: {bad}"
 
 
 @pytest.mark.parametrize("mode,dtype", [("chunked", "torch.float64"), ("checkpoint", "torch.float64"),

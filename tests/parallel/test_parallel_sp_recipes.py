@@ -25,6 +25,8 @@ from longrl.parallel import dist
 from longrl.parallel.local_spawn import free_port
 from longrl.parallel.sp_train import check_sp_model
 
+from _records import assert_close as _assert_close, select as _select  # noqa: E402
+
 WORKER = Path(__file__).with_name("_worker_sp_recipes.py")
 TOL = {"torch.float64": 1e-10, "torch.float32": 1e-5}
 LAYOUTS = {"sp2": (2, 2), "sp2xdp2": (4, 2)}
@@ -36,18 +38,6 @@ def records(request, run_worker):
     recs = run_worker(WORKER, f"sp_{request.param}", world, sp)
     assert sorted(r["rank"] for r in recs if r["kind"] == "rollout") == list(range(world))
     return recs
-
-
-def _select(records, **want):
-    chosen = [r for r in records if all(r.get(k) == v for k, v in want.items())]
-    assert chosen, f"no records for {want}"
-    return chosen
-
-
-def _assert_close(chosen, tol):
-    for r in chosen:
-        bad = {k: v for k, v in r["errs"].items() if not v <= tol}
-        assert not bad, f"{r['kind']} world={r['world']} rank={r['rank']}: {bad}"
 
 
 def test_layout_of_the_run(records):

@@ -20,6 +20,8 @@ pytest.importorskip("av", reason="video tests need PyAV (pip install -e '.[video
 
 from longrl.parallel.local_spawn import free_port  # noqa: E402
 
+from _records import assert_close, select as _select  # noqa: E402
+
 WORKER = Path(__file__).with_name("_worker_sp_video.py")
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "video_grpo.yaml"
 TOL = 1e-10  # float64
@@ -32,16 +34,8 @@ def records(run_worker):
     return recs
 
 
-def _select(records, **want):
-    chosen = [r for r in records if all(r.get(k) == v for k, v in want.items())]
-    assert chosen, f"no records for {want}"
-    return chosen
-
-
 def _assert_close(chosen):
-    for r in chosen:
-        bad = {k: v for k, v in r["errs"].items() if not v <= TOL}
-        assert not bad, f"{r['kind']} sp_size={r['sp_size']} rank={r['rank']}: {bad}"
+    assert_close(chosen, TOL, where=("sp_size",))
 
 
 @pytest.mark.parametrize("sp_size", [2, 1])
