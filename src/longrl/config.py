@@ -357,6 +357,19 @@ class VideoConfig:
     whose embeddings are computed once per video per run either way."""
     train_vision: bool = False
     """Also train the vision tower (then embeddings cannot be cached across steps)."""
+    encode_chunk: int = 256
+    """Frames the vision tower encodes at a time (rounded down to whole temporal patches;
+    0: the whole video at once). Bounds the tower's activations for long videos; the
+    embeddings are the same (the tower attends within one temporal step only)."""
+    token_reduction: str = "none"
+    """Drop redundant video tokens before the language model (`media/reduce.py`): 'none',
+    or 'diff' (TimeChat-Online's differential dropping: a token whose cosine distance to
+    the last kept token of the same patch is at most `drop_threshold` is dropped; the rest
+    keep their true M-RoPE positions). Rollouts and training see the same reduced
+    sequence, cached with the embeddings. Needs a frozen tower (`train_vision=false`)."""
+    drop_threshold: float = 0.05
+    """Cosine distance at or below which `token_reduction=diff` drops a token (0 drops
+    only exact repeats)."""
 
 
 @dataclass
@@ -463,12 +476,25 @@ class Config:
             raise UserError("rollout.backend=vllm needs vLLM: pip install -e \".[vllm]\" (see README), or use rollout.backend=hf")
         if self.rollout.backend != "hf" and self.task.name == "videos":
             raise UserError(f"rollout.backend={self.rollout.backend}: video rollouts run on rollout.backend=hf only")
+        _check_video(self.video)
         if self.video.train_vision and self.video.embed_cache_dir:
             raise UserError("video.embed_cache_dir needs a frozen vision tower; set video.train_vision=false or video.embed_cache_dir=''")
         if self.task.name == "jsonl" and not self.task.train_file:
             raise UserError("task.name=jsonl needs task.train_file=PATH (a JSONL of {\"prompt\", \"answer\"} lines)")
         _check_fsdp(self.parallel, self.task.name, self.rollout.backend)
         return self
+
+
+def _check_video(v: VideoConfig) -> None:
+    """The video keys' ranges and what token reduction does not combine with."""
+    _choice("video.token_reduction", v.token_reduction, ["none", "diff"])
+    if not 0.0 <= v.drop_threshold <= 2.0:
+        raise UserError(f"video.drop_threshold={v.drop_threshold} must be a cosine distance in [0, 2]")
+    if v.encode_chunk < 0:
+        raise UserError(f"video.encode_chunk={v.encode_chunk} must be >= 0 (0: the whole video at once)")
+    if v.train_vision and v.token_reduction != "none":
+        raise UserError("video.token_reduction needs a frozen vision tower (the kept tokens would change every step); "
+                        "set video.train_vision=false or video.token_reduction=none")
 
 
 def _check_fsdp(p: ParallelConfig, task_name: str, backend: str) -> None:

@@ -37,7 +37,7 @@ Departures:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -189,10 +189,22 @@ class VideoEmbeds:
     """Patch grid (T, H/patch, W/patch) before merging. [3] long"""
     second_per_grid: float
     """Seconds per temporal grid step, for the time axis of the rotary positions."""
+    keep: torch.Tensor | None = None
+    """Which of the unreduced video's tokens `embeds` holds (`reduce_video`). [Nv_full] bool;
+    None: all of them. The kept tokens keep their positions in the unreduced sequence."""
 
     @property
     def n_tokens(self) -> int:
+        """Video tokens in the prompt (the kept ones)."""
         return self.embeds.shape[0]
+
+    @property
+    def n_full(self) -> int:
+        """Video tokens before reduction."""
+        return self.n_tokens if self.keep is None else int(self.keep.numel())
+
+    def detached(self) -> "VideoEmbeds":
+        return replace(self, embeds=self.embeds.detach())
 
 
 def encode_video(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, second_per_grid: float) -> VideoEmbeds:
@@ -200,6 +212,45 @@ def encode_video(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, seco
     visual = model.model.visual
     out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw.view(1, 3))
     return VideoEmbeds(out.pooler_output, grid_thw.view(3), second_per_grid)  # [Nv, D]
+
+
+def encode_frames(model, frames: torch.Tensor, second_per_grid: float, chunk_frames: int = 0) -> VideoEmbeds:
+    """Patchify and encode uint8 frames [N, H, W, 3] `chunk_frames` at a time (0: all at once).
+
+    Qwen2.5-VL's vision tower attends within one temporal grid step only (its attention
+    windows and full-attention blocks never cross steps), so encoding runs of whole steps
+    and concatenating gives the same embeddings as one call (tested), while the tower's
+    activations and the float pixel values only ever hold one chunk. A chunk is rounded
+    down to whole temporal steps (at least one).
+    """
+    visual = model.model.visual
+    device = next(visual.parameters()).device
+    N = frames.shape[0]
+    step = max(TEMPORAL_PATCH, chunk_frames - chunk_frames % TEMPORAL_PATCH) if chunk_frames > 0 else N
+    parts, steps = [], 0
+    for s in range(0, N, step):
+        pv, grid = patchify(frames[s : s + step])  # [l, C*t*p*p], (t, h, w); only the last chunk pads
+        video = encode_video(model, pv.to(device), grid.to(device), second_per_grid)
+        parts.append(video.embeds)  # [l / merge^2, D]
+        steps += int(grid[0])
+    grid = torch.tensor([steps, int(grid[1]), int(grid[2])], device=device)  # [3]
+    return VideoEmbeds(parts[0] if len(parts) == 1 else torch.cat(parts), grid, second_per_grid)  # [Nv, D]
+
+
+def reduce_video(video: VideoEmbeds, method: str = "none", threshold: float = 0.0) -> VideoEmbeds:
+    """`video` with the tokens `media.reduce.reduce_video_tokens` drops removed ('none': as is).
+
+    The result's `keep` records which tokens stayed; `video_prompt_ids(tok, result.n_tokens,
+    ...)` gives the shorter prompt and `mrope_position_ids` the kept tokens' original
+    positions. Slicing keeps the graph, so a trainable tower still gets its gradient
+    through the kept tokens.
+    """
+    from longrl.media.reduce import reduce_video_tokens
+
+    if method == "none" or video.keep is not None:
+        return video
+    keep = reduce_video_tokens(video.embeds, video.grid_thw, method, threshold, MERGE)  # [Nv] bool
+    return replace(video, embeds=video.embeds[keep], keep=keep)  # [Nk, D]
 
 
 def video_prompt_ids(tokenizer, n_video_tokens: int, question: str) -> list[int]:
@@ -232,8 +283,12 @@ def mrope_position_ids(model, input_ids: torch.Tensor, video: VideoEmbeds,
                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Multimodal rotary positions [3, B, T] for rows that each hold `video` once.
 
-    Computed by the model's own `get_rope_index`, so they match its ordinary forward.
+    Computed by the model's own `get_rope_index`, so they match its ordinary forward. For a
+    reduced video (`video.keep`) they are those of the unreduced rows at the tokens that
+    stay: text after the video, and every kept video token, keep their true positions.
     """
+    if video.keep is not None:
+        return _reduced_positions(model, input_ids, video, attention_mask)
     B = input_ids.shape[0]
     mm_types = video_token_mask(model, input_ids, video.n_tokens).int() * 2  # [B, T]; 2 = video
     positions, _ = model.model.get_rope_index(
@@ -244,6 +299,31 @@ def mrope_position_ids(model, input_ids: torch.Tensor, video: VideoEmbeds,
         attention_mask=attention_mask,
     )
     return positions  # [3, B, T]
+
+
+def _reduced_positions(model, input_ids: torch.Tensor, video: VideoEmbeds,
+                       attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Positions [3, B, T] of rows holding a reduced video: number the unreduced rows (the
+    dropped pads put back), then take the columns of the tokens that stay."""
+    B, T = input_ids.shape
+    Nk, Nv = video.n_tokens, video.n_full
+    is_video = video_token_mask(model, input_ids, Nk)  # [B, T]
+    start = is_video.int().argmax(1)  # [B] first video token of each row
+    if not bool(is_video.gather(1, (start[:, None] + torch.arange(Nk, device=start.device)).clamp(max=T - 1)).all()):
+        raise ValueError("a reduced video's tokens must be contiguous in every row (as video_prompt_ids writes them)")
+    kept = video.keep.nonzero().view(-1).to(input_ids.device)  # [Nk] index in the full video
+    cols = torch.arange(T, device=input_ids.device).expand(B, T)  # [B, T] reduced column
+    rel = cols - start[:, None]
+    full_col = torch.where(rel < 0, cols, torch.where(rel < Nk, start[:, None] + kept[rel.clamp(0, Nk - 1)],
+                                                      cols + (Nv - Nk)))  # [B, T] column in the full row
+    full_ids = torch.full((B, T + Nv - Nk), model.config.video_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    full_ids.scatter_(1, full_col, input_ids)  # the dropped columns stay video pads
+    full_mask = None
+    if attention_mask is not None:
+        full_mask = torch.ones_like(full_ids, dtype=attention_mask.dtype).scatter_(1, full_col, attention_mask)
+    full = mrope_position_ids(model, full_ids, replace(video, embeds=video.embeds.new_empty(Nv, 0), keep=None),
+                              full_mask)  # [3, B, T + Nv - Nk]
+    return full.gather(2, full_col.expand(3, B, T))  # [3, B, T]
 
 
 def video_inputs_embeds(model, input_ids: torch.Tensor, video: VideoEmbeds) -> torch.Tensor:
@@ -303,7 +383,7 @@ def video_loss_and_backward(model, video: VideoEmbeds, batch, loss_fn, chunk: in
 
 def as_leaf(video: VideoEmbeds) -> VideoEmbeds:
     """A copy whose embeds are a grad-collecting leaf: micro-batches add dL/dembeds into it."""
-    return VideoEmbeds(video.embeds.detach().requires_grad_(True), video.grid_thw, video.second_per_grid)
+    return replace(video, embeds=video.embeds.detach().requires_grad_(True))
 
 
 def backward_vision(video: VideoEmbeds, leaf: VideoEmbeds) -> None:
@@ -487,24 +567,53 @@ def vision_tag(model) -> str:
     return h.hexdigest()[:16]
 
 
-def embed_video_file(model, path: str, sampling, cache=None, tag: str = "") -> VideoEmbeds:
-    """Decode, sample, patchify and encode (no grad) the video at `path`.
+def embed_video_file(model, path: str, sampling, cache=None, tag: str = "", reduction: str = "none",
+                     threshold: float = 0.0, chunk_frames: int = 0) -> VideoEmbeds:
+    """Decode, sample, patchify and encode (no grad, `chunk_frames` at a time) the video at
+    `path`, then drop redundant tokens (`reduce_video`; 'none' keeps all).
 
-    With an `media.cache.EmbeddingCache` the result is looked up by the file's content
-    hash, `sampling` and `tag` (use `vision_tag(model)`) and computed only on a miss.
+    With an `media.cache.EmbeddingCache` the result (reduced, with its keep mask) is looked
+    up by the file's content hash, `sampling`, the reduction and `tag` (use
+    `vision_tag(model)`) and computed only on a miss.
     """
     from longrl.media.cache import cache_key
     from longrl.media.frames import load_clip
 
     def compute() -> dict[str, torch.Tensor]:
         clip = load_clip(path, sampling)
-        pv, grid = patchify(clip.frames)
         with torch.no_grad():
-            video = encode_video(model, pv, grid, seconds_per_grid(clip.timestamps))
-        return {"embeds": video.embeds, "grid_thw": video.grid_thw, "second_per_grid": torch.tensor(video.second_per_grid, dtype=torch.float64)}
+            video = encode_frames(model, clip.frames, seconds_per_grid(clip.timestamps), chunk_frames)
+        return video_tensors(reduce_video(video, reduction, threshold))
 
-    found = compute() if cache is None else cache.get_or_compute(cache_key(path, sampling.key(), tag), compute)
-    return VideoEmbeds(found["embeds"], found["grid_thw"].long(), float(found["second_per_grid"]))
+    key = cache_key(path, reduction_key(sampling.key(), reduction, threshold), tag) if cache is not None else ""
+    found = compute() if cache is None else cache.get_or_compute(key, compute)
+    return video_from_tensors(found)
+
+
+def reduction_key(sampling: dict, reduction: str, threshold: float) -> dict:
+    """The cache's sampling dict with the token reduction added (unchanged for 'none', so
+    caches written before reduction existed still hit)."""
+    return sampling if reduction == "none" else {**sampling, "reduction": reduction, "drop_threshold": float(threshold)}
+
+
+def video_tensors(video: VideoEmbeds) -> dict[str, torch.Tensor]:
+    """`video` as the flat dict of tensors the embedding cache stores."""
+    out = {"embeds": video.embeds, "grid_thw": video.grid_thw,
+           "second_per_grid": torch.tensor(video.second_per_grid, dtype=torch.float64)}
+    if video.keep is not None:
+        out["keep"] = video.keep
+    return out
+
+
+def video_from_tensors(t: dict[str, torch.Tensor], device=None) -> VideoEmbeds:
+    """Inverse of `video_tensors` (onto `device` if given)."""
+    keep = t.get("keep")
+    video = VideoEmbeds(t["embeds"], t["grid_thw"].long(), float(t["second_per_grid"]),
+                        None if keep is None else keep.bool())
+    if device is None:
+        return video
+    return replace(video, embeds=video.embeds.to(device), grid_thw=video.grid_thw.to(device),
+                   keep=None if keep is None else video.keep.to(device))
 
 
 def vlm_predictor(model, tokenizer, max_new_tokens: int = 64):
