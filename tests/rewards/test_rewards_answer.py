@@ -1,6 +1,7 @@
 import pytest
 
-from longrl.rewards.answer import extract_answer, extract_choice_letter, format_reward
+from longrl.rewards.answer import (extract_answer, extract_auto, extract_boxed, extract_choice_letter,
+                                  extract_last_number, format_reward)
 
 
 @pytest.mark.parametrize(
@@ -122,3 +123,65 @@ def test_extract_choice_letter_custom_letters():
     assert extract_choice_letter("I think the answer is I", letters) == "I"
     assert extract_choice_letter("E", "ABCD") is None
     assert extract_choice_letter("Answer: E", "ABCD") is None
+
+
+# ----------------------------------------------------------------------------------------
+# Answers without tags (reward.extract). Each expected value is read off the text by hand.
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so the sum is \\boxed{7}.", "7"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces kept whole
+        ("\\boxed{ {a}{b} }", "{a}{b}"),
+        ("first \\boxed{3}, corrected: \\boxed{4}", "4"),  # the last box wins
+        ("\\boxed{3} then \\boxed{\\frac{1}{", "3"),  # an unclosed last box is skipped
+        ("\\boxed {12}", "12"),  # TeX allows a space before the brace
+        ("\\fbox{x=2}", "x=2"),
+        ("\\boxed{}", ""),  # present but empty
+        ("boxed{7}", None),  # no backslash: prose, not a box
+        ("the answer is 7", None),
+        ("", None),
+    ],
+)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is 21.", "21"),  # trailing period is not a decimal point
+        ("4 - 1 = 3, so 3 + 10 = 13", "13"),  # several numbers: the last
+        ("5-3=2", "2"),
+        ("The result is 5-3", "3"),  # minus after a digit is an operator
+        ("The answer is -3.", "-3"),  # minus after a space is a sign
+        ("= \u22127", "-7"),  # Unicode minus
+        ("about 3.25 litres", "3.25"),
+        ("1,000 apples", "1,000"),
+        ("1,2,3", "3"),  # a list, not thousands groups
+        ("it is 3/4", "3/4"),
+        ("step2 is done", None),  # glued to a word: not a number
+        ("no numbers here", None),
+        ("", None),
+    ],
+)
+def test_extract_last_number(text, expected):
+    assert extract_last_number(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>3+4</think><answer>7</answer>", "7"),  # tagged: the block
+        ("<think>2+2=\\boxed{4}</think><answer>5</answer>", "5"),  # tags win over a box
+        ("<answer>4", None),  # opened and cut off: not re-read as a box or a number
+        ("<think>3+4=7</think> \\boxed{7", None),
+        ("so \\boxed{\\frac{2}{3}}", "\\frac{2}{3}"),  # no tags: the box
+        ("The answer is 7.", None),  # no tags, no box: no guessed number
+    ],
+)
+def test_extract_auto(text, expected):
+    assert extract_auto(text) == expected

@@ -6,8 +6,12 @@ from longrl.data.example import Example
 from longrl.errors import UserError
 from longrl.rewards import verifiers
 from longrl.rewards.verifiers import (
+    EXTRACTORS,
     VERIFIERS,
+    answer_extractor,
     answer_scorer,
+    extract_math_verify,
+    extracted_answer_scorer,
     exact_match,
     math_match,
     mcq_match,
@@ -165,3 +169,59 @@ def test_answer_scorer_reads_the_answer_block():
     assert score("7", ex) == 0.0  # no answer block, no credit
     with pytest.raises(UserError, match="reward.correctness"):
         answer_scorer("fuzzy")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is 7.", "7"),
+        ("3 + 4 = 7, then 7 * 2 = 14", "14"),  # the last expression's value
+        ("so \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),  # a box first
+        ("no numbers", None),
+        ("1" * 2000, None),  # over MATH_MAX_CHARS: not parsed
+    ],
+)
+def test_extract_math_verify(text, expected):
+    assert extract_math_verify(text) == expected
+
+
+def test_extractor_table():
+    assert sorted(EXTRACTORS) == ["auto", "boxed", "last_number", "math_verify", "tags"]
+    with pytest.raises(UserError, match="reward.extract"):
+        answer_extractor("first_number")
+
+
+# One tagged, one boxed (nested braces), one with several numbers, one with none: what each
+# extraction mode gives the normalized verifier against the reference 7/2 (or 13).
+_RESPONSES = {
+    "tagged": "<think>3 + 4 = 7</think><answer>13</answer>",
+    "boxed": "We get \\boxed{\\frac{7}{2}}",
+    "numbers": "3 + 4 = 7 and 7 + 6 = 13",
+    "none": "I do not know.",
+}
+
+
+@pytest.mark.parametrize(
+    "extract, expected",
+    [
+        ("tags", {"tagged": 1.0, "boxed": 0.0, "numbers": 0.0, "none": 0.0}),
+        ("auto", {"tagged": 1.0, "boxed": 1.0, "numbers": 0.0, "none": 0.0}),
+        ("boxed", {"tagged": 0.0, "boxed": 1.0, "numbers": 0.0, "none": 0.0}),
+        ("last_number", {"tagged": 1.0, "boxed": 0.0, "numbers": 1.0, "none": 0.0}),  # tagged ends in "13</answer>"
+        # math_verify reads the whole text and does not see a number glued to "</answer>":
+        # its last expression there is the 7 of the reasoning.
+        ("math_verify", {"tagged": 0.0, "boxed": 1.0, "numbers": 1.0, "none": 0.0}),
+    ],
+)
+def test_every_scorer_reads_through_the_extraction(extract, expected):
+    refs = {"tagged": "13", "boxed": "\\frac{7}{2}", "numbers": "13", "none": "7"}
+    for name, text in _RESPONSES.items():
+        ex = Example(id=name, prompt="?", answer=refs[name])
+        # The math verifier and a task's own check (here: exact string equality) see the same answer.
+        check = extracted_answer_scorer(lambda answer, e: float(answer == e.answer), extract)
+        got = (answer_scorer("math", extract)(text, ex), check(text, ex))
+        assert got == (expected[name], expected[name]), (name, got)
+    mcq = answer_scorer("mcq", extract)
+    ex = Example(id="m", prompt="?", answer="B")
+    # A boxed letter: tags and the last number find no answer; the box and math_verify read "B".
+    assert mcq("so the answer is \\boxed{B}", ex) == (0.0 if extract in ("tags", "last_number") else 1.0)

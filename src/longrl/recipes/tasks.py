@@ -7,7 +7,8 @@ sit beside it). Video tasks get theirs the same way (`data.video_task.load_video
 score)` from `recipes/train.py`).
 
 `reward.correctness=auto` means: the dataset's own check where it has one (reasoning-gym),
-else a normalised match of the `<answer>` block against `example.answer`.
+else a normalised match against `example.answer`; either reads the answer `reward.extract`
+says (`rewards.verifiers.answer_extractor`: the `<answer>` block by default).
 """
 from __future__ import annotations
 
@@ -15,19 +16,20 @@ from longrl.config import TaskConfig
 from longrl.data.registry import TaskData, load_task_examples
 
 
-def load_task(cfg: TaskConfig, correctness: str = "auto") -> TaskData:
-    """`task.*` examples scored by `correctness` (a `reward.correctness` value other than judge)."""
+def load_task(cfg: TaskConfig, correctness: str = "auto", extract: str = "auto") -> TaskData:
+    """`task.*` examples scored by `correctness` (a `reward.correctness` value other than judge)
+    on the answer `extract` (a `reward.extract` value) reads from each response."""
     from longrl.rewards.code import tests_of
     from longrl.rewards.verifiers import answer_scorer, extracted_answer_scorer
 
     # A named scorer is built first: the code sandbox announces its tier before any data is read.
-    named = None if correctness == "auto" else answer_scorer(correctness)
+    named = None if correctness == "auto" else answer_scorer(correctness, extract)
     # reward.correctness=code: every example must carry its tests; fail now, not mid-run.
     examples = load_task_examples(cfg, check=tests_of if correctness == "code" else None)
     if named is not None:
         score = named
     elif examples.check_answer is not None:
-        score = extracted_answer_scorer(examples.check_answer)
+        score = extracted_answer_scorer(examples.check_answer, extract)
     else:
-        score = answer_scorer("normalized")
+        score = answer_scorer("normalized", extract)
     return TaskData(name=examples.name, train=examples.train, eval=examples.eval, score=score)

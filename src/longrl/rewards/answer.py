@@ -5,6 +5,12 @@ longrl responses follow the R1-style template `<think>...</think><answer>...</an
 (arXiv 2507.07966). Tags are matched exactly and case-sensitively: `<Answer>` is not an
 answer tag, so a model is only rewarded for the template it is trained to produce.
 
+Instruct checkpoints rarely write the tags (SmolLM2-135M-Instruct: 1 of 128 samples, issue
+16), so the answer a verifier reads can also be taken without them (`answer_extractor`,
+`rewards.verifiers.answer_extractor`, `reward.extract`): the last `\\boxed{...}` (the
+convention of math-tuned models), or the last number in the response (math_verify's own
+extraction lives beside its verifier). The format reward always reads the tags.
+
 Departures from the papers: the format reward has a middle level (0.5) for responses
 that hold a complete answer block inside a broken template, so a small model starting
 from scratch gets a gradient toward the template before it masters it.
@@ -38,6 +44,53 @@ def extract_answer(text: str) -> str | None:
     if start < 0:
         return None
     return text[start + len(_ANSWER_OPEN) : end].strip()
+
+
+# ----------------------------------------------------------------------------------------
+# Answers without tags (`reward.extract`).
+# ----------------------------------------------------------------------------------------
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# A number not glued to a word or a decimal point before it: "x2" holds none, "5-3" ends in
+# "3" (a minus right after a digit is an operator, not a sign), "-3." is "-3". Thousands
+# groups ("1,000"), decimals and a plain fraction ("3/4") are kept whole.
+_NUMBER = re.compile(r"(?<![\w.])(?:(?<![\w)\]])[-\u2212])?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`), stripped; else None.
+
+    Braces nest: `\\boxed{\\frac{1}{2}}` gives `\\frac{1}{2}`. A box whose braces never
+    close (a truncated response) is skipped, as an unclosed answer block is.
+    """
+    for m in reversed(list(_BOXED.finditer(text))):
+        depth = 1
+        for i in range(m.end(), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[m.end():i].strip()
+    return None
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number written in the response ("so 3 + 4 = 7." -> "7"), as written
+    (a Unicode minus becomes "-"); None when there is none."""
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace("\u2212", "-") if numbers else None
+
+
+def extract_auto(text: str) -> str | None:
+    """The tags when the response has an answer tag, otherwise a `\\boxed{}` answer.
+
+    Why boxed and not the last number: a box, like the tags, is the model committing to an
+    answer, and math-tuned instruct models write it unasked. The last number is a guess
+    (it credits a list of numbers, or a truncated chain of thought whose last partial
+    result happens to be right), so it is only used when asked for. A response that opened
+    `<answer>` and was cut off is not re-read as something else: it scores 0, as before.
+    The built-in tiny model is taught the tags, so for it this is `tags`.
+    """
+    if _ANSWER_OPEN in text or _ANSWER_CLOSE in text:
+        return extract_answer(text)
+    return extract_boxed(text)
 
 
 def format_reward(text: str) -> float:

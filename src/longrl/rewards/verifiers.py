@@ -1,7 +1,8 @@
 """Answer checks: `(predicted, reference) -> float in [0, 1]`.
 
-`predicted` is what `extract_answer` pulled out of a response (None when the response
-has no answer block, which always scores 0). `reference` is the task's answer string.
+`predicted` is what the run's answer extraction (`answer_extractor`, `reward.extract`:
+the `<answer>` block by default) pulled out of a response; None when it found no answer,
+which always scores 0. `reference` is the task's answer string.
 These are the rule-based verifiers of RLVR (Tulu 3, arXiv 2411.15124; DeepSeek-R1,
 arXiv 2501.12948); `math_match` delegates to Hugging Face `math_verify`.
 
@@ -18,7 +19,7 @@ from typing import Callable
 
 from longrl.data.example import Example
 from longrl.errors import UserError
-from longrl.rewards.answer import extract_answer, extract_choice_letter
+from longrl.rewards.answer import extract_answer, extract_auto, extract_boxed, extract_choice_letter, extract_last_number
 
 MATH_TIMEOUT_SECONDS = 3
 """Per-call limit for math_verify's parse and verify, enforced only in the main thread."""
@@ -93,7 +94,7 @@ def math_match(predicted: str | None, reference: str) -> float:
         return 0.0
     from math_verify import verify  # lazy: sympy import costs seconds
 
-    limit = MATH_TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
+    limit = _math_time_limit()
     try:
         gold, pred = _math_parse(reference, limit), _math_parse(predicted, limit)
         if not gold or not pred:
@@ -110,6 +111,26 @@ def _math_parse(s: str, limit: int | None) -> list:
     if "$" in s or "\\boxed" in s:
         return parse(s, parsing_timeout=limit)
     return parse(f"${s}$", parsing_timeout=limit) or parse(s, parsing_timeout=limit)
+
+
+def _math_time_limit() -> int | None:
+    return MATH_TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
+
+
+def extract_math_verify(text: str) -> str | None:
+    """math_verify's own reading of a whole response (its LaTeX and expression extraction:
+    a boxed answer first, else the last expression or number), as the string it
+    extracted; None when it finds nothing or the response is over `MATH_MAX_CHARS`.
+    Timeouts as in `math_match`."""
+    if len(text) > MATH_MAX_CHARS:
+        return None
+    from math_verify import parse  # lazy: sympy import costs seconds
+
+    try:
+        parsed = parse(text, parsing_timeout=_math_time_limit())
+    except Exception:  # math_verify and sympy raise many types on malformed input
+        return None
+    return str(parsed[1]).strip() if len(parsed) > 1 else None
 
 
 def mcq_match(predicted: str | None, reference: str) -> float:
@@ -136,30 +157,52 @@ VERIFIERS: dict[str, Callable[[str | None, str], float]] = {
 """Verifier by the name used in `reward.correctness`."""
 
 
-def extracted_answer_scorer(check: Callable[[str, Example], float]) -> Callable[[str, Example], float]:
+EXTRACTORS: dict[str, Callable[[str], str | None]] = {
+    "auto": extract_auto,
+    "tags": extract_answer,
+    "boxed": extract_boxed,
+    "last_number": extract_last_number,
+    "math_verify": extract_math_verify,
+}
+"""How the answer is read out of a response, by the name used in `reward.extract`
+(`rewards.answer`: 'auto' is the tags when the response has an answer tag, else a box)."""
+
+
+def answer_extractor(mode: str) -> Callable[[str], str | None]:
+    """`read(response_text) -> answer or None` for a `reward.extract` value."""
+    if mode not in EXTRACTORS:
+        raise UserError(f"reward.extract={mode!r} is not one of {sorted(EXTRACTORS)}")
+    return EXTRACTORS[mode]
+
+
+def extracted_answer_scorer(check: Callable[[str, Example], float],
+                            extract: str = "auto") -> Callable[[str, Example], float]:
     """A `correctness_fn(response_text, example)` from a check of the extracted answer
-    (a task's own verifier, e.g. reasoning-gym's): `check(answer, example)` on the
-    response's `<answer>` content; a response without a complete answer block scores 0."""
+    (a task's own verifier, e.g. reasoning-gym's): `check(answer, example)` on the answer
+    `extract` reads (`answer_extractor`); a response without one scores 0."""
+    read = answer_extractor(extract)
 
     def score(response_text: str, example: Example) -> float:
-        answer = extract_answer(response_text)
+        answer = read(response_text)
         return 0.0 if answer is None else float(check(answer, example))
 
     return score
 
 
-def answer_scorer(name: str) -> Callable[[str, Example], float]:
+def answer_scorer(name: str, extract: str = "auto") -> Callable[[str, Example], float]:
     """A `correctness_fn(response_text, example)` for `score_responses`: the named
-    verifier applied to the response's extracted answer and `example.answer`."""
+    verifier applied to the answer `extract` reads (`answer_extractor`) and
+    `example.answer`. 'code' reads its program from the `<answer>` block whatever
+    `extract` says (`rewards.code.program_of`)."""
     if name == "code":  # runs the program against the example's tests (rewards/code.py)
         from longrl.rewards.code import code_scorer
 
         return code_scorer()
     if name not in VERIFIERS:
         raise UserError(f"reward.correctness={name!r} is not one of {sorted([*VERIFIERS, 'code'])}")
-    verifier = VERIFIERS[name]
+    verifier, read = VERIFIERS[name], answer_extractor(extract)
 
     def score(response_text: str, example: Example) -> float:
-        return verifier(extract_answer(response_text), example.answer)
+        return verifier(read(response_text), example.answer)
 
     return score
