@@ -67,6 +67,28 @@ def test_follows_the_chat_template_and_stops_at_eos(policy):
     assert "5" in answer, answer
 
 
+def test_untagged_answers_are_read_by_the_chosen_extraction(policy):
+    # Without a format instruction the instruct model answers in prose, no tags: the tag
+    # reader gives it nothing, the last number reads its answer (reward.extract=last_number).
+    from longrl.data.example import Example
+    from longrl.models.load import format_prompt, set_system_prompt
+    from longrl.rewards.verifiers import answer_scorer
+
+    model, tok = policy
+    set_system_prompt(tok, "")  # its own default system message
+    try:
+        ids = tok(format_prompt(tok, "State the final answer to the following arithmetic problem: 2 + 3 ="),
+                  return_tensors="pt")
+    finally:
+        set_system_prompt(tok, "auto")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False)  # [1, T + new]
+    response = tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+    ex = Example(id="2+3", prompt="2 + 3 =", answer="5")
+    assert "<answer>" not in response and answer_scorer("normalized", "tags")(response, ex) == 0.0, response
+    assert answer_scorer("normalized", "last_number")(response, ex) == 1.0, response
+
+
 def test_one_grpo_step_on_the_real_model(tmp_path):
     args = ["train", f"model.path={MODEL_DIR}", "sft.steps=0", "rl.steps=1", "rl.prompts_per_step=2",
             "rl.group_size=2", "rl.kl_coef=0.01", "rollout.max_new_tokens=16", "eval.max_new_tokens=16",
