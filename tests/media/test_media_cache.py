@@ -3,7 +3,9 @@
 import hashlib
 import os
 import shutil
+from pathlib import Path
 
+import pytest
 import torch
 
 from longrl.media.cache import EmbeddingCache, cache_key, file_digest
@@ -61,3 +63,23 @@ def test_disk_round_trip_survives_a_new_cache(tmp_path):
     assert torch.equal(got["emb"], emb) and torch.equal(got["grid"], grid)
     assert second.get("nokey") is None
     assert (second.hits, second.misses) == (1, 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads resident memory from /proc")
+def test_disk_entries_load_lazily_memory_mapped(tmp_path):
+    """A long video's embeddings come back from disk memory-mapped: reading the entry
+    costs no resident memory until its rows are used, so an embedding file need not fit
+    in memory twice (the write goes from the tensor's own buffer, then a rename)."""
+    import os
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    embeds = torch.arange(8 * 2**20, dtype=torch.float32).view(-1, 64)  # 32 MiB
+    EmbeddingCache(tmp_path).put("k", {"embeds": embeds})
+    assert [p.name for p in tmp_path.iterdir()] == ["k.safetensors"]  # no temporary left behind
+    before = resident()
+    got = EmbeddingCache(tmp_path).get("k")["embeds"]
+    assert resident() - before < 8 * 2**20
+    torch.testing.assert_close(got[-3:], embeds[-3:], atol=0, rtol=0)
+    assert torch.equal(got, embeds)

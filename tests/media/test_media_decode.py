@@ -1,5 +1,6 @@
 """Decoding: round trips through three containers, seeking, and every kind of bad file."""
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -34,15 +35,46 @@ def test_probe_and_decode_round_trip(tmp_path, ext):
     assert [frame_index(f) for f in out] == [0, 7, 19]
 
 
-def test_seek_gives_the_same_frames_as_decoding_forward(tmp_path, monkeypatch):
+@pytest.mark.parametrize("keyframes_known", [True, False])
+def test_seek_gives_the_same_frames_as_decoding_forward(tmp_path, monkeypatch, keyframes_known):
     path = write_video(tmp_path / "long.mp4", gray_frames(60), fps=2, gop=6)  # 30 s, keyframe every 3 s
-    monkeypatch.setattr(decode, "SEEK_GAP_S", 2.0)  # seek on every jump below
+    monkeypatch.setattr(decode, "SEEK_GAP_S", 2.0)  # without keyframes: seek on every jump below
     info = probe(path)
+    keys = info.key_pts  # x264 may place a keyframe sooner than the GOP asks, never later
+    assert keys is not None and keys[0] == info.frame_pts[0] and 10 <= len(keys) < 30
+    assert np.isin(keys, info.frame_pts).all() and np.diff(np.searchsorted(info.frame_pts, keys)).max() <= 6
+    if not keyframes_known:
+        info = dataclasses.replace(info, key_pts=None)
     idx = np.array([1, 2, 13, 30, 31, 47, 59])
     seeked = decode_frames(info, idx, seek=True)
     forward = decode_frames(info, idx, seek=False)
     np.testing.assert_array_equal(seeked, forward)
     assert [frame_index(f) for f in seeked] == idx.tolist()
+
+
+def long_gray_video(path, n: int):
+    """`n` frames of 16x16 at 30 fps, a keyframe every 30; frame i has grey level 8 + i % 60 * 4."""
+    return write_video(path, (np.full((16, 16, 3), 8 + (i % 60) * 4, np.uint8) for i in range(n)), fps=30, gop=30)
+
+
+def test_frames_decoded_do_not_grow_with_the_video_length(tmp_path):
+    """Eight frames sampled from a 10 s and a 100 s video: decoding seeks to each one's
+    keyframe, so at most one 30-frame GOP is decoded per wanted frame whatever the length
+    (decoding forward would touch every frame up to the last wanted one)."""
+    from longrl.media.frames import frames_at, sample_times
+
+    counts = {}
+    for n in (300, 3000):
+        info = probe(long_gray_video(tmp_path / f"v{n}.mp4", n))
+        idx = frames_at(info.frame_times, sample_times(info.duration_s, None, 8))
+        seek, forward = {}, {}
+        got = decode_frames(info, idx, seek=True, stats=seek)
+        np.testing.assert_array_equal(got, decode_frames(info, idx, seek=False, stats=forward))
+        assert [int(round((f.mean() - 8) / 4)) for f in got] == (idx % 60).tolist()
+        assert seek["decoded"] <= 8 * 30 and seek["seeks"] == 8
+        assert forward["decoded"] >= idx[-1]  # every frame up to the last wanted one
+        counts[n] = seek["decoded"]
+    assert counts[3000] <= counts[300] + 8  # flat in the video's length (frame offsets in a GOP differ)
 
 
 def test_bad_indices_are_a_programming_error(tmp_path):

@@ -138,3 +138,24 @@ def test_iter_clips_skips_bad_videos_with_count_and_warning(tmp_path, caplog):
     assert [p for p, _ in skips.skipped] == [str(bad), str(missing)]
     assert "skipped 2 of 4 videos" in caplog.text
     assert "bad.mp4" in caplog.text and "missing.webm" in caplog.text
+
+
+def test_load_clip_resizes_as_it_decodes_and_never_holds_the_video(tmp_path):
+    """64 frames of 224x224 to 56x56, four at a time: the same clip as decoding everything
+    then resizing, while the decoded frames held at once (numpy, traced) stay a few frames
+    instead of the whole video at its file size."""
+    import tracemalloc
+
+    from longrl.media.decode import decode_frames, probe
+
+    g = np.random.default_rng(0)
+    path = write_video(tmp_path / "big.mp4", [g.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(64)], fps=8)
+    s = FrameSampling(fps=None, max_frames=64, max_pixels=56 * 56)
+    tracemalloc.start()
+    clip = load_clip(path, s, chunk=4)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    info = probe(path)
+    whole = torch.from_numpy(decode_frames(info, np.arange(64)))  # [64, 224, 224, 3]
+    assert torch.equal(clip.frames, resize_frames(whole, (56, 56)))
+    assert peak < whole.numel() / 4, (peak, whole.numel())  # 9.6 MB of frames; a chunk is 0.6 MB

@@ -57,6 +57,8 @@ class VideoTask:
     """Video path -> clip; examples name theirs in `media[0]`."""
     sampling: object
     """The `media.frames.FrameSampling` the clips were taken with (part of the cache key)."""
+    environment: object | None = None
+    """No multi-turn tool environment for video questions (the field `data.registry.Task` has)."""
 
 
 def frame_sampling(cfg: Config):

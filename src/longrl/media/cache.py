@@ -14,6 +14,11 @@ never be returned.
 Departures: the paper caches inside its training job only; the disk layer here is an
 addition (safetensors files, written atomically, one per key). Eviction from memory is LRU
 by entry count, not by bytes.
+
+Long videos: an entry read from disk is memory-mapped (safetensors' default backend), so
+its pages are read when used and count against the page cache, not the process; the write
+goes from the tensors' own buffers. Neither needs a second copy of an hour-long video's
+embeddings in memory (tested).
 """
 
 from __future__ import annotations

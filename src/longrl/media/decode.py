@@ -5,9 +5,12 @@ of frames sampled across hours-long videos. Decoding every frame of such a video
 slow part, so decoding works in two passes:
 
 1. `probe` demuxes packets without decoding them, giving the presentation time of every
-   frame (cheap: no pixels are touched).
-2. `decode_frames` decodes only up to the frames wanted, seeking to the nearest keyframe
-   when the next wanted frame is far ahead, and converts only those frames to RGB.
+   frame and which frames are keyframes (cheap: no pixels are touched).
+2. `iter_frames` / `decode_frames` seek to the keyframe before each wanted frame whenever
+   that keyframe lies beyond what has been decoded already, so only the frames between a
+   wanted frame and its keyframe are decoded (at most one GOP per wanted frame, however
+   long the video), and convert only the wanted frames to RGB. Memory holds the wanted
+   frames, or with `iter_frames` one at a time, never the video.
 
 Departures from the paper's pipeline (which uses decord/PyAV through LLaVA's loaders):
 - Frames are chosen by their real presentation timestamps, not by an index computed from
@@ -57,6 +60,8 @@ class VideoInfo:
     """Average frame rate (frames per second)."""
     width: int
     height: int
+    key_pts: np.ndarray | None = None
+    """Presentation timestamps of the keyframes, sorted (None: unknown). [K] int64"""
 
     @property
     def n_frames(self) -> int:
@@ -94,7 +99,9 @@ def probe(path: str | Path) -> VideoInfo:
     container = _open(path)
     try:
         stream = container.streams.video[0]
-        pts = [p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0]
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.pts is not None and p.size > 0]
+        pts = [pt for pt, _ in packets]
+        keys = [pt for pt, key in packets if key]
         width, height = stream.codec_context.width, stream.codec_context.height
         time_base = stream.time_base
         rate = stream.average_rate or stream.guessed_rate
@@ -111,14 +118,25 @@ def probe(path: str | Path) -> VideoInfo:
         fps = 1.0 / float(np.median(np.diff(frame_pts)) * time_base)
     else:
         fps = 1.0
-    return VideoInfo(str(path), frame_pts, Fraction(time_base), fps, int(width), int(height))
+    key_pts = np.unique(np.asarray(keys, dtype=np.int64)) if keys else None
+    return VideoInfo(str(path), frame_pts, Fraction(time_base), fps, int(width), int(height), key_pts)
 
 
-def decode_frames(info: VideoInfo, indices: np.ndarray, seek: bool = True) -> np.ndarray:
+def decode_frames(info: VideoInfo, indices: np.ndarray, seek: bool = True, stats: dict | None = None) -> np.ndarray:
     """Decode frames `indices` (sorted, unique, into `info.frame_pts`) as RGB. -> [N, H, W, 3] uint8
 
-    With `seek`, a jump of more than `SEEK_GAP_S` to the next wanted frame seeks to the
-    keyframe before it instead of decoding everything in between; the pixels are the same.
+    With `seek` (see `iter_frames`) only the frames from each wanted frame's keyframe on are
+    decoded; the pixels are the same as decoding forward from the start.
+    """
+    return np.stack(list(iter_frames(info, indices, seek, stats)))
+
+
+def iter_frames(info: VideoInfo, indices: np.ndarray, seek: bool = True, stats: dict | None = None):
+    """Yield the RGB frames `indices` ([H, W, 3] uint8 each, in order), decoding as little as
+    possible: before each wanted frame, seek to its keyframe when that keyframe lies past
+    the last frame decoded (decoding forward is cheaper otherwise). Without keyframe
+    information, seek when the wanted frame is more than `SEEK_GAP_S` ahead. `stats`, if
+    given, counts frames "decoded" and "seeks" made.
     """
     av = import_av()
     indices = np.asarray(indices, dtype=np.int64)
@@ -127,43 +145,61 @@ def decode_frames(info: VideoInfo, indices: np.ndarray, seek: bool = True) -> np
     if np.any(np.diff(indices) <= 0) or indices[0] < 0 or indices[-1] >= info.n_frames:
         raise ValueError(f"frame indices must be sorted, unique and in [0, {info.n_frames})")
     targets = info.frame_pts[indices]  # [N]
-    gap = int(SEEK_GAP_S / float(info.time_base)) if seek else None
-    out: list[np.ndarray] = []
+    stats = stats if stats is not None else {}
+    stats.setdefault("decoded", 0)
+    stats.setdefault("seeks", 0)
+    jump = _seek_rule(info) if seek else (lambda last, want: False)
+    found = 0
     container = _open(info.path)
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        while len(out) < len(targets):
-            want = int(targets[len(out)])
-            if gap is not None and (not out or want - int(targets[len(out) - 1]) > gap):
-                container.seek(want, stream=stream, backward=True)
-            _decode_run(container, stream, targets, out, gap)
+        last = None  # pts of the last frame decoded
+        while found < len(targets):
+            if seek and (last is None or jump(last, int(targets[found]))):
+                container.seek(int(targets[found]), stream=stream, backward=True)
+                stats["seeks"] += 1
+            for rgb, last in _decode_run(container, stream, targets[found:], jump, stats):
+                found += 1
+                yield rgb
     except av.FFmpegError as e:
         raise UserError(f"cannot decode video {info.path}: {e} (the file is corrupt or truncated)") from e
     finally:
         container.close()
-    return np.stack(out)
 
 
-def _decode_run(container, stream, targets: np.ndarray, out: list, gap: int | None) -> None:
-    """Decode forward from the current position, appending wanted frames to `out`.
+def _seek_rule(info: VideoInfo):
+    """jump(last, want) -> bool: is seeking cheaper than decoding forward from `last` to `want`?"""
+    if info.key_pts is not None and len(info.key_pts):
+        keys = info.key_pts
 
-    Stops when all targets are found, when the next target is more than `gap` ahead (so
-    the caller seeks), or at end of stream (a `UserError`: the file promised more frames).
+        def jump(last: int, want: int) -> bool:  # a keyframe in (last, want]: seeking lands on it
+            k = np.searchsorted(keys, want, side="right") - 1
+            return k >= 0 and keys[k] > last
+
+        return jump
+    gap = int(SEEK_GAP_S / float(info.time_base))
+    return lambda last, want: want - last > gap
+
+
+def _decode_run(container, stream, targets: np.ndarray, jump, stats: dict):
+    """Decode forward from the current position, yielding (rgb, pts) for each wanted frame.
+
+    Stops when all `targets` are found, when seeking to the next one is cheaper (`jump`),
+    or at end of stream (a `UserError`: the file promised more frames).
     """
+    n = 0
     for frame in container.decode(stream):
+        stats["decoded"] += 1
         if frame.pts is None:
             continue
         # A frame at or past the wanted pts is the frame shown at that time. ('past' only
         # happens when a packet's pts does not survive decoding, e.g. a damaged frame.)
-        if frame.pts >= targets[len(out)]:
+        if frame.pts >= targets[n]:
             rgb = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
-            while len(out) < len(targets) and frame.pts >= targets[len(out)]:
-                out.append(rgb)
-            if len(out) == len(targets):
+            while n < len(targets) and frame.pts >= targets[n]:
+                n += 1
+                yield rgb, int(frame.pts)
+            if n == len(targets) or jump(int(frame.pts), int(targets[n])):
                 return
-            if gap is not None and targets[len(out)] - frame.pts > gap:
-                return
-    raise UserError(
-        f"video {container.name} ended after {len(out)} of {len(targets)} wanted frames (truncated or corrupt file)"
-    )
+    raise UserError(f"video {container.name} ended {len(targets) - n} wanted frames early (truncated or corrupt file)")

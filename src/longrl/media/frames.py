@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from longrl.errors import UserError
-from longrl.media.decode import VideoInfo, decode_frames, probe
+from longrl.media.decode import VideoInfo, iter_frames, probe
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +161,31 @@ def target_size(info: VideoInfo, n_frames: int, s: FrameSampling) -> tuple[int, 
 # ----------------------------------------------------------------------------------------
 
 
-def load_clip(path: str | Path, sampling: FrameSampling = FrameSampling(), seek: bool = True) -> Clip:
-    """Decode, sample and resize one video. Raises `UserError` naming a bad file."""
+def load_clip(path: str | Path, sampling: FrameSampling = FrameSampling(), seek: bool = True,
+              stats: dict | None = None, chunk: int = 32) -> Clip:
+    """Decode, sample and resize one video. Raises `UserError` naming a bad file.
+
+    Frames are resized `chunk` at a time as they are decoded, so memory holds the clip at
+    its model size plus one chunk at the file's size (a long high-resolution video never
+    sits in memory whole). `stats` counts the frames decoded (`decode.iter_frames`)."""
     info = probe(path)
     times = sample_times(info.duration_s, sampling.fps, sampling.max_frames)
     idx = frames_at(info.frame_times, times)
-    frames = torch.from_numpy(decode_frames(info, idx, seek=seek))  # [N, H, W, 3] uint8
-    if sampling.factor > 1:
-        frames = resize_frames(frames, target_size(info, len(idx), sampling))
+    size = target_size(info, len(idx), sampling) if sampling.factor > 1 else None
+    parts, pending = [], []
+
+    def flush():
+        part = torch.from_numpy(np.stack(pending))  # [n, H, W, 3] uint8
+        parts.append(part if size is None else resize_frames(part, size, chunk))
+        pending.clear()
+
+    for rgb in iter_frames(info, idx, seek=seek, stats=stats):
+        pending.append(rgb)
+        if len(pending) == chunk:
+            flush()
+    if pending:
+        flush()
+    frames = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N, h, w, 3] uint8
     return Clip(str(path), frames, info.frame_times[idx], info.duration_s, info.fps)
 
 

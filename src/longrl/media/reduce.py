@@ -63,7 +63,7 @@ def keep_changed(tokens: torch.Tensor, threshold: float) -> torch.Tensor:
     ref = x[0].clone()  # [S, D] last kept token of each patch
     for t in range(1, x.shape[0]):  # sequential: each step's reference depends on the last decision
         dist = 1.0 - F.cosine_similarity(x[t], ref, dim=-1, eps=1e-12)  # [S]
-        keep[t] = dist > threshold
+        keep[t] = (dist > threshold) & (x[t] != ref).any(-1)  # an exact repeat is dropped despite rounding
         ref[keep[t]] = x[t][keep[t]]
     return keep
 

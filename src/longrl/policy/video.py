@@ -16,6 +16,11 @@ so the SFT, GRPO and DPO loops are the text ones:
   whole rows (the embeddings spliced into each row's token embeddings). A pipeline that
   hands pixels to every forward encodes once per rollout and once per sequence per pass;
   the difference is logged as `video/encodes_saved`.
+- Long videos: on one rank the tower encodes `video.encode_chunk` frames at a time (the
+  same embeddings); `video.token_reduction=diff` drops the tokens of patches that have not
+  changed (`media/reduce.py`) right after the encode, so the cache, the prompts (fewer
+  video pads), the rollouts and every pass hold the one reduced sequence, its tokens at
+  their unreduced M-RoPE positions; `video/tokens_kept_frac` logs what stayed.
 - Sequence parallel (`parallel.sp_size` = P > 1): each video's temporal patches are split
   over the group's ranks and the embeddings all-gathered once (`parallel.mrsp_encode`);
   the passes run Ulysses on whole rows (`parallel.sp_video`), so the shared-prompt saving
@@ -65,6 +70,8 @@ class VideoPolicy:
         self.task, self.train_vision = task, cfg.video.train_vision
         self.backprop, self.chunk, self.temperature = cfg.train.backprop, cfg.train.stream_chunk, train_temperature(cfg)
         self.streambp = cfg.train.backprop == "streambp"
+        self.reduction = (cfg.video.token_reduction, cfg.video.drop_threshold)
+        self.encode_chunk = cfg.video.encode_chunk
         # Frozen tower: embeddings are constants, cached for the whole run (and on disk).
         self.cache = None if self.train_vision else EmbeddingCache(cfg.video.embed_cache_dir or None,
                                                                    max_items=len(task.clips) + 1)
@@ -74,20 +81,26 @@ class VideoPolicy:
         self._positions: dict[tuple[str, str], torch.Tensor] = {}
         self._step: dict[str, object] = {}  # video path -> this step's VideoEmbeds
         self._step_version = None
-        self.totals = {"encodes": 0, "naive_encodes": 0, "cache_hits": 0}
+        self.totals = {"encodes": 0, "naive_encodes": 0, "cache_hits": 0, "tokens_kept": 0, "tokens_full": 0}
         self._last = dict(self.totals)
 
     # ---- prompts and videos -------------------------------------------------------------
 
     def encode_prompts(self, examples: list[Example]) -> list[list[int]]:
-        """Prompt ids with the video pad expanded to the clip's number of video tokens."""
+        """Prompt ids with the video pad expanded to the clip's number of video tokens (the
+        kept ones under video.token_reduction, which needs the embeddings: the video is
+        encoded, or read from the cache, here the first time)."""
         from longrl.models.vlm import MERGE, PATCH, TEMPORAL_PATCH, video_prompt_ids
 
         tokenizer, out = self.tokenizer, []
         for ex in examples:
             if _key(ex) not in self._prompts:
-                N, H, W, _ = self.task.clips[ex.media[0]].frames.shape
-                n_tokens = -(-N // TEMPORAL_PATCH) * (H // PATCH) * (W // PATCH) // (MERGE * MERGE)
+                if self.reduction[0] == "none":
+                    N, H, W, _ = self.task.clips[ex.media[0]].frames.shape
+                    n_tokens = -(-N // TEMPORAL_PATCH) * (H // PATCH) * (W // PATCH) // (MERGE * MERGE)
+                else:
+                    with torch.no_grad():
+                        n_tokens = self._video(self.model, ex.media[0]).n_tokens
                 self._prompts[_key(ex)] = video_prompt_ids(tokenizer, n_tokens, ex.prompt)
             out.append(self._prompts[_key(ex)])
         return out
@@ -95,20 +108,23 @@ class VideoPolicy:
     def _encode(self, model, path: str, grad: bool):
         """The vision tower over one clip. Under SP, MR-SP stage 1: this rank encodes its run
         of temporal patches and every rank of the group gets all embeddings (collective:
-        the ranks of a group encode the same videos in the same order)."""
-        from longrl.models.vlm import VideoEmbeds, encode_video, patchify
+        the ranks of a group encode the same videos in the same order). On one rank the
+        tower runs `video.encode_chunk` frames at a time. Then video.token_reduction."""
+        from longrl.models.vlm import VideoEmbeds, encode_frames, patchify, reduce_video
         from longrl.parallel.mrsp_encode import mrsp_encode_video
 
         clip = self.task.clips[path]
-        device = next(model.parameters()).device
-        pv, grid = patchify(clip.frames)
-        pv, grid = pv.to(device=device, dtype=next(model.model.visual.parameters()).dtype), grid.to(device)
         lay = dist.layout()
         with torch.set_grad_enabled(grad):
             if lay.sp_size == 1:
-                return encode_video(model, pv, grid, clip.second_per_grid)
-            embeds = mrsp_encode_video(model.model.visual, pv, grid, lay.sp_group)  # [Nv, D]
-            return VideoEmbeds(embeds, grid.view(3), clip.second_per_grid)
+                video = encode_frames(model, clip.frames, clip.second_per_grid, self.encode_chunk)
+            else:
+                device = next(model.parameters()).device
+                pv, grid = patchify(clip.frames)
+                pv, grid = pv.to(device=device, dtype=next(model.model.visual.parameters()).dtype), grid.to(device)
+                embeds = mrsp_encode_video(model.model.visual, pv, grid, lay.sp_group)  # [Nv, D]
+                video = VideoEmbeds(embeds, grid.view(3), clip.second_per_grid)
+            return reduce_video(video, *self.reduction)
 
     def _cached(self, key: str, compute):
         """`cache.get_or_compute`; under SP the group agrees on hit or miss first, since the
@@ -126,7 +142,7 @@ class VideoPolicy:
         """This step's embeddings of `path`: encoded at most once per step (never again
         with a frozen tower, whose embeddings are cached across steps)."""
         from longrl.media.cache import cache_key
-        from longrl.models.vlm import VideoEmbeds, vision_tag
+        from longrl.models.vlm import VideoEmbeds, reduction_key, vision_tag
 
         if path in self._step:
             return self._step[path]
@@ -140,13 +156,18 @@ class VideoPolicy:
             def compute():
                 self.totals["encodes"] += 1
                 v = self._encode(model, path, grad=False)
-                return {"embeds": v.embeds, "grid_thw": v.grid_thw, "spg": torch.tensor(v.second_per_grid, dtype=torch.float64)}
+                out = {"embeds": v.embeds, "grid_thw": v.grid_thw, "spg": torch.tensor(v.second_per_grid, dtype=torch.float64)}
+                return out if v.keep is None else {**out, "keep": v.keep}
 
-            t = self._cached(cache_key(path, self.task.sampling.key(), self._tag), compute)
+            sampling = reduction_key(self.task.sampling.key(), *self.reduction)  # the reduction is cached too
+            t = self._cached(cache_key(path, sampling, self._tag), compute)
             self.totals["cache_hits"] += self.cache.hits - hits
             device = next(model.parameters()).device
-            video = VideoEmbeds(t["embeds"].to(device), t["grid_thw"].long().to(device), float(t["spg"]))
+            keep = t["keep"].bool().to(device) if "keep" in t else None
+            video = VideoEmbeds(t["embeds"].to(device), t["grid_thw"].long().to(device), float(t["spg"]), keep)
         self._step[path] = video
+        self.totals["tokens_kept"] += video.n_tokens
+        self.totals["tokens_full"] += video.n_full
         return video
 
     def _positions_of(self, model, ex: Example, video) -> torch.Tensor:
@@ -173,8 +194,6 @@ class VideoPolicy:
         in the same order), the graph kept for the update with a trainable tower; the
         backend reads them detached. Evaluation (eval=True) encodes outside the step's
         counts."""
-        from longrl.models.vlm import VideoEmbeds
-
         counts = n if isinstance(n, list) else [n] * len(examples)
         prompts = self.encode_prompts(examples)
         model = self.model
@@ -184,7 +203,7 @@ class VideoPolicy:
             with torch.set_grad_enabled(self.train_vision):
                 videos = [self._video(model, ex.media[0]) for ex in examples]
             self.totals["naive_encodes"] += sum(counts)  # a pixel pipeline encodes in every rollout
-        videos = [VideoEmbeds(v.embeds.detach(), v.grid_thw, v.second_per_grid) for v in videos]
+        videos = [v.detached() for v in videos]
         return [RolloutRequest(p, c, VideoPrompt(v, self._positions_of(model, ex, v)))
                 for p, c, ex, v in zip(prompts, counts, examples, videos)]
 
@@ -232,10 +251,7 @@ class VideoPolicy:
             return chunked_logprobs(hidden, head.weight, head.bias, mb.targets, mb.mask, chunk, temperature)
 
     def _detached(self, model, path: str):
-        from longrl.models.vlm import VideoEmbeds
-
-        v = self._video(model, path)
-        return VideoEmbeds(v.embeds.detach(), v.grid_thw, v.second_per_grid)
+        return self._video(model, path).detached()
 
     def loss_and_backward(self, mb, examples: list[Example], loss_fn, temperature: float | None = None):
         """Forward, loss and backward for a micro-batch; gradients accumulate in `.grad`
@@ -311,16 +327,24 @@ class VideoPolicy:
         return video
 
     def step_metrics(self) -> dict:
-        """Encodes since the last call: run, saved (vs one per rollout and per sequence per pass), cache hits."""
+        """Since the last call: encodes run, saved (vs one per rollout and per sequence per
+        pass), cache hits; and the fraction of video tokens kept by video.token_reduction
+        over the distinct videos the step used (1.0 with 'none'; absent when it used none)."""
         d = {k: self.totals[k] - self._last[k] for k in self.totals}
         self._last = dict(self.totals)
-        return {"video/encodes": d["encodes"], "video/encodes_saved": d["naive_encodes"] - d["encodes"],
-                "video/cache_hits": d["cache_hits"]}
+        out = {"video/encodes": d["encodes"], "video/encodes_saved": d["naive_encodes"] - d["encodes"],
+               "video/cache_hits": d["cache_hits"]}
+        if d["tokens_full"] > 0:
+            out["video/tokens_kept_frac"] = d["tokens_kept"] / d["tokens_full"]
+        return out
 
     def summary(self) -> dict:
-        return {"video_encodes": self.totals["encodes"],
-                "video_encodes_saved": self.totals["naive_encodes"] - self.totals["encodes"],
-                "video_cache_hits": self.totals["cache_hits"]}
+        out = {"video_encodes": self.totals["encodes"],
+               "video_encodes_saved": self.totals["naive_encodes"] - self.totals["encodes"],
+               "video_cache_hits": self.totals["cache_hits"]}
+        if self.totals["tokens_full"] > 0:
+            out["video_tokens_kept_frac"] = self.totals["tokens_kept"] / self.totals["tokens_full"]
+        return out
 
 
 def load_video_policy(cfg: ModelConfig, device, train_vision: bool = False):

@@ -1,0 +1,277 @@
+"""Video token reduction end to end: chunked encoding == whole-video encoding, 'none' ==
+today, the kept tokens' positions == the unreduced sequence's, gradients through the kept
+tokens == a model fed the kept embeddings and positions by hand, a video with static
+stretches loses at least half its tokens at the default threshold, and the policy's
+rollouts, passes, cache and metrics all use the one reduced sequence."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("av", reason="video tests need PyAV (pip install -e '.[video]')")
+
+from longrl.config import VideoConfig, load_config  # noqa: E402
+from longrl.data.example import Example  # noqa: E402
+from longrl.data.video_task import VideoClip, VideoTask  # noqa: E402
+from longrl.errors import UserError  # noqa: E402
+from longrl.media.encode import write_video  # noqa: E402
+from longrl.media.frames import FrameSampling, load_clip  # noqa: E402
+from longrl.models.vlm import (  # noqa: E402
+    as_leaf, backward_vision, build_tiny_vlm, build_vlm_tokenizer, encode_frames, encode_video, mrope_position_ids,
+    patchify, reduce_video, seconds_per_grid, video_loss_and_backward, video_prompt_ids,
+)
+from longrl.streambp.logprobs import make_batch  # noqa: E402
+
+QUESTION = "What colour?\nA. red\nB. blue"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_vlm_tokenizer()
+
+
+@pytest.fixture()
+def model(tok):
+    torch.manual_seed(0)
+    return build_tiny_vlm(tok).double()
+
+
+def still_frames(n: int = 12, seed: int = 0) -> torch.Tensor:
+    """Random frames with a static stretch: frames 4..9 repeat frame 4. [n, 56, 56, 3] uint8"""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randint(0, 256, (n, 56, 56, 3), dtype=torch.uint8, generator=g)
+    f[4:10] = f[4]
+    return f
+
+
+def scene_video(path, i: int = 0):
+    """The built-in example's kind of video (`longrl data videos --kinds colour`): one shape
+    on a plain background for half the timeline, nothing before or after."""
+    from longrl.data.videos import make_item, render
+
+    record, sprites, n_frames = make_item(0, i, 20.0, 30.0, 2, kinds=("colour",))
+    return write_video(path, render(sprites, n_frames), fps=record["fps"])
+
+
+# ---- the vision tower in chunks --------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 7, 12, 64])
+def test_chunked_encode_equals_the_whole_video(model, chunk):
+    f = still_frames(11)  # odd: the last chunk pads its last frame, as the whole video does
+    with torch.no_grad():
+        pv, grid = patchify(f)
+        whole = encode_video(model, pv.double(), grid, 1.0)
+        chunked = encode_frames(model, f, 1.0, chunk)
+    assert chunked.grid_thw.tolist() == whole.grid_thw.tolist() == [6, 4, 4]
+    torch.testing.assert_close(chunked.embeds, whole.embeds, atol=1e-12, rtol=0)
+
+
+# ---- positions and gradients of a reduced video ----------------------------------------
+
+
+def reduced_rows(model, tok, threshold=0.05):
+    """A static-stretch video, unreduced and reduced, and a batch of two responses on each."""
+    with torch.no_grad():
+        full = encode_frames(model, still_frames(), 1.5)
+    red = reduce_video(full, "diff", threshold)
+    responses = [tok("<answer>B</answer>")["input_ids"], tok("hm")["input_ids"]]
+    batch_full = make_batch([video_prompt_ids(tok, full.n_tokens, QUESTION)] * 2, responses, tok.pad_token_id)
+    batch_red = make_batch([video_prompt_ids(tok, red.n_tokens, QUESTION)] * 2, responses, tok.pad_token_id)
+    return full, red, batch_full, batch_red
+
+
+def kept_columns(model, batch_full, red) -> torch.Tensor:
+    """[T_full] bool: the unreduced rows' columns that stay (every text token, kept video tokens)."""
+    ids = batch_full.input_ids[0]
+    start = int((ids == model.config.video_token_id).nonzero()[0])
+    cols = torch.ones(ids.shape[0], dtype=torch.bool)
+    cols[start : start + red.n_full] = red.keep
+    return cols
+
+
+def test_reduction_none_is_the_video_unchanged(model, tok):
+    full, _, batch_full, _ = reduced_rows(model, tok)
+    assert reduce_video(full, "none", 0.5) is full
+    assert full.keep is None and full.n_full == full.n_tokens
+
+
+def test_static_frames_are_dropped_and_kept_positions_equal_the_unreduced_ones(model, tok):
+    full, red, batch_full, batch_red = reduced_rows(model, tok)
+    # 6 temporal steps (frame pairs) of 4 tokens; steps 2, 3 and 4 are frames 4..9, all one
+    # frame: step 2 is new, steps 3 and 4 repeat it and are dropped.
+    assert full.n_tokens == 24 and red.n_tokens == 16
+    assert red.keep.view(6, 4).tolist() == [[True] * 4] * 3 + [[False] * 4] * 2 + [[True] * 4]
+    torch.testing.assert_close(red.embeds, full.embeds[red.keep], atol=0, rtol=0)
+    pos_full = model.model.get_rope_index(  # the model's own numbering of the unreduced rows
+        batch_full.input_ids, mm_token_type_ids=(batch_full.input_ids == model.config.video_token_id).int() * 2,
+        video_grid_thw=full.grid_thw.view(1, 3).expand(2, 3), second_per_grid_ts=torch.full((2,), 1.5))[0]
+    cols = kept_columns(model, batch_full, red)
+    pos_red = mrope_position_ids(model, batch_red.input_ids, red)  # [3, 2, T_red]
+    assert pos_red.shape[-1] == int(cols.sum())
+    torch.testing.assert_close(pos_red, pos_full[:, :, cols], atol=0, rtol=0)
+    assert int(pos_red[0, 0, -1]) == int(pos_full[0, 0, -1])  # the response continues where it would have
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_gradients_through_kept_tokens_equal_a_hand_fed_reference(model, tok, train_vision):
+    """The library's path on the reduced video vs the language model fed by hand: token
+    embeddings with the kept video embeddings spliced in, at the unreduced positions of the
+    kept columns, full logits. A trainable tower gets its gradient through the kept tokens."""
+    model.model.visual.requires_grad_(train_vision)
+    f = still_frames()
+    adv = torch.tensor([1.0, -0.7], dtype=torch.float64)
+
+    def encode():
+        with torch.set_grad_enabled(train_vision):
+            return encode_frames(model, f, 1.5, 4)
+
+    _, red, batch_full, batch = reduced_rows(model, tok)
+    loss_fn = lambda logp: -(adv[:, None] * logp * batch.mask).sum() / batch.mask.sum()  # noqa: E731
+
+    video = reduce_video(encode(), "diff", 0.05)
+    assert torch.equal(video.keep, red.keep)
+    leaf = as_leaf(video) if train_vision else video
+    loss, _, logp = video_loss_and_backward(model, leaf, batch, loss_fn, chunk=3)
+    if train_vision:
+        backward_vision(video, leaf)
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    full = encode()  # the reference: everything by hand
+    kept = full.embeds[red.keep]  # [Nk, D]
+    emb = model.get_input_embeddings()(batch.input_ids).clone()  # [2, T, D]
+    start = int((batch.input_ids[0] == model.config.video_token_id).nonzero()[0])
+    emb = torch.cat([emb[:, :start], kept.expand(2, -1, -1), emb[:, start + red.n_tokens:]], 1)
+    pos_full = model.model.get_rope_index(
+        batch_full.input_ids, mm_token_type_ids=(batch_full.input_ids == model.config.video_token_id).int() * 2,
+        video_grid_thw=full.grid_thw.view(1, 3).expand(2, 3), second_per_grid_ts=torch.full((2,), 1.5))[0]
+    pos = pos_full[:, :, kept_columns(model, batch_full, red)]
+    hidden = model.model.language_model(inputs_embeds=emb, position_ids=pos, use_cache=False).last_hidden_state
+    ref_logp = torch.log_softmax(model.lm_head(hidden), -1).gather(-1, batch.targets[..., None]).squeeze(-1)
+    ref_loss = loss_fn(ref_logp * batch.mask)
+    ref_loss.backward()
+    ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    torch.testing.assert_close(loss, ref_loss.detach(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(logp, (ref_logp * batch.mask).detach(), atol=1e-12, rtol=0)
+    assert ours.keys() == ref.keys() and any("visual" in n for n in ref) == train_vision
+    for n in ref:
+        torch.testing.assert_close(ours[n], ref[n], atol=1e-11, rtol=1e-9)
+
+
+def test_a_video_with_static_stretches_loses_half_its_tokens_at_the_default_threshold(model, tmp_path):
+    """The example task's kind of video, decoded (with its compression noise), sampled
+    32 frames uniformly and encoded by the tiny tower: at video.drop_threshold's default at
+    least half the tokens go, and every temporal step where the shape appears or vanishes
+    keeps tokens."""
+    default = VideoConfig().drop_threshold
+    dropped = []
+    for i in range(3):
+        clip = load_clip(scene_video(tmp_path / f"v{i}.mp4", i), FrameSampling(fps=None, max_frames=32, max_pixels=3136))
+        with torch.no_grad():
+            video = encode_frames(model.float(), clip.frames, seconds_per_grid(clip.timestamps))
+        red = reduce_video(video, "diff", default)
+        dropped.append(1 - red.n_tokens / red.n_full)
+        steps = red.keep.view(int(video.grid_thw[0]), -1).any(1)  # [Tg] steps keeping any token
+        pix = clip.frames.view(16, 2, -1).float()  # the raw change between steps, as a check
+        changed = (pix[1:].mean(1) - pix[:-1].mean(1)).abs().amax(1) > 40  # [Tg-1] the shape came or went
+        assert steps[1:][changed].all()
+    assert min(dropped) >= 0.5, dropped
+
+
+# ---- the policy: one reduced sequence for rollouts, passes, cache and metrics -----------
+
+
+def make_task(tmp_path, n: int = 2):
+    paths = [str(scene_video(tmp_path / f"s{i}.mp4", i)) for i in range(n)]
+    sampling = FrameSampling(fps=None, max_frames=16, max_pixels=3136)
+    clips = {}
+    for p in paths:
+        c = load_clip(p, sampling)
+        clips[p] = VideoClip(c.frames, seconds_per_grid(c.timestamps))
+    examples = [Example(f"q{i}", QUESTION, "A", media=[p]) for i, p in enumerate(paths)]
+    from longrl.rewards.verifiers import answer_scorer
+
+    return VideoTask("videos:test", examples, examples, answer_scorer("mcq"), clips, sampling)
+
+
+def policy_for(tmp_path, task, *overrides):
+    from longrl.policy.video import VideoPolicy, load_video_policy
+
+    cfg = load_config(None, ["task.name=videos", f"task.train_file={tmp_path}/x.jsonl", "model.tiny.hidden_size=32",
+                             "model.tiny.num_layers=1", "model.tiny.intermediate_size=64", *overrides])
+    torch.manual_seed(0)
+    model, tok = load_video_policy(cfg.model, torch.device("cpu"))
+    return VideoPolicy(model.double(), tok, task, cfg), cfg
+
+
+def one_update(policy, task):
+    """Log-probs and every gradient of one micro-batch: two rows on each of the two videos."""
+    examples = [task.train[0], task.train[0], task.train[1], task.train[1]]
+    prompts = policy.encode_prompts(examples)
+    batch = make_batch(prompts, [[5, 6, 7], [8, 9], [10], [11, 12, 13, 14]], policy.tokenizer.pad_token_id)
+    policy.model.zero_grad(set_to_none=True)
+    policy.start_step(0)
+    _, _, logp = policy.loss_and_backward(batch, examples, lambda lp: -(lp * batch.mask).sum() / batch.mask.sum())
+    grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+    return prompts, logp.detach(), grads, policy.logprobs(batch, examples)
+
+
+def test_reduction_none_is_bit_equal_to_the_whole_video_encode(tmp_path):
+    """video.token_reduction=none with chunked encoding (the default path now) vs the whole
+    video through the tower at once (what the policy did before): the same prompts and
+    bit-equal log-probs and gradients."""
+    task = make_task(tmp_path)
+    a = one_update(policy_for(tmp_path, task, "video.encode_chunk=4")[0], task)
+    b = one_update(policy_for(tmp_path, task, "video.encode_chunk=0")[0], task)
+    assert a[0] == b[0]
+    assert torch.equal(a[1], b[1]) and torch.equal(a[3], b[3])
+    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][n], b[2][n]) for n in a[2])
+
+
+def test_policy_rollouts_and_passes_share_the_reduced_sequence(tmp_path):
+    from longrl.media.cache import EmbeddingCache
+    from longrl.recipes.grpo import rollout
+    from longrl.rollout.hf import HFBackend
+
+    task = make_task(tmp_path)
+    cache_dir = tmp_path / "cache"
+    full, _ = policy_for(tmp_path, task, f"video.embed_cache_dir={cache_dir}")
+    red, cfg = policy_for(tmp_path, task, "video.token_reduction=diff", f"video.embed_cache_dir={cache_dir}")
+    ex = task.train[:2]
+    n_full = [len(r.prompt_ids) for r in full.requests(ex)]  # encodes (no reduction: prompts from the frame count)
+    n_red = [len(p) for p in red.encode_prompts(ex)]  # encodes: the kept count needs the embeddings
+    assert [len(r.prompt_ids) for r in red.requests(ex)] == n_red
+    assert all(r < f for r, f in zip(n_red, n_full))
+    assert len(list(cache_dir.glob("*.safetensors"))) == 4  # the reduction is part of the key
+    frac = red.step_metrics()["video/tokens_kept_frac"]
+    dropped = sum(f - r for f, r in zip(n_full, n_red))  # 16 frames of 56x56: 8 steps x 4 tokens per video
+    assert frac == pytest.approx(1 - dropped / (2 * 32)) and frac < 0.8
+    assert full.step_metrics()["video/tokens_kept_frac"] == 1.0
+    # A second policy reads the reduced embeddings and keep mask back from disk: same prompts.
+    again, _ = policy_for(tmp_path, task, "video.token_reduction=diff", f"video.embed_cache_dir={cache_dir}")
+    assert [len(p) for p in again.encode_prompts(ex)] == n_red and again.totals["encodes"] == 0
+    assert isinstance(red.cache, EmbeddingCache)
+
+    # Rollouts decode on the reduced prompt; the trainer's log-probs of them are the same.
+    backend = HFBackend(red.model, eos_id=red.tokenizer.eos_token_id, pad_id=red.tokenizer.pad_token_id)
+    cfg.rollout.max_new_tokens = 5
+    roll = rollout(red, backend, ex, task, cfg, torch.Generator().manual_seed(0), version=0)
+    batch = make_batch(roll.prompt_ids, roll.response_ids, red.tokenizer.pad_token_id)
+    assert [len(p) for p in roll.prompt_ids] == [n for n in n_red for _ in range(cfg.rl.group_size)]
+    logp = red.logprobs(batch, roll.examples)
+    for i, lp in enumerate(roll.behaviour_logprobs):
+        torch.testing.assert_close(logp[i][batch.mask[i] > 0], torch.tensor(lp, dtype=torch.float64),
+                                   atol=1e-9, rtol=0)
+
+
+def test_reduction_with_a_trainable_tower_or_bad_values_is_refused(tmp_path):
+    base = ["task.name=videos", f"task.train_file={tmp_path}/x.jsonl"]
+    for over, msg in [(["video.token_reduction=diff", "video.train_vision=true"], "frozen vision tower"),
+                      (["video.token_reduction=dif"], "did you mean 'diff'"),
+                      (["video.drop_threshold=-0.1"], "cosine distance"),
+                      (["video.encode_chunk=-1"], "encode_chunk")]:
+        with pytest.raises(UserError, match=msg):
+            load_config(None, [*base, *over])
+    assert np.isclose(VideoConfig().drop_threshold, 0.05)
