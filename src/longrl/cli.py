@@ -24,6 +24,7 @@ BENCHES = {
     "video-cache": "longrl.bench.video_cache",
     "zero": "longrl.bench.zero",
     "fsdp": "longrl.bench.fsdp",
+    "long-video": "longrl.bench.long_video",
 }
 DATA = {"videos": "longrl.data.videos"}
 
@@ -121,6 +122,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Peak memory per rank of one RL step, piece by piece (`longrl.plan`), and with
+    --memory-gib the cheapest settings that fit."""
+    from longrl.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before torch, as for `train`
+    if args.memory_gib is not None and args.memory_gib <= 0:
+        raise UserError(f"--memory-gib {args.memory_gib} must be positive (GiB per rank, e.g. --memory-gib 20)")
+    if args.world_size is not None and args.world_size < 1:
+        raise UserError(f"--world-size {args.world_size} must be at least 1")
+    from longrl.plan import main as plan_main
+
+    return plan_main(cfg, memory_gib=args.memory_gib, world_size=args.world_size, video_keep=args.video_keep,
+                     prompt_tokens=args.prompt_tokens, as_json=args.json)
+
+
 def cmd_bench(args) -> int:
     """Every benchmark's `run(argv) -> dict`; its own output goes to stderr as progress, and
     the JSON result is the only thing on stdout."""
@@ -184,7 +201,7 @@ def cmd_data(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longrl", description="RL post-training of language and video-language models on long sequences.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,bench,export,models,data}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,plan,bench,export,models,data}")
 
     t = sub.add_parser("train", help="CoT-SFT then GRPO (default: tiny model, built-in task, CPU)",
                        description=_train_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,6 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-frames", type=int, default=32, help="frames sampled per video (with --videomme)")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="model=PATH task=NAME or any config key")
     e.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plan", help="estimated peak memory per rank of one RL step, and settings that fit",
+                        description="Estimate, from the config alone (no weights read), the peak memory per rank "
+                                    "of one GRPO step: weights, gradients, AdamW moments, the reference, rollout KV "
+                                    "cache, activations of the backprop mode, logits, video embeddings and the vision "
+                                    "tower. With --memory-gib: the cheapest SP degree, backprop mode, stream_chunk and "
+                                    "micro-batch that fit. Example: longrl plan --config examples/video_grpo.yaml "
+                                    "video.max_frames=3600 --memory-gib 20")
+    pl.add_argument("--config", help="YAML file of config keys (overridden by key=value)")
+    pl.add_argument("--memory-gib", type=float, help="memory per rank to fit (GiB): search the settings")
+    pl.add_argument("--world-size", type=int, help="processes (default: parallel.sp_size, one SP group)")
+    pl.add_argument("--video-keep", type=float, default=1.0,
+                    help="fraction of video tokens video.token_reduction keeps (content-dependent; default 1)")
+    pl.add_argument("--prompt-tokens", type=int, help="text tokens of a prompt (default 64)")
+    pl.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. video.max_frames=3600")
+    pl.set_defaults(func=cmd_plan)
 
     b = sub.add_parser("bench", help="benchmarks printing JSON", description="Benchmarks: " + ", ".join(BENCHES))
     b.add_argument("name", choices=sorted(BENCHES))
