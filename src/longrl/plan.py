@@ -246,11 +246,13 @@ def _encode(cfg: Config, shape: ModelShape, s: StepShape, uncached: bool, world_
     whole = uncached or sp > 1 or cfg.video.encode_chunk == 0
     frames = s.frames if whole else min(s.frames, cfg.video.encode_chunk)
     patches = -(-frames // TEMPORAL) * s.frame_pixels // PATCH**2  # per temporal patch: H*W/14^2
-    copies = s.group if uncached else 1
     pixel = 3 * PATCH * PATCH * TEMPORAL * 4  # float32 values per patch
     tower = 4 * (4 * shape.vision_hidden + shape.vision_intermediate) // sp
     embeds_full = s.video_tokens_full * shape.hidden * 4 * (2 if sp > 1 else 1)  # gathered (+ the shards)
-    return copies * patches * (3 * pixel + tower) + embeds_full
+    if uncached:  # patchified once, then G copies of the pixels through the tower (bench.video_cache)
+        G = s.group
+        return patches * max(3 * pixel, (1 + G) * pixel + G * tower) + G * embeds_full
+    return patches * (3 * pixel + tower) + embeds_full
 
 
 def _kv(shape: ModelShape, tokens: int, act: int) -> int:
