@@ -159,6 +159,15 @@ class RewardConfig:
     weaker isolation announced - that returns the values of the tests' expressions, compared
     in the trainer; reward = fraction passed; `longrl.rewards.code`) or 'judge' (a local model
     rates the answer: reward.judge_model)."""
+    extract: str = "auto"
+    """How the answer the verifier checks is read out of a response: 'tags' (the
+    `<answer>...</answer>` block), 'boxed' (the last `\\boxed{...}`, nested braces kept),
+    'last_number' (the last number written), 'math_verify' (math_verify's own extraction from
+    the whole response) or 'auto': the tags when the response holds an answer tag, else a
+    `\\boxed{}` answer (never a guessed number; models taught the tags, like the tiny default,
+    score exactly as with 'tags'). For instruct models that do not write tags (ask for the form
+    in model.system_prompt). Every answer verifier and a task's own scorer use it; the format
+    reward always reads the tags; 'code' and 'judge' read the `<answer>` block."""
     correctness_weight: float = 1.0
     """Weight of the correctness reward."""
     judge_model: str = ""
@@ -167,7 +176,39 @@ class RewardConfig:
     judge_template: str = ""
     """The judge's question, with {question}, {reference} and {response}; empty: the default."""
     format_weight: float = 0.1
-    """Weight of the format reward (<think>...</think><answer>...</answer>)."""
+    """Weight of the format reward (<think>...</think><answer>...</answer>); in multi-turn
+    episodes the mean over turns of each turn's format (a well-formed tool call, or the
+    answer template on the final turn)."""
+    search_penalty: float = 0.0
+    """Multi-turn episodes (MMSearch-R1's search penalty): a correct answer that used the
+    search tool earns (1 - this) of the correctness reward, so searching pays only where the
+    model could not answer without."""
+    tool_error_penalty: float = 0.0
+    """Multi-turn episodes: subtracted per failed tool call (malformed, unknown tool, error,
+    timeout), at most 1 in all."""
+
+
+@dataclass
+class ToolsConfig:
+    """Tools the model may call in multi-turn episodes (`tools/`; needs rollout.max_turns >= 2)."""
+
+    enabled: list[str] = field(default_factory=list)
+    """Tools offered: any of 'search' (BM25 over tools.search_corpus, or the task's own corpus)
+    and 'python' (the code reward's sandbox). Empty: single-turn rollouts."""
+    format: str = "auto"
+    """Tool-call format: 'tags' (`<call>name: args</call>` -> `<result>...</result>`; the tiny
+    model gets one token per tag), 'hermes' (Qwen's `<tool_call>{json}</tool_call>`), or
+    'auto': hermes where the tokenizer has `</tool_call>` as one token, else tags."""
+    search_corpus: str = ""
+    """JSONL of {"text": ...} documents for 'search' (empty: the task's corpus, e.g. 'facts')."""
+    search_top_k: int = 1
+    """Passages one search returns."""
+    timeout: float = 10.0
+    """Seconds a tool call may take before it returns an error result."""
+    max_result_chars: int = 2000
+    """Longer tool results are cut here (counted: agent/truncated_results)."""
+    python_timeout: float = 5.0
+    """Seconds of CPU/wall for one 'python' call inside the sandbox."""
 
 
 @dataclass
@@ -192,8 +233,11 @@ class RolloutConfig:
     (built-in continuous batching, the engine APRIL uses; text) or 'vllm' (the `vllm` extra:
     colocated vLLM engine, weights synced after every step; text). With rollout.partial=true,
     'hf' means 'continuous'."""
-    max_new_tokens: int = 48
-    """Longest response in tokens; longer ones are truncated (and counted)."""
+    max_new_tokens: int = 0
+    """Longest response in tokens; longer ones are truncated (and counted). 0 (the default):
+    derived from the task's SFT demonstrations at the start of the run (`response_budget`: their
+    99th-percentile token length plus max(8, 10%), at least 48), reported in one line and
+    written to the run's config.yaml."""
     temperature: float = 1.0
     """Sampling temperature (0 = greedy)."""
     top_p: float = 1.0
@@ -216,6 +260,12 @@ class RolloutConfig:
     token exceeds this (engine/trainer mismatch, e.g. vLLM's kernels vs the trainer's);
     0 = off. The step's normaliser is unchanged; the dropped fraction is logged
     (`rollout/mismatch_masked_frac`)."""
+    max_turns: int = 1
+    """Model turns per episode (multi-turn tool use, `tools.enabled`): a turn that calls a
+    tool gets the result appended and another turn, up to this many (`rollout/episodes.py`)."""
+    max_turn_tokens: int = 0
+    """Most tokens of one model turn (0: no cap but the total). rollout.max_new_tokens is
+    the total of an episode's response, model and tool tokens together."""
     vllm_gpu_memory: float = 0.5
     """rollout.backend=vllm on a GPU: fraction of its memory vLLM may take for weights and
     KV cache (the trainer shares the device). On a CPU the KV cache size comes from the
@@ -275,8 +325,10 @@ class RLConfig:
     rl.steps are split into this many rounds of equal length; each round trains a fresh
     adapter on pairs sampled from the current policy, against that round's starting model
     as the reference, and merges it into the base at the round's end."""
-    eval_every: int = 20
-    """Held-out accuracy every this many RL steps (0 = only at the end)."""
+    eval_every: int = -1
+    """Held-out accuracy every this many RL steps (0 = only at the end); -1 (the default): a
+    third of rl.steps, rounded up (`eval_cadence`: 20 at the default 60 steps), so a run of any
+    length has held-out points at a third, two thirds and the end."""
 
 
 @dataclass
@@ -288,6 +340,11 @@ class TrainConfig:
     activation memory independent of sequence length; for long sequences)."""
     stream_chunk: int = 256
     """Sequence chunk (tokens) for chunked log-probs and the StreamBP layer backward."""
+    pass_tokens: int = 1024
+    """Most positions (rows x padded length) one forward holds at a time: a text micro-batch
+    of more runs in groups of similar-length rows, each cut to its own width (log-prob passes;
+    with backprop=chunked also the training pass, exact, its activations bounded by this;
+    `streambp.logprobs.row_groups_backward`). 0: the whole micro-batch in one forward."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
     weight_decay: float = 0.0
@@ -308,8 +365,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 48
-    """Generation budget for evaluation (greedy)."""
+    max_new_tokens: int = 0
+    """Generation budget for evaluation (greedy); 0 (the default): derived from the task's
+    demonstrations as rollout.max_new_tokens is (`response_budget`)."""
     batch_size: int = 100
     """Prompts per generation batch."""
 
@@ -409,6 +467,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     resume: str = ""
     """Run directory to continue from its last checkpoint (model, optimizer, RNG, data, step)."""
 
@@ -419,6 +478,8 @@ class Config:
         self.run.report_to = check_report_to(self.run.report_to)
         if self.run.log_every < 0:
             raise UserError(f"run.log_every={self.run.log_every} must be >= 0 (0: no plain log lines)")
+        if self.train.pass_tokens < 0:
+            raise UserError(f"train.pass_tokens={self.train.pass_tokens} must be >= 0 (0: a micro-batch in one forward)")
         check_survivable(self)
         _choice("model.dtype", self.model.dtype, ["float32", "bfloat16", "float16"])
         _choice("model.arch", self.model.arch, ["qwen2", "gla"])
@@ -446,6 +507,10 @@ class Config:
         _choice("rollout.backend", self.rollout.backend, ["hf", "continuous", "vllm"])
         _choice("train.backprop", self.train.backprop, ["standard", "chunked", "checkpoint", "streambp"])
         _choice("reward.correctness", self.reward.correctness, ["auto", "exact", "normalized", "math", "mcq", "code", "judge"])
+        _choice("reward.extract", self.reward.extract, ["auto", "tags", "boxed", "last_number", "math_verify"])
+        if self.reward.extract not in ("auto", "tags") and self.reward.correctness in ("code", "judge"):
+            raise UserError(f"reward.extract={self.reward.extract} reads answers for the answer verifiers; "
+                            f"reward.correctness={self.reward.correctness} reads the <answer> block: drop reward.extract")
         if self.reward.correctness == "judge" and not self.reward.judge_model:
             raise UserError("reward.correctness=judge needs reward.judge_model=PATH (a local Hugging Face model directory)")
         for key, value in [
@@ -453,7 +518,6 @@ class Config:
             ("rl.prompts_per_step", self.rl.prompts_per_step),
             ("rl.micro_batch_size", self.rl.micro_batch_size),
             ("rl.ppo_epochs", self.rl.ppo_epochs),
-            ("rollout.max_new_tokens", self.rollout.max_new_tokens),
             ("train.stream_chunk", self.train.stream_chunk),
             ("task.n_eval", self.task.n_eval),
             ("eval.batch_size", self.eval.batch_size),
@@ -482,7 +546,39 @@ class Config:
         if self.task.name == "jsonl" and not self.task.train_file:
             raise UserError("task.name=jsonl needs task.train_file=PATH (a JSONL of {\"prompt\", \"answer\"} lines)")
         _check_fsdp(self.parallel, self.task.name, self.rollout.backend)
+        _check_tools(self)
         return self
+
+
+def _check_tools(cfg: "Config") -> None:
+    """Multi-turn tool use: the keys' ranges and what it does not combine with yet."""
+    t = cfg.tools
+    if isinstance(t.enabled, str):
+        t.enabled = [s.strip() for s in t.enabled.split(",") if s.strip()]
+    for name in t.enabled:
+        if ":" not in name:  # 'file.py:Class' / 'module:Class' is a user's tool, loaded with the run
+            _choice("tools.enabled", name, ["search", "python"])
+    _choice("tools.format", t.format, ["auto", "tags", "hermes"])
+    if cfg.rollout.max_turns < 1 or cfg.rollout.max_turn_tokens < 0:
+        raise UserError(f"rollout.max_turns={cfg.rollout.max_turns} must be >= 1 and rollout.max_turn_tokens="
+                        f"{cfg.rollout.max_turn_tokens} >= 0 (0: no per-turn cap)")
+    if t.enabled and cfg.rollout.max_turns < 2:
+        raise UserError(f"tools.enabled={','.join(t.enabled)} needs rollout.max_turns >= 2 (a turn for the call, "
+                        "one for the answer)")
+    if cfg.rollout.max_turns > 1 and not t.enabled:
+        raise UserError(f"rollout.max_turns={cfg.rollout.max_turns}: a turn ends only by calling a tool; set "
+                        "tools.enabled (search, python) or rollout.max_turns=1")
+    for key, value in [("tools.search_top_k", t.search_top_k), ("tools.timeout", t.timeout),
+                       ("tools.max_result_chars", t.max_result_chars), ("tools.python_timeout", t.python_timeout)]:
+        if value <= 0:
+            raise UserError(f"{key}={value} must be positive")
+    if not 0.0 <= cfg.reward.search_penalty <= 1.0 or cfg.reward.tool_error_penalty < 0:
+        raise UserError(f"reward.search_penalty={cfg.reward.search_penalty} must be in [0, 1] and "
+                        f"reward.tool_error_penalty={cfg.reward.tool_error_penalty} >= 0")
+    if t.enabled and cfg.task.name == "videos":
+        raise UserError("tools.enabled: multi-turn episodes run on text tasks only (video_frames is not built yet)")
+    if t.enabled and cfg.rl.algorithm == "dpo":
+        raise UserError("tools.enabled: multi-turn episodes train with rl.algorithm=grpo (DPO pairs of episodes are not built)")
 
 
 def _check_video(v: VideoConfig) -> None:
@@ -584,10 +680,16 @@ def check_survivable(cfg: "Config") -> None:
     clips out of range, groups too large to roll out, devices that are not there, and a
     run.name that leaves run.out_dir."""
     _check_finite(cfg, "")
-    _at_least(1, ("run.save_every", cfg.run.save_every), ("eval.max_new_tokens", cfg.eval.max_new_tokens),
+    _at_least(1, ("run.save_every", cfg.run.save_every),
               *((f"model.tiny.{k}", v) for k, v in dataclasses.asdict(cfg.model.tiny).items()))
+    for key, value in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+                       ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+        if value < 0:
+            raise UserError(f"{key}={value} must be at least 1 (or 0: derived from the task's demonstrations)")
+    if cfg.rl.eval_every < -1:
+        raise UserError(f"rl.eval_every={cfg.rl.eval_every} must be >= 0 (0: only at the end; -1: a third of rl.steps)")
     _at_least(0, ("sft.steps", cfg.sft.steps), ("rl.steps", cfg.rl.steps), ("sft.warmup_steps", cfg.sft.warmup_steps),
-              ("rl.warmup_steps", cfg.rl.warmup_steps), ("rl.eval_every", cfg.rl.eval_every),
+              ("rl.warmup_steps", cfg.rl.warmup_steps),
               ("run.keep_checkpoints", cfg.run.keep_checkpoints), ("rollout.slots", cfg.rollout.slots),
               ("rollout.max_staleness", cfg.rollout.max_staleness), ("rl.max_refill_rounds", cfg.rl.max_refill_rounds),
               ("rl.overlong_buffer", cfg.rl.overlong_buffer), ("train.threads", cfg.train.threads),
@@ -900,3 +1002,52 @@ def train_temperature(cfg: Config) -> float:
 def dpo_pairs_per_micro(cfg: Config) -> int:
     """DPO micro-batches hold whole pairs: rl.micro_batch_size // 2 pairs (at least one)."""
     return max(1, cfg.rl.micro_batch_size // 2)
+
+
+BUDGET_FLOOR = 48
+"""The smallest derived response budget: the budget the default task (`addition`, whose
+demonstrations are at most 33 tokens with EOS) always had, so its runs are unchanged."""
+BUDGET_QUANTILE = 0.99
+"""Demonstration length (nearest rank) a derived budget covers before its margin: the longest
+1% are outliers a budget need not be sized by."""
+
+
+def response_budget(lengths: list[int]) -> int:
+    """A response budget that fits demonstrations of these token lengths (EOS counted):
+    their `BUDGET_QUANTILE` length by nearest rank, plus max(8, 10%) tokens of margin for
+    samples a little longer than what they imitate, at least `BUDGET_FLOOR`. No lengths
+    (no demonstrations): `BUDGET_FLOOR`.
+
+    E.g. rg:chain_sum with 3 terms on the tiny tokenizer: p99 102 -> 102 + 11 = 113 (the fixed
+    48 cut 35% of its demonstrations); `addition`: p99 33 -> 41 -> the floor, 48."""
+    if not lengths:
+        return BUDGET_FLOOR
+    ordered = sorted(lengths)
+    q = ordered[math.ceil(BUDGET_QUANTILE * len(ordered)) - 1]
+    return max(BUDGET_FLOOR, q + max(8, math.ceil(0.1 * q)))
+
+
+def resolve_response_budgets(cfg: Config, lengths: list[int], sections: tuple[str, ...] = ("rollout", "eval")) -> str | None:
+    """Set the `sections`' max_new_tokens (rollout, eval) that are 0 ('derive') to
+    `response_budget(lengths)` (the demonstrations' token lengths), in place; returns the one
+    line a run reports at its start, or None when all were set."""
+    unset = [k for k in sections if getattr(cfg, k).max_new_tokens == 0]
+    if not unset:
+        return None
+    budget = response_budget(lengths)
+    for section in unset:
+        getattr(cfg, section).max_new_tokens = budget
+    where = " and ".join(f"{s}.max_new_tokens" for s in unset)
+    if not lengths:
+        return f"longrl: {where} = {budget} (no demonstrations to size it by: the floor)"
+    q = sorted(lengths)[math.ceil(BUDGET_QUANTILE * len(lengths)) - 1]
+    return (f"longrl: {where} = {budget} tokens, derived from {len(lengths)} demonstrations "
+            f"(99th percentile {q}, longest {max(lengths)}, plus margin; floor {BUDGET_FLOOR}); set it to override")
+
+
+def eval_cadence(cfg: Config) -> int:
+    """RL steps between held-out evaluations: rl.eval_every, or for -1 a third of rl.steps
+    rounded up (at least 1), so every run has evaluations at about 1/3, 2/3 and its end."""
+    if cfg.rl.eval_every >= 0:
+        return cfg.rl.eval_every
+    return max(1, math.ceil(cfg.rl.steps / 3))

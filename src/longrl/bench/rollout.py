@@ -80,8 +80,13 @@ class ParetoEOS(torch.nn.Module):
     def dtype(self):
         return self.model.dtype
 
-    def forward(self, input_ids, position_ids, **kwargs):
-        out = self.model(input_ids=input_ids, position_ids=position_ids, **kwargs)
+    def forward(self, input_ids, position_ids, cache=None, past_key_values=None, **kwargs):
+        # Take the cache under either name and hand it on under the one the wrapped model
+        # takes (`models.compat`), so neither transformers release warns.
+        from longrl.models.compat import cache_kwargs
+
+        out = self.model(input_ids=input_ids, position_ids=position_ids,
+                         **cache_kwargs(self.model, cache if cache is not None else past_key_values), **kwargs)
         logits = out.logits  # [B, q, V]
         n = (position_ids[:, -logits.shape[1]:] + 1 - self.prompt_len).clamp(min=0)  # [B, q]
         hazard = (self.alpha / (self.scale + n.float())).clamp(max=0.999)  # [B, q]

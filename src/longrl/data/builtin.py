@@ -78,4 +78,10 @@ def sort(n: int, seed: int, min_len: int = 3, max_len: int = 6) -> list[Example]
     return out
 
 
-GENERATORS = {"addition": addition, "sort": sort}
+def _facts():
+    from longrl.data.facts import facts
+
+    return facts
+
+
+GENERATORS = {"addition": addition, "sort": sort, "facts": _facts()}

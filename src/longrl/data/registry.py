@@ -36,6 +36,8 @@ class TaskExamples:
     name: str
     train: list[Example]
     eval: list[Example]
+    corpus: list[str] | None = None
+    """Documents the task brings for the search tool (the `facts` task); None: none."""
     check_answer: AnswerCheck | None = None
     """The dataset's own check of an extracted answer, (answer, example) -> [0, 1] (reasoning-gym's
     `score_answer`, partial credit allowed); None when the task has none (built-in, jsonl)."""
@@ -48,6 +50,11 @@ class TaskData:
     eval: list[Example]
     score: Scorer
     """correctness(response_text, example) in [0, 1]"""
+    corpus: list[str] | None = None
+    """The task's documents for the search tool (see TaskExamples.corpus)."""
+    environment: object | None = None
+    """The multi-turn environment of tool-using runs (`rollout.episodes.ToolEnvironment`);
+    None: single-turn."""
 
 
 def load_task_examples(cfg: TaskConfig, check: Callable[[Example], None] | None = None) -> TaskExamples:
@@ -56,12 +63,15 @@ def load_task_examples(cfg: TaskConfig, check: Callable[[Example], None] | None 
     `check(example)` raises UserError for an example the run's reward cannot score (the tests
     of reward.correctness=code); it sees every example, so a bad file fails now, not mid-run."""
     name = cfg.name
-    check_answer = None
+    check_answer = corpus = None
     if name in GENERATORS:
         gen = GENERATORS[name]
+        # A generator with its own split (disjoint entities) is told which one it makes.
+        split = ({"split": "train"}, {"split": "eval"}) if getattr(gen, "split_aware", False) else ({}, {})
         try:
-            train = gen(cfg.n_train, cfg.seed, **cfg.kwargs)
-            held = gen(cfg.n_eval, cfg.seed + 7919, **cfg.kwargs)
+            train = gen(cfg.n_train, cfg.seed, **split[0], **cfg.kwargs)
+            held = gen(cfg.n_eval, cfg.seed + 7919, **split[1], **cfg.kwargs)
+            corpus = gen.corpus(**cfg.kwargs) if hasattr(gen, "corpus") else None
         except (TypeError, ValueError) as e:
             raise UserError(f"task '{name}': bad task.kwargs {cfg.kwargs} ({e})") from None
     elif name.startswith("rg:"):
@@ -116,7 +126,7 @@ def load_task_examples(cfg: TaskConfig, check: Callable[[Example], None] | None 
         raise UserError(f"task '{name}' has no training examples (after removing held-out prompts); raise task.n_train or check the data")
     if not held:
         raise UserError(f"task '{name}' has no held-out examples; raise task.n_eval or give task.eval_file")
-    return TaskExamples(name=name, train=train, eval=held, check_answer=check_answer)
+    return TaskExamples(name=name, train=train, eval=held, corpus=corpus, check_answer=check_answer)
 
 
 def demonstration(ex: Example) -> str:

@@ -110,15 +110,16 @@ def loading(path: str | Path, key: str = "model.path"):
         raise UserError(f"could not load {key} '{path}': {(str(e).splitlines() or [type(e).__name__])[0]}") from None
 
 
-def load_policy(cfg: ModelConfig, device: torch.device):
-    """Return (model, tokenizer). The model is in train mode on `device`."""
+def load_policy(cfg: ModelConfig, device: torch.device, extra_tokens: tuple[str, ...] = ()):
+    """Return (model, tokenizer). The model is in train mode on `device`. `extra_tokens`: added
+    to the built-in tiny tokenizer (tool-call tags); a checkpoint's tokenizer has its own."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_device(device)
     if not cfg.path:
         from longrl.models.tiny import build_tiny_model, build_tiny_tokenizer
 
-        tokenizer = build_tiny_tokenizer()
+        tokenizer = build_tiny_tokenizer(extra_tokens)
         model = build_tiny_gla(cfg, tokenizer) if cfg.arch == "gla" else build_tiny_model(cfg.tiny, tokenizer)
     else:
         path = resolve_model_path(cfg.path)

@@ -20,6 +20,9 @@ PAD, EOS = "<|pad|>", "<|endoftext|>"
 # Tags of the response format get one token each: shorter responses, and the format reward
 # is learnable by a tiny model in a few steps.
 FORMAT_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+# Tool-call tags for multi-turn episodes (`rollout/episodes.TagFormat`), added only to the
+# tokenizers of runs that use tools, so every other run keeps its vocabulary and weights.
+TOOL_TOKENS = ["<call>", "</call>", "<result>", "</result>"]
 CHARS = string.printable[:95] + "\n"  # printable ASCII (digits, letters, punctuation, space) + newline
 
 
@@ -36,7 +39,8 @@ def _byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(extra_tokens: tuple[str, ...] | list[str] = ()) -> PreTrainedTokenizerFast:
+    """The character tokenizer; `extra_tokens` (e.g. TOOL_TOKENS) get one id each after the rest."""
     # Byte-level, like Qwen's own tokenizer: `AutoTokenizer` rebuilds a saved Qwen2-type
     # tokenizer as a byte-level BPE, so a plain character vocab would lose its spaces on
     # reload. In the byte-level alphabet both paths tokenise identically.
@@ -46,13 +50,16 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     for ch in CHARS:
         vocab.setdefault(to_unicode[ord(ch)], len(vocab))
     vocab["<unk>"] = len(vocab)
+    for extra in extra_tokens:
+        vocab.setdefault(extra, len(vocab))
+    specials = specials + [t for t in extra_tokens if t not in specials]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token="<unk>",
-        additional_special_tokens=FORMAT_TOKENS, padding_side="left",
+        additional_special_tokens=specials[2:], padding_side="left",
     )
     hf.model_max_length = 1 << 20
     return hf

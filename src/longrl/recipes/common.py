@@ -134,3 +134,13 @@ def _count_skip(optimizer, skipped: bool) -> int:
 
 def progress(total: int, desc: str, enabled: bool, initial: int = 0):
     return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+def on_positions(rows: list[list], mask: torch.Tensor, fill) -> torch.Tensor:
+    """Per-response-token values -> [B, T] laid out like `make_batch`'s mask (fill elsewhere)."""
+    dtype = torch.long if isinstance(fill, int) else torch.float32
+    out = torch.full(mask.shape, fill, dtype=dtype, device=mask.device)
+    for i, vals in enumerate(rows):
+        pos = (mask[i] != 0).nonzero().squeeze(-1)
+        out[i, pos] = torch.tensor(vals, dtype=dtype, device=mask.device)
+    return out

@@ -13,14 +13,17 @@ rollout backend through `backend.sync_weights` after every step (free for the na
 backends, which share the policy's parameters; a copy for vLLM).
 
 The loop takes a `Policy` (`policy/`: text or video, the same code) and a `RolloutBackend`
-(`rollout/base.py`: hf, continuous or vllm) and never asks which it holds.
+(`rollout/base.py`: hf, continuous or vllm) and never asks which it holds. Rollouts are
+episodes (`rollout/episodes.py`): one turn for a plain task, model turns and tool results
+for a task with tools (`task.environment`); tool-result tokens carry loss mask 0, so they
+take no policy loss, KL or entropy and do not count in the normaliser.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,12 +36,14 @@ from longrl.policy.base import Policy
 from longrl.metrics import length_stats
 from longrl.models.lora import DisabledAdapter, has_lora
 from longrl.recipes.common import (clip_and_step, count_no_signal, make_optimizer, make_scheduler, no_signal_steps,
-                                   skip_update, skipped_steps)
+                                   on_positions, skip_update, skipped_steps)
+from longrl.rewards.agent import agent_rewards, turn_format
 from longrl.rewards.combine import score_responses
 from longrl.rl.advantages import constant_groups, group_advantages, overlong_soft_penalty
 from longrl.rl.losses import policy_loss
 from longrl.rollout.april import AprilScheduler, offpolicy_mask, tis_weights
 from longrl.rollout.base import RolloutBackend, SamplingParams, rows_to_requests
+from longrl.rollout.episodes import AprilEpisodes, NoTools, TurnLimits, episode_metrics, model_text, run_episodes
 from longrl.streambp.logprobs import make_batch
 
 
@@ -97,9 +102,23 @@ def reference_logprobs(policy: Policy, reference, batch, examples: list[Example]
     return policy.logprobs(batch, examples, model=reference)
 
 
-def init_state(model, cfg: Config, n_train: int, backend: RolloutBackend | None = None) -> GRPOState:
+def turn_limits(cfg: Config, eval: bool = False) -> TurnLimits:
+    """rollout.max_turns / max_turn_tokens, and the total budget (eval.max_new_tokens for evaluation)."""
+    total = cfg.eval.max_new_tokens if eval else cfg.rollout.max_new_tokens
+    return TurnLimits(cfg.rollout.max_turns, cfg.rollout.max_turn_tokens, total)
+
+
+def april_episodes(task: TaskData, cfg: Config, tokenizer) -> AprilEpisodes | None:
+    """APRIL's view of the task's episodes (None for a single-turn task)."""
+    if task.environment is None:
+        return None
+    return AprilEpisodes(task.environment, turn_limits(cfg), tokenizer, lambda i: task.train[i])
+
+
+def init_state(model, cfg: Config, n_train: int, backend: RolloutBackend | None = None,
+               episodes: AprilEpisodes | None = None) -> GRPOState:
     """Optimizer, schedule, sampler, data position; with rollout.partial, APRIL's scheduler
-    on `backend` (which must support submit/step/abort)."""
+    on `backend` (which must support submit/step/abort), running `episodes` (multi-turn)."""
     optimizer = make_optimizer(model, cfg.rl.lr, cfg.train.weight_decay, shard=cfg.parallel.zero_optimizer)
     scheduler = make_scheduler(optimizer, cfg.rl.warmup_steps, cfg.rl.steps, decay=False)
     # Data-parallel ranks share the prompt order but sample with their own streams.
@@ -113,7 +132,7 @@ def init_state(model, cfg: Config, n_train: int, backend: RolloutBackend | None 
             raise ValueError("rollout.partial=true needs a rollout backend with submit/step/abort (continuous, vllm)")
         state.april = AprilScheduler(backend, cfg.rl.group_size, cfg.rollout.over_provision, cfg.rollout.max_staleness,
                                      partial=True, max_new_tokens=cfg.rollout.max_new_tokens,
-                                     seed=cfg.train.seed + dist.layout().dp_rank)
+                                     seed=cfg.train.seed + dist.layout().dp_rank, episodes=episodes)
     return state
 
 
@@ -132,6 +151,12 @@ class Rollouts:
     truncated: torch.Tensor  # [B] bool
     rewards: torch.Tensor  # [B]
     components: dict  # name -> [B]
+    loss_masks: list[list[int]] | None = None  # [B] per response token: 1 = the model's, 0 = a tool result's (None: all 1)
+    agent: dict = field(default_factory=dict)  # agent/* name -> [B] per-episode counts (empty for single-turn)
+
+    def __post_init__(self):
+        if self.loss_masks is None:
+            self.loss_masks = [[1] * len(r) for r in self.response_ids]
 
 
 def rollout(policy: Policy, backend: RolloutBackend, examples: list[Example], task: TaskData, cfg: Config,
@@ -154,12 +179,14 @@ def rollout(policy: Policy, backend: RolloutBackend, examples: list[Example], ta
         runs = rows_to_requests(mine, G)  # [(prompt, rows)]
         mine_requests = [replace(requests[j], n=n) for j, n in runs]
         sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
-        gens = backend.generate(mine_requests, sampling, sampler)
+        env = task.environment or NoTools()
+        eps = run_episodes(backend, mine_requests, env, [examples[j] for j, _ in runs], sampling, sampler,
+                           turn_limits(cfg), policy.tokenizer)
         b_examples = [examples[i // G] for i in mine]
         b_prompts = [requests[i // G].prompt_ids for i in mine]
-        part = _score(policy.tokenizer, task, cfg, b_examples, b_prompts, [g.response_ids for g in gens],
-                      [g.logprobs for g in gens], [[version] * len(g.response_ids) for g in gens],
-                      [g.finish_reason for g in gens])
+        part = _score(task, cfg, b_examples, b_prompts, [e.response_ids for e in eps], [e.logprobs for e in eps],
+                      [[version] * len(e.response_ids) for e in eps], [e.finish_reason for e in eps],
+                      [e.loss_mask for e in eps], [e.record() for e in eps])
     if lay.sp_size == 1:
         return part
     return _concat([r for r in dist.all_gather_object(part, lay.sp_group) if r is not None])
@@ -183,16 +210,41 @@ def rollout_partial(policy: Policy, task: TaskData, cfg: Config, state: GRPOStat
     n_local = len(dist.shard_indices(cfg.rl.prompts_per_step, lay.dp_rank, lay.dp_size))
     groups, stats = state.april.next_step(prompts(), n_local)
     samples = [s for g in groups for s in g]  # groups contiguous
-    roll = _score(policy.tokenizer, task, cfg, [task.train[s.prompt_id] for s in samples], [s.prompt_ids for s in samples],
+    records = None
+    if task.environment is not None:
+        records = [s.episode for s in samples]
+    roll = _score(task, cfg, [task.train[s.prompt_id] for s in samples], [s.prompt_ids for s in samples],
                   [s.response_ids for s in samples], [s.logprobs for s in samples], [s.versions for s in samples],
-                  [s.finish_reason for s in samples])
+                  [s.finish_reason for s in samples], [_full_mask(s) for s in samples], records,
+                  tokenizer=policy.tokenizer)
     return roll, stats.metrics()
 
 
-def _score(tokenizer, task, cfg, b_examples, b_prompts, responses, logprobs, versions, finish) -> Rollouts:
-    texts = [decode_response(tokenizer, r) for r in responses]
+def _full_mask(s) -> list[int]:
+    """An APRIL sample's loss mask (parked before masks existed: every token the model's)."""
+    return s.loss_mask if len(s.loss_mask) == len(s.response_ids) else [1] * len(s.response_ids)
+
+
+def _score(task, cfg, b_examples, b_prompts, responses, logprobs, versions, finish, loss_masks, records,
+           tokenizer=None) -> Rollouts:
+    """Rewards of the rows. `records`: each episode's turns (`Episode.record()`); the rewards
+    read the model's turns only. None: single-turn rows of an APRIL step, decoded here."""
+    if records is None:
+        records = [{"turn_texts": [decode_response(tokenizer, r)], "env": {}, "turns": 1, "truncated_turn": False,
+                    "turn_limit": False} for r in responses]
+    texts = [model_text(r) for r in records]
     rewards, components = score_responses(texts, b_examples, task.score,
                                           cfg.reward.correctness_weight, cfg.reward.format_weight)
+    agent = {}
+    if task.environment is not None:
+        rewards, components = agent_rewards(
+            components["correctness"],
+            torch.tensor([turn_format(r["turn_texts"], r["env"].get("well_formed", [])) for r in records]),
+            torch.tensor([r["env"].get("calls", {}).get("search", 0) > 0 for r in records]),
+            torch.tensor([r["env"].get("errors", 0) for r in records]),
+            correctness_weight=cfg.reward.correctness_weight, format_weight=cfg.reward.format_weight,
+            search_penalty=cfg.reward.search_penalty, tool_error_penalty=cfg.reward.tool_error_penalty)
+        agent = _per_episode(records)
     truncated = torch.tensor([f == "length" for f in finish], dtype=torch.bool)
     if cfg.rl.overlong == "soft":
         lengths = torch.tensor([len(r) for r in responses])
@@ -200,7 +252,16 @@ def _score(tokenizer, task, cfg, b_examples, b_prompts, responses, logprobs, ver
         penalty = overlong_soft_penalty(lengths, cfg.rollout.max_new_tokens, cfg.rl.overlong_buffer)
         components["overlong"] = penalty
         rewards = rewards + penalty
-    return Rollouts(b_examples, b_prompts, responses, logprobs, versions, truncated, rewards, components)
+    return Rollouts(b_examples, b_prompts, responses, logprobs, versions, truncated, rewards, components, loss_masks, agent)
+
+
+def _per_episode(records: list[dict]) -> dict[str, torch.Tensor]:
+    """agent/* per episode ([B] each): what `episode_metrics` averages, kept per row so that
+    dynamic sampling's selection and SP's gather keep them aligned with the rows."""
+    names = sorted({t for r in records for t in r["env"].get("calls", {})})
+    rows = [episode_metrics([r]) for r in records]
+    keys = sorted({k for m in rows for k in m} | {f"agent/tool_calls/{t}" for t in names})
+    return {k: torch.tensor([m.get(k, 0.0) for m in rows], dtype=torch.float32) for k in keys}
 
 
 def _concat(parts: list[Rollouts]) -> Rollouts:
@@ -211,7 +272,14 @@ def _concat(parts: list[Rollouts]) -> Rollouts:
         [x for p in parts for x in p.response_ids], [x for p in parts for x in p.behaviour_logprobs],
         [x for p in parts for x in p.versions], torch.cat([p.truncated for p in parts]), torch.cat([p.rewards for p in parts]),
         {k: torch.cat([p.components[k] for p in parts]) for k in parts[0].components},
+        [x for p in parts for x in p.loss_masks], _cat_agent([p.agent for p in parts], [len(p.examples) for p in parts]),
     )
+
+
+def _cat_agent(parts: list[dict], sizes: list[int]) -> dict:
+    """Concatenate per-row agent counts; a tool no row of a part called counts 0 there."""
+    keys = sorted({k for p in parts for k in p})
+    return {k: torch.cat([p.get(k, torch.zeros(n)) for p, n in zip(parts, sizes)]) for k in keys}
 
 
 def _select_groups(r: Rollouts, keep: torch.Tensor, G: int) -> Rollouts:
@@ -219,7 +287,8 @@ def _select_groups(r: Rollouts, keep: torch.Tensor, G: int) -> Rollouts:
     idx = torch.tensor(rows, dtype=torch.long)
     return Rollouts([r.examples[i] for i in rows], [r.prompt_ids[i] for i in rows],
                     [r.response_ids[i] for i in rows], [r.behaviour_logprobs[i] for i in rows],
-                    [r.versions[i] for i in rows], r.truncated[idx], r.rewards[idx], {k: v[idx] for k, v in r.components.items()})
+                    [r.versions[i] for i in rows], r.truncated[idx], r.rewards[idx], {k: v[idx] for k, v in r.components.items()},
+                    [r.loss_masks[i] for i in rows], {k: v[idx] for k, v in r.agent.items()})
 
 
 def collect(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Config,
@@ -244,6 +313,7 @@ def collect(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Config
     stats = {**april_stats,"reward/mean": float(first.rewards.mean()),
              **{f"reward/{k}": float(v.mean()) for k, v in first.components.items()},
              "rollout/truncated_frac": float(first.truncated.float().mean()),
+             **{k: float(v.mean()) for k, v in first.agent.items()},
              **length_stats([len(r) for r in first.response_ids])}  # rollout/response_len and its spread
     if not cfg.rl.dynamic_sampling:
         return first, stats
@@ -299,8 +369,10 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
 
     device = next(model.parameters()).device
     b_batch = make_batch(roll.prompt_ids, roll.response_ids, policy.tokenizer.pad_token_id).to(device)
-    b_behaviour = _on_positions(roll.behaviour_logprobs, b_batch.mask, 0.0)  # [B, T]
-    b_versions = _on_positions(roll.versions, b_batch.mask, -1)  # [B, T]
+    b_behaviour = on_positions(roll.behaviour_logprobs, b_batch.mask, 0.0)  # [B, T]
+    b_versions = on_positions(roll.versions, b_batch.mask, -1)  # [B, T]
+    # Tool-result tokens: no loss, no KL, not in the normaliser (all of which read the mask).
+    b_batch.mask *= on_positions(roll.loss_masks, b_batch.mask, 0.0)  # [B, T]
     if rcfg.overlong == "filter":  # truncated responses carry no gradient
         b_batch.mask[roll.truncated.to(device)] = 0.0
     if cfg.rollout.offpolicy == "mask":  # APRIL: drop tokens sampled by older policies
@@ -398,13 +470,3 @@ def reduce_metrics(metrics: dict) -> dict:
     summed_keys = ("loss/", "rollout/groups")  # shares of one total, or counts
     return {**metrics, **{k: float(v) if k.startswith(summed_keys) else float(v) / lay.dp_size
                           for k, v in zip(keys, summed.tolist())}}
-
-
-def _on_positions(rows: list[list], mask: torch.Tensor, fill) -> torch.Tensor:
-    """Per-response-token values -> [B, T] laid out like `make_batch`'s mask (fill elsewhere)."""
-    dtype = torch.long if isinstance(fill, int) else torch.float32
-    out = torch.full(mask.shape, fill, dtype=dtype, device=mask.device)
-    for i, vals in enumerate(rows):
-        pos = (mask[i] != 0).nonzero().squeeze(-1)
-        out[i, pos] = torch.tensor(vals, dtype=dtype, device=mask.device)
-    return out

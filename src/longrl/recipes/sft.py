@@ -1,7 +1,9 @@
 """Chain-of-thought SFT: maximise the likelihood of demonstration responses.
 
 Each demonstration is `prompt + solution + EOS`; only the response tokens (solution and
-EOS) are trained, prompt tokens are masked. The loss is the token-mean NLL over all
+EOS) are trained, prompt tokens are masked; so are the tool results inside a tool-using
+demonstration (`<result>...</result>`, `rollout.episodes.observation_mask`), which the
+model reads but never writes. The loss is the token-mean NLL over all
 response tokens of the optimizer step (normaliser counted once per step), computed with
 the chunked log-prob path, so no `[B, T, V]` logits are built. The policy (`policy/`: text
 or video) runs the pass; the loop does not know which it is.
@@ -19,7 +21,7 @@ from longrl.data.registry import demonstration
 from longrl.parallel import dist
 from longrl.policy.base import Policy
 from longrl.metrics import Progress
-from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, skipped_steps
+from longrl.recipes.common import clip_and_step, make_optimizer, make_scheduler, on_positions, skipped_steps
 from longrl.rl.losses import sft_loss
 from longrl.streambp.logprobs import make_batch
 
@@ -32,6 +34,17 @@ def encode_demonstrations(policy: Policy, examples: list[Example]) -> tuple[list
     return prompts, responses
 
 
+def demonstration_masks(tokenizer, responses: list[list[int]], cfg: Config) -> list[list[int]] | None:
+    """Per response token 1 = trained, 0 = a tool result's (runs with tools); None otherwise."""
+    if not cfg.tools.enabled:
+        return None
+    from longrl.rollout.episodes import observation_mask, pick_format
+
+    fmt = pick_format(cfg.tools.format, tokenizer)
+    open_id, close_id = (tokenizer.convert_tokens_to_ids(t) for t in (fmt.result_open, fmt.result_close))
+    return [observation_mask(r, open_id, close_id) for r in responses]
+
+
 def run_sft(policy: Policy, examples: list[Example], cfg: Config, device, log: Callable[[dict], None]) -> None:
     """`cfg.sft.steps` optimizer steps of `cfg.sft.batch_size` demonstrations each."""
     scfg = cfg.sft
@@ -39,6 +52,7 @@ def run_sft(policy: Policy, examples: list[Example], cfg: Config, device, log: C
         return
     model, tokenizer = policy.model, policy.tokenizer
     prompts, responses = encode_demonstrations(policy, examples)
+    masks = demonstration_masks(tokenizer, responses, cfg)
     optimizer = make_optimizer(model, scfg.lr, cfg.train.weight_decay, shard=cfg.parallel.zero_optimizer)
     scheduler = make_scheduler(optimizer, scfg.warmup_steps, scfg.steps, decay=True)
     rng = random.Random(cfg.train.seed)
@@ -57,6 +71,8 @@ def run_sft(policy: Policy, examples: list[Example], cfg: Config, device, log: C
         b_idx = [b_idx[j] for j in dist.shard_indices(len(b_idx), lay.dp_rank, lay.dp_size)]
         batch = make_batch([prompts[i] for i in b_idx], [responses[i] for i in b_idx],
                            tokenizer.pad_token_id).to(device)
+        if masks is not None:  # tool results: read, not trained, not counted
+            batch.mask *= on_positions([masks[i] for i in b_idx], batch.mask, 0.0)
         norm = dist.global_loss_normalizer(batch.mask, "token-mean", lay.dp_group)
         policy.start_step()  # video: this step's clips encoded once, their embeddings reused
         loss, _, _ = policy.loss_and_backward(batch, [examples[i] for i in b_idx],

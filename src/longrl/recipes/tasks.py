@@ -32,4 +32,23 @@ def load_task(cfg: TaskConfig, correctness: str = "auto", extract: str = "auto")
         score = extracted_answer_scorer(examples.check_answer, extract)
     else:
         score = answer_scorer("normalized", extract)
-    return TaskData(name=examples.name, train=examples.train, eval=examples.eval, score=score)
+    return TaskData(name=examples.name, train=examples.train, eval=examples.eval, score=score, corpus=examples.corpus)
+
+
+def with_environment(task: TaskData, cfg, tokenizer) -> TaskData:
+    """`task` with its multi-turn environment when the run offers tools (`tools.enabled`):
+    the tools (search over tools.search_corpus or the task's own corpus), the call format
+    the tokenizer supports, the limits. Unchanged for single-turn runs."""
+    if not cfg.tools.enabled:
+        return task
+    from dataclasses import replace
+
+    from longrl.rollout.episodes import ToolEnvironment, pick_format
+    from longrl.tools import make_tools
+
+    corpus = cfg.tools.search_corpus or task.corpus
+    tools = make_tools(cfg.tools.enabled, corpus=corpus, top_k=cfg.tools.search_top_k,
+                       python_timeout_s=cfg.tools.python_timeout)
+    env = ToolEnvironment(tools, pick_format(cfg.tools.format, tokenizer), tokenizer, timeout_s=cfg.tools.timeout,
+                          max_chars=cfg.tools.max_result_chars)
+    return replace(task, environment=env)

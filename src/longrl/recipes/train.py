@@ -20,7 +20,7 @@ import torch
 
 from longrl.checkpoint import (DCP_DIR, latest_checkpoint, load_sharded_state, load_trainer_state, save_checkpoint,
                               save_sharded_checkpoint)
-from longrl.config import Config, config_to_dict, config_to_yaml
+from longrl.config import Config, config_to_dict, config_to_yaml, eval_cadence, resolve_response_budgets, response_budget
 from longrl.errors import UserError
 from longrl.eval.accuracy import evaluate
 from longrl.metrics import MetricsLog, Progress, plot_curves
@@ -29,9 +29,10 @@ from longrl.parallel import dist, fsdp
 from longrl.parallel.sp_train import check_sp_model
 from longrl.recipes.dpo import check_preference_data, dpo_step
 from longrl.models import lora
-from longrl.recipes.grpo import DataCursor, GRPOState, grpo_step, init_state, make_reference, needs_reference
+from longrl.recipes.grpo import (DataCursor, GRPOState, april_episodes, grpo_step, init_state, make_reference,
+                                 needs_reference, turn_limits)
 from longrl.recipes.sft import run_sft
-from longrl.recipes.tasks import load_task
+from longrl.recipes.tasks import load_task, with_environment
 from longrl.rollout import make_backend
 from longrl.tracking import eval_samples, make_tracker
 from longrl.utils import (library_versions, atomic_write_json, atomic_write_text, pick_device, quiet_libraries, rng_state,
@@ -58,6 +59,7 @@ def train(cfg: Config) -> dict:
     resume_ckpt = None
     if cfg.resume:
         cfg, run_dir, resume_ckpt = _resume_config(cfg.resume, cfg)
+    cfg.rl.eval_every = eval_cadence(cfg)  # -1: a third of rl.steps; resolved here, written to config.yaml
     ctx = dist.init_from_env()  # torchrun: one process per rank; otherwise a single process
     if cfg.parallel.fsdp:
         fsdp.check_world(ctx.world if ctx.backend else None)
@@ -86,7 +88,11 @@ def train(cfg: Config) -> dict:
     if resume_ckpt is None:
         model, tokenizer = load(cfg.model, device)
         model = shard(model, cfg)
+        task = with_environment(task, cfg, tokenizer)  # tools: their environment (needs the tokenizer's tags)
         policy, backend = as_policy(model, tokenizer), make_backend(cfg, model, tokenizer)
+        budgets = derive_response_budgets(cfg, task, tokenizer)  # before config.yaml: it holds the numbers
+        if budgets and main:
+            print(budgets)
         warning = demonstration_length_warning(task, tokenizer, cfg) if main else None
         if warning:
             print(warning, file=sys.stderr)
@@ -118,7 +124,8 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
     def held_out(step: int | None = None) -> dict:
         """Held-out greedy accuracy; at an RL step, a few of its responses go to the trackers."""
         out = evaluate(policy, backend, task.eval, task.score, max_new_tokens=cfg.eval.max_new_tokens,
-                       batch_size=cfg.eval.batch_size, return_items=True)
+                       batch_size=cfg.eval.batch_size, return_items=True, environment=task.environment,
+                       limits=turn_limits(cfg, eval=True))
         items = out.pop("items")
         if step is not None:
             tracker.log_samples(step, eval_samples(items))
@@ -142,15 +149,16 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
         results["sft_seconds"] = time.time() - t_sft
         after_sft = held_out(step=0) if cfg.sft.steps > 0 else initial  # no SFT: the same weights, evaluated once
         results["accuracy_after_sft"] = after_sft["eval/accuracy"]
+        results["eval_after_sft"] = _split_metrics(after_sft)
         log({"phase": "rl", "step": 0, **after_sft})
         redraw()
         say(f"held-out accuracy: initial {results['accuracy_initial']:.3f}, after SFT {results['accuracy_after_sft']:.3f}")
-        state = init_state(model, cfg, len(task.train), backend)
+        state = init_state(model, cfg, len(task.train), backend, april_episodes(task, cfg, tokenizer))
         wall0 = 0.0
         results["wall_seconds"] = time.time() - t_start
         checkpoint(run_dir, 0, model, tokenizer, state, results, cfg)
     else:
-        policy, backend, state, results = _restore(cfg, resume_ckpt, device, len(task.train), load, as_policy)
+        policy, backend, state, results, task = _restore(cfg, resume_ckpt, device, task, load, as_policy)
         model, tokenizer = policy.model, policy.tokenizer
         check_sp_model(model, cfg.parallel.sp_size, cfg.train.backprop)
         if main:
@@ -175,6 +183,7 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
             final = held_out(step)
             metrics.update(final)
             results["accuracy_after_rl"] = final["eval/accuracy"]
+            results["eval_after_rl"] = _split_metrics(final)
         log({"phase": "rl", "step": step, **metrics})
         if "eval/accuracy" in metrics:
             redraw()
@@ -185,6 +194,7 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
     bar.close()
     if cfg.rl.steps == 0:
         results["accuracy_after_rl"] = results["accuracy_after_sft"]
+        results["eval_after_rl"] = results.get("eval_after_sft", {})
     results["rl_seconds"] = results.get("rl_seconds", 0.0) + time.time() - t_rl
 
     summary = {
@@ -200,6 +210,8 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
         "checkpoint": str(latest_checkpoint(run_dir)),
         "run_dir": str(run_dir),
         "rollout_backend": backend.name,
+        **({"eval_after_sft": results["eval_after_sft"], "eval_after_rl": results.get("eval_after_rl", {})}
+           if results.get("eval_after_sft") else {}),
         "versions": library_versions(),
         **policy.summary(),
     }
@@ -208,6 +220,12 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
         redraw()
     return summary
 
+
+
+def _split_metrics(ev: dict) -> dict:
+    """The held-out figures beyond accuracy that a run's summary keeps: per question group
+    (e.g. needs_search / no_search), and tool use per question."""
+    return {k: v for k, v in ev.items() if k.startswith(("eval/accuracy/", "eval/tool_calls", "eval/turns"))}
 
 
 def checkpoint(run_dir, step, model, tokenizer, state, results, cfg) -> None:
@@ -272,15 +290,30 @@ def zero_reward_warning(step: int, n: int) -> str:
             "(rollout.max_new_tokens), or whether a learning rate broke the model (rl.lr)")
 
 
-def demonstration_length_warning(task, tokenizer, cfg: Config) -> str | None:
-    """A warning when SFT would teach responses longer than rollouts and evaluation may
-    generate (they would be cut off and score 0), or None. Text tasks only."""
-    if cfg.sft.steps == 0 or not task.train:
-        return None
+def demonstration_lengths(task, tokenizer) -> list[int]:
+    """Token length of each training example's SFT demonstration, EOS counted."""
     from longrl.data.registry import demonstration
 
-    limit = min(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
-    lengths = [len(tokenizer(demonstration(ex), add_special_tokens=False)["input_ids"]) + 1 for ex in task.train]
+    return [len(tokenizer(demonstration(ex), add_special_tokens=False)["input_ids"]) + 1 for ex in task.train]
+
+
+def derive_response_budgets(cfg: Config, task, tokenizer, sections: tuple[str, ...] = ("rollout", "eval")) -> str | None:
+    """Resolve the `sections`' max_new_tokens left at 0 from the task's demonstrations, in
+    place (`config.resolve_response_budgets`); the line to report, or None when all were set."""
+    if all(getattr(cfg, k).max_new_tokens for k in sections):
+        return None
+    return resolve_response_budgets(cfg, demonstration_lengths(task, tokenizer), sections)
+
+
+def demonstration_length_warning(task, tokenizer, cfg: Config) -> str | None:
+    """A warning when SFT would teach responses longer than rollouts and evaluation may
+    generate (they would be cut off and score 0), or None. Text tasks only. A budget left
+    at 0 counts as the one it will be derived as."""
+    if cfg.sft.steps == 0 or not task.train:
+        return None
+    lengths = demonstration_lengths(task, tokenizer)
+    derived = response_budget(lengths)
+    limit = min(cfg.rollout.max_new_tokens or derived, cfg.eval.max_new_tokens or derived)
     over = sum(n > limit for n in lengths)
     if not over:
         return None
@@ -301,15 +334,21 @@ def load_task_and_policy(cfg: Config, device=None):
     if cfg.task.name != video_task.TASK_NAME:
         from longrl.policy.text import TextPolicy
 
-        task = load_task(cfg.task, "auto" if judged else cfg.reward.correctness)
+        task = load_task(cfg.task, "auto" if judged else cfg.reward.correctness, cfg.reward.extract)
         load, as_policy = load_policy, lambda model, tok: TextPolicy.from_config(model, tok, cfg)
+        if cfg.tools.enabled:  # the tiny tokenizer gets one token per tool-call tag
+            from functools import partial
+
+            from longrl.models.tiny import TOOL_TOKENS
+
+            load = partial(load_policy, extra_tokens=tuple(TOOL_TOKENS))
     else:
         from longrl.policy.video import VideoPolicy, load_video_policy
         from longrl.rewards.verifiers import answer_scorer
 
         # Multiple-choice letters by default; a judge replaces the scorer below.
         task = video_task.load_video_task(cfg, answer_scorer("mcq" if cfg.reward.correctness in ("auto", "judge")
-                                                             else cfg.reward.correctness))
+                                                             else cfg.reward.correctness, cfg.reward.extract))
 
         def load(model_cfg, device):
             return load_video_policy(model_cfg, device, train_vision=cfg.video.train_vision)
@@ -344,16 +383,19 @@ def shard(model, cfg: Config):
     return fsdp.shard_model(model, offload=cfg.parallel.fsdp_offload) if cfg.parallel.fsdp else model
 
 
-def _restore(cfg: Config, ckpt: Path, device, n_train: int, load, as_policy):
+def _restore(cfg: Config, ckpt: Path, device, task, load, as_policy):
     """Weights from the checkpoint directory, then the trainer state on top.
-    -> (policy, backend, state, results)"""
+    -> (policy, backend, state, results, task with its environment)"""
+    n_train = len(task.train)
     model, tokenizer = load(replace(cfg.model, path=str(ckpt)), device)
     model = shard(model, cfg)
+    task = with_environment(task, cfg, tokenizer)
     if lora.has_lora(model):  # the saved weights are merged: take base and adapter from their files
         lora.restore_lora(model, ckpt, ckpt.parent / "step_0")
     policy, backend = as_policy(model, tokenizer), make_backend(cfg, model, tokenizer)
     saved = load_trainer_state(ckpt)
-    state = init_state(model, replace(cfg, rl=replace(cfg.rl, kl_coef=0.0, algorithm="grpo")), n_train, backend)
+    state = init_state(model, replace(cfg, rl=replace(cfg.rl, kl_coef=0.0, algorithm="grpo")), n_train, backend,
+                       april_episodes(task, cfg, tokenizer))
     if needs_reference(cfg) and lora.has_lora(model):  # the base under the adapter
         state.reference = make_reference(model)
     elif needs_reference(cfg):  # the reference is the post-SFT policy, kept as step_0
@@ -373,4 +415,4 @@ def _restore(cfg: Config, ckpt: Path, device, n_train: int, load, as_policy):
         state.april.next_group_id = mine["april"]["next_group_id"]
     backend.sync_weights(model, state.step)
     set_rng_state(mine["rng"])
-    return policy, backend, state, dict(saved["results"])
+    return policy, backend, state, dict(saved["results"]), task

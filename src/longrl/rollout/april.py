@@ -83,6 +83,10 @@ class Sample:
     """'stop' or 'length' once finished; None while unfinished."""
     launches: int = 0
     """Times this sample was sent to the engine (seeds each launch differently)."""
+    loss_mask: list[int] = field(default_factory=list)
+    """Per response token: 1 = sampled by a policy, 0 = a tool result (multi-turn episodes)."""
+    episode: dict | None = None
+    """A multi-turn episode's state (`rollout/episodes.AprilEpisodes`); None for single-turn."""
 
     @property
     def finished(self) -> bool:
@@ -91,6 +95,7 @@ class Sample:
     def reset(self) -> None:
         """Forget all tokens: the sample will be regenerated from scratch."""
         self.response_ids, self.logprobs, self.versions, self.finish_reason = [], [], [], None
+        self.loss_mask, self.episode = [], None
 
 
 @dataclass
@@ -164,6 +169,7 @@ class AprilScheduler:
         *,
         max_new_tokens: int,
         seed: int = 0,
+        episodes=None,
     ):
         if group_size < 1 or max_new_tokens < 1:
             raise ValueError(f"group_size={group_size} and max_new_tokens={max_new_tokens} must be at least 1")
@@ -176,6 +182,7 @@ class AprilScheduler:
         self.max_staleness = max_staleness
         self.partial = partial
         self.seed = seed
+        self.episodes = episodes  # `rollout.episodes.AprilEpisodes` for multi-turn tool use; None: one turn
         self.buffer: list[_Group] = []  # parked groups, oldest first
         self.next_group_id = 0  # id of the next new group; saved with `buffer` so a resumed run continues the ids
 
@@ -221,6 +228,9 @@ class AprilScheduler:
             for res in eng.step():
                 sample = by_request[res.request_id]
                 _append(sample, res)
+                if self.episodes is not None and self.episodes.turn_ended(sample):
+                    eng.submit([self._request(sample)])  # the tool answered: the next turn starts now
+                    continue
                 group = by_group[sample.group_id]
                 if group.complete:
                     done.append(group)
@@ -257,12 +267,17 @@ class AprilScheduler:
 
     def _request(self, s: Sample) -> Request:
         s.launches += 1
+        if self.episodes is None:
+            budget, stop = self.max_new_tokens - len(s.response_ids), ()
+        else:
+            budget, stop = self.episodes.budget(s), self.episodes.stop_ids
         return Request(
             request_id=(s.group_id, s.index),
             prompt_ids=s.prompt_ids,
-            max_new_tokens=self.max_new_tokens - len(s.response_ids),
+            max_new_tokens=budget,
             resume_ids=list(s.response_ids),
             seed=mix_seed(self.seed, s.group_id, s.index, s.launches),
+            stop_ids=stop,
         )
 
     def _reset_stale(self, version: int) -> tuple[int, int]:
@@ -308,6 +323,7 @@ def _append(sample: Sample, res: Result) -> None:
     sample.response_ids += res.token_ids
     sample.logprobs += res.logprobs
     sample.versions += res.versions
+    sample.loss_mask += [1] * len(res.token_ids)
     if res.finish_reason != "abort":
         sample.finish_reason = res.finish_reason
 

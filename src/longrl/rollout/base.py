@@ -37,6 +37,9 @@ class SamplingParams:
     temperature: float = 1.0
     """0 = greedy. Behaviour log-probs are under logits / temperature (plain logits at 0)."""
     top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+    """Token ids that end a sample like EOS does (finish reason 'stop', the id kept as the last
+    token): the end of a tool call in a multi-turn episode (`rollout/episodes.py`)."""
 
 
 @dataclass

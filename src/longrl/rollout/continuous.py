@@ -86,6 +86,8 @@ class Request:
     """Response tokens already generated earlier; the request continues after them."""
     seed: int | None = None
     """Seed of this request's sampler; None: drawn from the engine's seed and a counter."""
+    stop_ids: tuple[int, ...] = ()
+    """Ids that end this request like EOS (finish 'stop'): a tool call's end tag."""
 
 
 @dataclass
@@ -223,7 +225,7 @@ class ContinuousEngine:
             row.versions.append(self.policy_version)
             row.cached += 1
             row.next_input = tok
-            if tok in self.eos_ids:
+            if tok in self.eos_ids or tok in row.request.stop_ids:
                 finished.append(row.result("stop"))
             elif len(row.token_ids) >= row.request.max_new_tokens:
                 finished.append(row.result("length"))
@@ -519,7 +521,7 @@ class ContinuousBackend:
         eng.temperature, eng.top_p = sampling.temperature, sampling.top_p
         n = sum(r.n for r in requests)
         seeds = (torch.randint(0, 2**62, (n,), generator=generator).tolist() if generator is not None else [None] * n)
-        flat = [Request((k, i), r.prompt_ids, sampling.max_new_tokens) for k, r in enumerate(requests)
+        flat = [Request((k, i), r.prompt_ids, sampling.max_new_tokens, stop_ids=sampling.stop_ids) for k, r in enumerate(requests)
                 for i in range(r.n)]
         for req, seed in zip(flat, seeds):
             req.seed = seed

@@ -26,7 +26,7 @@ class Generation:
 
     response_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop" (EOS produced; EOS is the last id) or "length"
+    finish_reason: str  # "stop" (EOS or a stop id produced; it is the last id) or "length"
 
 
 @torch.no_grad()
@@ -40,8 +40,10 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    stop_ids: tuple[int, ...] = (),
 ) -> list[Generation]:
-    """Sample a response for each prompt (token ids), all rows decoded together."""
+    """Sample a response for each prompt (token ids), all rows decoded together. A row ends at
+    EOS or at any of `stop_ids` (kept as its last token, finish reason 'stop')."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -55,6 +57,7 @@ def generate(
     cache = DynamicCache()
     out_tokens, out_logps = [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
+    enders = torch.tensor([eos_id, *stop_ids], device=device)  # ids that end a row
     step_ids, step_pos = input_ids, positions
     for _ in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
@@ -65,7 +68,7 @@ def generate(
         tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)
         out_tokens.append(tokens)
         out_logps.append(logps)
-        done = done | (tokens == eos_id)
+        done = done | torch.isin(tokens, enders)
         if bool(done.all()):
             break
         step_ids = tokens[:, None]  # [B, 1]
@@ -74,10 +77,10 @@ def generate(
     model.train(was_training)
     tokens = torch.stack(out_tokens, 1).tolist()  # [B, N]
     logps = torch.stack(out_logps, 1).tolist()  # [B, N]
-    results = []
+    results, ends = [], {eos_id, *stop_ids}
     for row_t, row_l in zip(tokens, logps):
-        if eos_id in row_t:
-            n = row_t.index(eos_id) + 1
+        n = next((k + 1 for k, t in enumerate(row_t) if t in ends), 0)
+        if n:
             results.append(Generation(row_t[:n], row_l[:n], "stop"))
         else:
             results.append(Generation(row_t, row_l, "length"))

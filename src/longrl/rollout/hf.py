@@ -39,11 +39,13 @@ class HFBackend:
         if any(with_media) and not all(with_media):
             raise ValueError("one generate() call takes token-only requests or requests with embeddings, not both")
         if all(with_media):
+            if sampling.stop_ids:
+                raise ValueError("stop ids (multi-turn episodes) are not supported on video requests yet")
             return self._generate_media(requests, sampling, generator)
         prompts = [r.prompt_ids for r in requests for _ in range(r.n)]  # a request's samples contiguous
         return generate(self.model, prompts, max_new_tokens=sampling.max_new_tokens, eos_id=self.eos_id,
                         pad_id=self.pad_id, temperature=sampling.temperature, top_p=sampling.top_p,
-                        generator=generator)
+                        generator=generator, stop_ids=sampling.stop_ids)
 
     def _generate_media(self, requests, sampling, generator) -> list[Generation]:
         """Requests with the same n decoded together (one size, except at the edge of an SP

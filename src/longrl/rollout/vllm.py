@@ -133,11 +133,12 @@ class VLLMBackend:
 
     # ---- batched generation ---------------------------------------------------------------
 
-    def _params(self, n: int, max_tokens: int, temperature: float, top_p: float, seed: int | None, **kw):
+    def _params(self, n: int, max_tokens: int, temperature: float, top_p: float, seed: int | None,
+                stop_ids: tuple[int, ...] = (), **kw):
         from vllm import SamplingParams as VLLMSampling
 
         return VLLMSampling(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                            logprobs=0, stop_token_ids=[self.eos_id], ignore_eos=False, detokenize=False,
+                            logprobs=0, stop_token_ids=[self.eos_id, *stop_ids], ignore_eos=False, detokenize=False,
                             skip_special_tokens=False, **kw)
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingParams,
@@ -149,14 +150,14 @@ class VLLMBackend:
         self._awake()
         seeds = (torch.randint(0, 2**62, (len(requests),), generator=generator).tolist()
                  if generator is not None else [None] * len(requests))
-        params = [self._params(r.n, sampling.max_new_tokens, sampling.temperature, sampling.top_p, s)
+        params = [self._params(r.n, sampling.max_new_tokens, sampling.temperature, sampling.top_p, s, sampling.stop_ids)
                   for r, s in zip(requests, seeds)]
         outs = self.llm.generate([{"prompt_token_ids": list(r.prompt_ids)} for r in requests], params, use_tqdm=False)
-        gens = []
+        gens, enders = [], (self.eos_id, *sampling.stop_ids)
         for r, out in zip(requests, outs):
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
-                gens.append(Generation(ids, _token_logprobs(ids, c.logprobs), _finish(c.finish_reason, ids, self.eos_id)))
+                gens.append(Generation(ids, _token_logprobs(ids, c.logprobs), _finish(c.finish_reason, ids, enders)))
             assert len(out.outputs) == r.n
         return gens
 
@@ -173,7 +174,7 @@ class VLLMBackend:
         for req in requests:
             if req.max_new_tokens < 1:
                 raise ValueError(f"request {req.request_id!r}: max_new_tokens={req.max_new_tokens} must be at least 1")
-            params = self._params(1, req.max_new_tokens, self.temperature, self.top_p, req.seed,
+            params = self._params(1, req.max_new_tokens, self.temperature, self.top_p, req.seed, req.stop_ids,
                                   output_kind=RequestOutputKind.CUMULATIVE)
             rid = f"r{self._next_id}"
             self._next_id += 1
@@ -200,7 +201,8 @@ class VLLMBackend:
             versions.extend([self.policy_version] * len(new))
             if out.finished:
                 del self._live[out.request_id]
-                finished.append(Result(req.request_id, ids, lps, versions, _finish(c.finish_reason, ids, self.eos_id)))
+                finished.append(Result(req.request_id, ids, lps, versions,
+                                       _finish(c.finish_reason, ids, (self.eos_id, *req.stop_ids))))
         return finished
 
     def abort_all(self) -> list[Result]:
@@ -221,6 +223,6 @@ def _token_logprobs(ids: list[int], logprobs) -> list[float]:
     return [float(pos[t].logprob) for t, pos in zip(ids, logprobs)]
 
 
-def _finish(reason: str | None, ids: list[int], eos_id: int) -> str:
-    """vLLM's reason -> 'stop' (EOS, the last id) or 'length'."""
-    return "stop" if reason == "stop" and ids and ids[-1] == eos_id else "length"
+def _finish(reason: str | None, ids: list[int], enders: tuple[int, ...]) -> str:
+    """vLLM's reason -> 'stop' (EOS or a stop id, the last id) or 'length'."""
+    return "stop" if reason == "stop" and ids and ids[-1] in enders else "length"
