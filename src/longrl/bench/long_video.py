@@ -14,7 +14,8 @@ backend, built with the recipe's own loaders), in a fresh process, at every fram
 - `cached_streambp`: the recipe with `train.backprop=streambp` (whole rows, layer backward
   chunk by chunk);
 - `cached_reduced`: the recipe with `video.token_reduction=diff` (tokens that barely change
-  from frame to frame dropped, positions kept); the tokens kept are recorded.
+  from frame to frame dropped, positions kept); the tokens kept are recorded;
+  `cached_streambp_reduced` (not in the default set): both.
 
 Frames: `--tokens-per-frame` (default 64, what the paper's 3,600 frames / 256k tokens
 give) sets the frame size (64 tokens: 224 x 448 pixels, 2 frames per temporal patch). The
@@ -55,7 +56,8 @@ import sys
 import tempfile
 import time
 
-ROWS = ("uncached", "cached", "cached_sp2", "cached_streambp", "cached_reduced")
+ROWS = ("uncached", "cached", "cached_sp2", "cached_streambp", "cached_reduced", "cached_streambp_reduced")
+DEFAULT_ROWS = ROWS[:5]
 QUESTION = "Which object appeared first?\nA. red\nB. blue\nC. green\nD. cyan"
 WARMUP_FRAMES = 4
 
@@ -63,7 +65,7 @@ WARMUP_FRAMES = 4
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="longrl bench long-video", description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", default="256", help="comma-separated frame counts (the issue's: 256,1024,3600)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows, of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated rows, of {', '.join(ROWS)}")
     p.add_argument("--tokens-per-frame", type=int, default=64, choices=(16, 32, 64, 128),
                    help="video tokens per frame (sets the frame size)")
     p.add_argument("--scene-frames", type=int, default=32, help="frames per static scene of the synthetic clip")
@@ -93,6 +95,7 @@ ROW_KEYS = {
     "cached_sp2": ["parallel.sp_size=2"],
     "cached_streambp": ["train.backprop=streambp"],
     "cached_reduced": ["video.token_reduction=diff"],
+    "cached_streambp_reduced": ["train.backprop=streambp", "video.token_reduction=diff"],
 }
 
 
@@ -389,9 +392,9 @@ def run(args: list[str] | None = None) -> dict:
             print(f"long-video: {row} at {frames} frames ...", file=sys.stderr, flush=True)
             m = _run_child(argv, f"{row},{frames}")
             video_tokens = _video_tokens(a, frames)
-            keep = (m.get("video_tokens_kept_frac") or 1.0) if row == "cached_reduced" else 1.0
+            keep = (m.get("video_tokens_kept_frac") or 1.0) if _reduced(row) else 1.0
             kept = round(keep * video_tokens)
-            if row == "cached_reduced" and "error" not in m:
+            if _reduced(row) and "error" not in m:
                 keep_by_frames[frames] = keep
             est = estimate(a, row, frames, keep)
             entry = {"row": row, "frames": frames, "video_tokens": video_tokens,
@@ -405,12 +408,12 @@ def run(args: list[str] | None = None) -> dict:
     keep_reduced = min(keep_by_frames.values()) if keep_by_frames else 1.0
     largest = {}
     for row in rows_wanted:
-        keep = keep_reduced if row == "cached_reduced" else 1.0
+        keep = keep_reduced if _reduced(row) else 1.0
         n = largest_fitting(a, row, budget, keep)
         ran = [r["frames"] for r in results if r["row"] == row and r.get("peak_mib") is not None
                and r["peak_mib"] * 2**20 <= budget]
         largest[row] = {"frames": n, "how": "estimated (planner)", "largest_measured_within_budget": max(ran, default=None),
-                        **({"video_keep_assumed": round(keep, 4)} if row == "cached_reduced" else {})}
+                        **({"video_keep_assumed": round(keep, 4)} if _reduced(row) else {})}
     ratios = [r["estimate_over_measured"] for r in results if "estimate_over_measured" in r]
     return {
         "bench": "long_video",
@@ -426,6 +429,10 @@ def run(args: list[str] | None = None) -> dict:
         "largest_frames_within_budget": {"budget_gib": a.budget_gib, **largest},
         "planner_worst_error": round(max((abs(r - 1) for r in ratios), default=0.0), 3),
     }
+
+
+def _reduced(row: str) -> bool:
+    return row.endswith("_reduced")
 
 
 def _video_tokens(a, frames: int) -> int:
