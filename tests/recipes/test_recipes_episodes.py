@@ -113,9 +113,11 @@ def test_facts_task_teacher_and_corpus():
         searched += 1
         assert search(m.group(1)) == m.group(2)  # the demonstration shows what the tool returns
         assert e.answer in m.group(2)
-        guessed += m.group(3) != e.answer
+        if m.group(3) != e.answer:  # a slip: the attribute's favourite value, the result unread
+            assert m.group(3) in ("red", "cat")
+            guessed += 1
     assert 0.05 < direct / (searched + direct) < 0.2  # 20% of the answerable half
-    assert 0.3 < guessed / searched < 0.6  # half the searches guess (1 in 8 guesses right)
+    assert 0.45 < guessed / searched < 0.6  # slip 0.6, and the favourite is right 1 time in 8
 
 
 def test_search_corpus_files_are_checked(tmp_path):

@@ -141,6 +141,48 @@ def test_more_seeded_prompt_tokens_than_one_step_takes(setup):
     assert all(len(r.token_ids) == len(r.logprobs) == len(r.versions) >= 1 for r in done)
 
 
+def test_stop_ids_end_turns_like_the_native_engine(setup):
+    """A tool call's closing id ends a vLLM sample as it ends a native one (multi-turn
+    episodes): greedy with a stop id == the native greedy decode cut at that id, in batched
+    generate and in APRIL's submit/step."""
+    model, tok, backend, prompts = setup
+    free = _native_greedy(model, tok, prompts)
+    stop = free[0].response_ids[2]
+    native = generate(model, prompts, max_new_tokens=12, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                      temperature=0.0, stop_ids=(stop,))
+    ours = backend.generate([RolloutRequest(p) for p in prompts], SamplingParams(12, temperature=0.0, stop_ids=(stop,)))
+    assert [g.response_ids for g in ours] == [g.response_ids for g in native]
+    assert [g.finish_reason for g in ours] == [g.finish_reason for g in native] and ours[0].finish_reason == "stop"
+    backend.temperature = 0.0
+    try:
+        backend.submit([Request(i, p, 12, seed=i, stop_ids=(stop,)) for i, p in enumerate(prompts)])
+        done = {}
+        while backend.has_work:
+            done.update({r.request_id: r for r in backend.step()})
+        assert [done[i].token_ids for i in range(len(prompts))] == [g.response_ids for g in native]
+        assert [done[i].finish_reason for i in range(len(prompts))] == [g.finish_reason for g in native]
+    finally:
+        backend.temperature = 1.0
+
+
+@pytest.mark.slow
+def test_a_search_agent_trains_on_vllm(tmp_path):
+    """Multi-turn episodes with the search tool on vLLM, synchronous and APRIL."""
+    from longrl.cli import main
+
+    small = ["task.name=facts", "task.n_train=200", "task.n_eval=16", "tools.enabled=[search]", "rollout.max_turns=3",
+             "rollout.max_turn_tokens=32", "rollout.max_new_tokens=80", "eval.max_new_tokens=80", "sft.steps=200",
+             "rl.steps=2", "rl.prompts_per_step=4", "rl.group_size=4", "rl.kl_coef=0.05", "run.progress=false",
+             f"run.out_dir={tmp_path}", "rollout.backend=vllm"]
+    assert main(["train", *small, "run.name=s"]) == 0
+    assert main(["train", *small, "run.name=p", "rollout.partial=true"]) == 0
+    for name in ("s", "p"):
+        recs = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        rl = [r for r in recs if r["phase"] == "rl" and r["step"] > 0]
+        assert len(rl) == 2 and all(r["agent/turns"] >= 1 for r in rl)
+        assert any(r.get("agent/tool_calls/search", 0) > 0 for r in rl)  # SFT taught it to search
+
+
 @pytest.mark.slow
 def test_default_run_learns_on_vllm_and_eval_on_vllm_reproduces_it(tmp_path):
     """The default config with rollouts on vLLM: RL gains at least 0.10 held-out accuracy

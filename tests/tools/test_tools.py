@@ -47,6 +47,8 @@ def test_bad_tool_specs_are_one_clear_error(spec, match):
 def test_search_without_a_corpus_is_refused():
     with pytest.raises(UserError, match="tools.search_corpus"):
         make_tools(["search"])
+    with pytest.raises(UserError, match="no word to index"):
+        BM25Search(["a b", "the of", "!!"])
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -10,8 +10,12 @@ to read a result, not the facts.
 
 The demonstrations come from an imperfect teacher, so RL has room (MMSearch-R1's setting,
 miniature): it searches on `search_rate` of the answerable questions and on every other one,
-and on `slip` of its searches it stops before reading the result and guesses a value
-(`<answer>` right after `</result>`, a random value of the attribute). Departure from the
+and on `slip` of its searches it stops before reading the result and answers its favourite
+value of the attribute (the first of `ATTRIBUTES`: "red", "cat"), right or not. The slip is
+systematic, like `addition`'s forgotten carries: at the default 0.6 the favourite is the
+most likely answer after SFT whatever the result says, so greedy decoding is mostly wrong
+on searched questions, while sampling reads the result 40% of the time and RL can find
+that reading pays. Departure from the
 issue's "searches on every question": a teacher that never answers directly leaves RL no
 sampled direct answer to reinforce (a tiny model copies it with near certainty), so the
 default teacher answers directly on 20% of the answerable questions.
@@ -21,7 +25,7 @@ teacher's query over this corpus (top-1; checked by the tests), so SFT and RL se
 results. Answers are scored by a normalised match of the `<answer>` block.
 
 kwargs: entities (world size, default 500), answerable (fraction of questions with the fact
-in the prompt, 0.5), search_rate (0.8), slip (0.5), world_seed (0: the world; task.seed
+in the prompt, 0.5), search_rate (0.8), slip (0.6), world_seed (0: the world; task.seed
 draws the questions).
 """
 
@@ -62,7 +66,7 @@ def corpus(entities: int = 500, world_seed: int = 0, **_unused) -> list[str]:
 
 
 def facts(n: int, seed: int, *, split: str = "train", entities: int = 500, answerable: float = 0.5,
-          search_rate: float = 0.8, slip: float = 0.5, world_seed: int = 0) -> list[Example]:
+          search_rate: float = 0.8, slip: float = 0.6, world_seed: int = 0) -> list[Example]:
     """`n` questions about the `split`'s entities ('train': the first four fifths of the world,
     'eval': the last fifth), each with the teacher's demonstration."""
     for key, p in [("answerable", answerable), ("search_rate", search_rate), ("slip", slip)]:
@@ -85,8 +89,7 @@ def facts(n: int, seed: int, *, split: str = "train", entities: int = 500, answe
         t = random.Random(f"facts:{seed}:{split}:{i}:teacher")
         searches = not in_prompt or t.random() < search_rate
         if searches:
-            guess = t.random() < slip
-            shown = t.choice(ATTRIBUTES[attribute]) if guess else value
+            shown = ATTRIBUTES[attribute][0] if t.random() < slip else value  # the favourite, unread
             solution = (f"<call>search: {name} {attribute}</call><result>{fact(name, attribute, value)}</result>"
                         f"<answer>{shown}</answer>")
         else:

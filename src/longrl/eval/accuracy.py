@@ -57,6 +57,7 @@ def _evaluate_episodes(policy, backend, examples, score, environment, limits, ba
     from longrl.rollout.episodes import episode_metrics, model_text, run_episodes
 
     greedy = SamplingParams(limits.total_tokens, temperature=0.0)
+    tools = tuple(getattr(environment, "tools", ()))  # reported even where a group never called one
     records, lengths = [], []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s : s + batch_size]
@@ -69,12 +70,12 @@ def _evaluate_episodes(policy, backend, examples, score, environment, limits, ba
     out = {"eval/accuracy": sum(correct) / n,
            "eval/format": sum(turn_format(r["turn_texts"], r["env"].get("well_formed", [])) for r in records) / n,
            "eval/response_len": sum(lengths) / n,
-           **{k.replace("agent/", "eval/"): v for k, v in episode_metrics(records).items()}}
+           **{k.replace("agent/", "eval/"): v for k, v in episode_metrics(records, tools).items()}}
     groups = sorted({ex.meta.get("eval_group") for ex in examples if ex.meta.get("eval_group")})
     for g in groups:  # accuracy and tool use per kind of question
         idx = [i for i, ex in enumerate(examples) if ex.meta.get("eval_group") == g]
         out[f"eval/accuracy/{g}"] = sum(correct[i] for i in idx) / len(idx)
-        for k, v in episode_metrics([records[i] for i in idx]).items():
+        for k, v in episode_metrics([records[i] for i in idx], tools).items():
             if k.startswith("agent/tool_calls/") or k == "agent/turns":
                 out[f"{k.replace('agent/', 'eval/')}/{g}"] = v
     if return_items:

@@ -244,7 +244,7 @@ def _score(task, cfg, b_examples, b_prompts, responses, logprobs, versions, fini
             torch.tensor([r["env"].get("errors", 0) for r in records]),
             correctness_weight=cfg.reward.correctness_weight, format_weight=cfg.reward.format_weight,
             search_penalty=cfg.reward.search_penalty, tool_error_penalty=cfg.reward.tool_error_penalty)
-        agent = _per_episode(records)
+        agent = _per_episode(records, tuple(getattr(task.environment, "tools", ())))
     truncated = torch.tensor([f == "length" for f in finish], dtype=torch.bool)
     if cfg.rl.overlong == "soft":
         lengths = torch.tensor([len(r) for r in responses])
@@ -255,12 +255,11 @@ def _score(task, cfg, b_examples, b_prompts, responses, logprobs, versions, fini
     return Rollouts(b_examples, b_prompts, responses, logprobs, versions, truncated, rewards, components, loss_masks, agent)
 
 
-def _per_episode(records: list[dict]) -> dict[str, torch.Tensor]:
+def _per_episode(records: list[dict], tools: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """agent/* per episode ([B] each): what `episode_metrics` averages, kept per row so that
     dynamic sampling's selection and SP's gather keep them aligned with the rows."""
-    names = sorted({t for r in records for t in r["env"].get("calls", {})})
-    rows = [episode_metrics([r]) for r in records]
-    keys = sorted({k for m in rows for k in m} | {f"agent/tool_calls/{t}" for t in names})
+    rows = [episode_metrics([r], tools) for r in records]  # every offered tool, 0 where not called
+    keys = sorted({k for m in rows for k in m})
     return {k: torch.tensor([m.get(k, 0.0) for m in rows], dtype=torch.float32) for k in keys}
 
 

@@ -331,9 +331,10 @@ def model_text(record: dict) -> str:
     return "".join(record["turn_texts"])
 
 
-def episode_metrics(records: list[dict]) -> dict:
-    """`agent/*` means over episodes: turns, tool calls per tool, failed calls, turns cut by
-    their cap, calls at the last allowed turn, tool results cut to fit."""
+def episode_metrics(records: list[dict], tools=()) -> dict:
+    """`agent/*` means over episodes: turns, tool calls per tool (every tool in `tools` and
+    every tool called, 0 where none was), failed calls, turns cut by their cap, calls at the
+    last allowed turn, tool results cut to fit."""
     n = max(1, len(records))
     envs = [r["env"] for r in records]
     out = {"agent/turns": sum(r["turns"] for r in records) / n,
@@ -341,7 +342,7 @@ def episode_metrics(records: list[dict]) -> dict:
            "agent/truncated_turns": sum(r["truncated_turn"] for r in records) / n,
            "agent/turn_limit": sum(r["turn_limit"] for r in records) / n,
            "agent/truncated_results": sum(e.get("truncated_results", 0) for e in envs) / n}
-    for tool in sorted({t for e in envs for t in e.get("calls", {})}):
+    for tool in sorted({t for e in envs for t in e.get("calls", {})} | set(tools)):
         out[f"agent/tool_calls/{tool}"] = sum(e.get("calls", {}).get(tool, 0) for e in envs) / n
     return out
 

@@ -20,7 +20,7 @@ class BM25Search:
     description = "search(query): the most relevant passages of the corpus"
 
     def __init__(self, docs: list[str], top_k: int = 1):
-        import bm25s
+        bm25s = _import_bm25s()
 
         if not docs:
             from longrl.errors import UserError
@@ -30,8 +30,14 @@ class BM25Search:
             raise ValueError(f"top_k={top_k} must be at least 1")
         self.docs, self.top_k = list(docs), min(top_k, len(docs))
         self._bm25s = bm25s
+        tokens = bm25s.tokenize(self.docs, stopwords="en", show_progress=False)
+        if not tokens.vocab:
+            from longrl.errors import UserError
+
+            raise UserError("the search corpus has no word to index (only stop words, punctuation or one-letter "
+                            "tokens); give documents with text")
         self.index = bm25s.BM25()
-        self.index.index(bm25s.tokenize(self.docs, stopwords="en", show_progress=False), show_progress=False)
+        self.index.index(tokens, show_progress=False)
 
     @classmethod
     def from_jsonl(cls, path: str | Path, top_k: int = 1) -> "BM25Search":
@@ -47,6 +53,29 @@ class BM25Search:
         ids, scores = self.index.retrieve(tokens, k=self.top_k, show_progress=False)
         hits = [self.docs[int(i)] for i, s in zip(ids[0], scores[0]) if s > 0]
         return " ".join(hits) if hits else "no results"
+
+
+def _import_bm25s():
+    """bm25s, on its numpy backend. Where numba is installed bm25s imports it for its JIT
+    backend; numba's function wrappers then break vLLM 0.32's scan of every loaded module when
+    its engine starts (AttributeError in vllm/triton_utils/dispatcher.py), and a corpus of
+    passages needs no JIT. So numba is hidden while bm25s loads, unless something already
+    imported it."""
+    import sys
+
+    hide = "numba" not in sys.modules
+    if hide:
+        sys.modules["numba"] = None  # `import numba` raises ImportError: bm25s falls back to numpy
+    try:
+        import bm25s
+    except ImportError as e:
+        from longrl.errors import UserError
+
+        raise UserError(f"tools.enabled=[search] needs bm25s: pip install -e \".[agents]\" ({e})") from None
+    finally:
+        if hide:
+            del sys.modules["numba"]
+    return bm25s
 
 
 def read_corpus(path: str | Path) -> list[str]:
