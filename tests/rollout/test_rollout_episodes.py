@@ -306,3 +306,18 @@ def test_april_runs_episodes_and_resumes_a_parked_one_mid_turn():
         assert s.loss_mask == [1] * n1 + [0] * n_obs + [1] * (len(full) - n1 - n_obs)
         assert s.episode["turns"] == 2 and s.episode["env"]["calls"] == {"search": 1}
         assert [lp for lp, m in zip(s.logprobs, s.loss_mask) if m] == [-0.25] * (len(full) - n_obs)
+
+
+def test_hermes_format_parses_qwen_tool_calls():
+    from longrl.rollout.episodes import HermesFormat
+
+    fmt = HermesFormat()
+    assert fmt.parse('I will look.<tool_call>{"name": "search", "arguments": {"query": "Vokari color"}}</tool_call>') \
+        == ("search", "Vokari color")
+    assert fmt.parse('<tool_call>{"name": "python", "arguments": "print(1)"}</tool_call>') == ("python", "print(1)")
+    assert fmt.parse("<tool_call>{not json}</tool_call>") is None
+    assert fmt.parse('<tool_call>{"arguments": {}}</tool_call>') is None  # no name
+    obs = fmt.observation("Vokari has color teal.")
+    # the chat template's tool turn: the assistant turn closes, a user turn holds the response, the next opens
+    assert obs.startswith("<|im_end|>\n<|im_start|>user\n<tool_response>\nVokari has color teal.\n</tool_response>")
+    assert obs.endswith("<|im_start|>assistant\n")

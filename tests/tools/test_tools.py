@@ -87,3 +87,20 @@ def test_a_search_agent_run_end_to_end(tmp_path, extra):
     records = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in records if r.get("phase") == "rl" and r.get("step", 0) > 0]
     assert rl and all("agent/turns" in r and "reward/search_penalty" in r for r in rl)
+
+
+def test_a_chat_model_is_told_its_tools_in_the_system_message():
+    from longrl.config import load_config
+    from longrl.models.load import format_prompt, set_system_prompt
+    from longrl.models.tiny import TOOL_TOKENS, build_tiny_tokenizer
+    from longrl.recipes.tasks import load_task, with_environment
+
+    cfg = load_config(None, ["task.name=facts", "task.n_train=20", "task.n_eval=4", "tools.enabled=[search]",
+                             "rollout.max_turns=3"])
+    tok = build_tiny_tokenizer(TOOL_TOKENS)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    set_system_prompt(tok, "auto")
+    task = with_environment(load_task(cfg.task), cfg, tok)
+    assert task.environment is not None
+    prompt = format_prompt(tok, "Vokari color?")
+    assert "<answer>" in prompt and "<call>NAME: input</call>" in prompt and "search(query)" in prompt

@@ -49,6 +49,11 @@ def with_environment(task: TaskData, cfg, tokenizer) -> TaskData:
     corpus = cfg.tools.search_corpus or task.corpus
     tools = make_tools(cfg.tools.enabled, corpus=corpus, top_k=cfg.tools.search_top_k,
                        python_timeout_s=cfg.tools.python_timeout)
-    env = ToolEnvironment(tools, pick_format(cfg.tools.format, tokenizer), tokenizer, timeout_s=cfg.tools.timeout,
-                          max_chars=cfg.tools.max_result_chars)
+    fmt = pick_format(cfg.tools.format, tokenizer)
+    env = ToolEnvironment(tools, fmt, tokenizer, timeout_s=cfg.tools.timeout, max_chars=cfg.tools.max_result_chars)
+    if getattr(tokenizer, "chat_template", None) and cfg.model.system_prompt == "auto":
+        from longrl.rollout.episodes import tool_instruction
+
+        # A chat model is told its tools in its system message (the tiny model learns them by SFT).
+        tokenizer.longrl_system_prompt = (getattr(tokenizer, "longrl_system_prompt", "") + tool_instruction(fmt, tools)).strip()
     return replace(task, environment=env)

@@ -127,6 +127,16 @@ class HermesFormat:
 FORMATS = {"tags": TagFormat, "hermes": HermesFormat}
 
 
+def tool_instruction(fmt, tools: dict) -> str:
+    """What a chat model is told about its tools (appended to its system message): each
+    tool's description and how to call one in `fmt`."""
+    example = (f'{fmt.call_open}{{"name": "NAME", "arguments": {{"input": "..."}}}}{fmt.call_close}'
+               if fmt.name == "hermes" else f"{fmt.call_open}NAME: input{fmt.call_close}")
+    listed = "; ".join(f"{t.name}: {t.description}" for t in tools.values())
+    return (f" You may call a tool, one per turn, by ending your turn with {example}; its result comes back in "
+            f"{fmt.result_open} {fmt.result_close}. Tools: {listed}.")
+
+
 def pick_format(name: str, tokenizer):
     """`tools.format`: 'auto' is hermes where the tokenizer has `</tool_call>` as one token
     (Qwen2.5 and its kin), else tags. The closing tag of a call must be one token: it is
