@@ -299,7 +299,7 @@ def _update(cfg: Config, shape: ModelShape, s: StepShape, b: int, act: int, chun
         cache = L * b * s.seq * 2 * shape.heads * shape.head_dim * act  # the rows' K/V, repeated to H heads, saved
         responses = b * s.response_len * L * saved
         rows = 2 * b * s.seq * D * 4  # the stacked rows [b, T, D] and their gradient
-        backward = n_p * s.prompt_len * (saved + 2 * D * act)
+        backward = n_p * s.prompt_len * 2 * D * act  # the gradient flowing down (layer grads are freed as they go)
         return prompt + cache + responses + rows + backward + head_chunk
     tokens = b * -(-s.seq // sp)  # this rank's tokens
     rows_embeds = b * s.seq * D * 4 * (2 if shape.is_vlm else 0)  # whole rows' inputs_embeds (+ grad)
@@ -317,7 +317,7 @@ def _update(cfg: Config, shape: ModelShape, s: StepShape, b: int, act: int, chun
     else:
         acts = tokens * L * saved
     logits = b * s.seq * shape.vocab * 4 * 3 if mode == "standard" else head_chunk
-    return acts + ulysses + logits + rows_embeds + tokens * (saved + 2 * D * act)
+    return acts + ulysses + logits + rows_embeds + tokens * 2 * D * act  # + the gradient flowing down
 
 
 def estimate(cfg: Config, shape: ModelShape, *, world_size: int | None = None, video_keep: float = 1.0,
