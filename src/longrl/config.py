@@ -75,10 +75,16 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names (or name suffixes) that get adapters, e.g. [q_proj, v_proj] or
     'q_proj,v_proj'; 'all-linear': every linear layer but the LM head."""
-    sft: bool = True
-    """SFT trains an adapter too (merged before RL). false: SFT fine-tunes every weight and
-    only RL trains adapters; needed for a randomly initialised model (the tiny default),
-    whose frozen random embeddings and head an adapter cannot make up for."""
+    sft: bool | str = "auto"
+    """Whether SFT trains an adapter too (merged before RL): true, false (SFT fine-tunes every
+    weight and only RL trains adapters), or 'auto' (the default): adapters for a pretrained
+    checkpoint (`model.path`), every weight for the randomly initialised tiny default, whose
+    frozen random embeddings and head an adapter cannot make up for (`config.lora_sft`)."""
+    lr_scale: float = 10.0
+    """Adapters train at this many times the phase's learning rate (sft.lr, rl.lr: tuned for
+    full fine-tuning). A rank-r update moves far less per step than a full one, so LoRA wants
+    a larger rate (about 10x in the LoRA paper's and most peers' recipes); 1 keeps the phase's
+    rate (`config.phase_lr`)."""
 
 
 @dataclass
@@ -624,6 +630,11 @@ def _check_lora_and_precision(cfg: "Config") -> None:
             isinstance(t, str) and t for t in lora.target_modules):
         raise UserError(f"model.lora.target_modules={lora.target_modules!r} must be module names, e.g. "
                         "[q_proj, v_proj], 'q_proj,v_proj' or all-linear")
+    sft = ("true" if lora.sft else "false") if isinstance(lora.sft, bool) else str(lora.sft).lower()
+    lora.sft = {"yes": "true", "no": "false", "1": "true", "0": "false"}.get(sft, sft)  # YAML bool or CLI text
+    _choice("model.lora.sft", lora.sft, ["auto", "true", "false"])
+    if not lora.lr_scale > 0:
+        raise UserError(f"model.lora.lr_scale={lora.lr_scale} must be positive (1: the phase's own learning rate)")
     if lora.r < 0 or lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0:
         raise UserError(f"model.lora: r={lora.r} must be >= 0 (0: off), alpha={lora.alpha} > 0 and "
                         f"dropout={lora.dropout} in [0, 1)")
@@ -643,9 +654,6 @@ def _check_lora_and_precision(cfg: "Config") -> None:
     if getattr(cfg.parallel, "fsdp", False):
         raise UserError("model.lora with parallel.fsdp=true is not supported yet: use one of them "
                         "(LoRA's optimizer state is already small: data parallel without FSDP works)")
-    if cfg.rollout.backend == "vllm":
-        raise UserError("model.lora with rollout.backend=vllm is not supported yet (the engine loads plain "
-                        "weights): use rollout.backend=hf or continuous")
     if cfg.task.name == "videos":
         raise UserError("model.lora is for text models for now; train the video model with model.lora.r=0")
 
@@ -1051,3 +1059,16 @@ def eval_cadence(cfg: Config) -> int:
     if cfg.rl.eval_every >= 0:
         return cfg.rl.eval_every
     return max(1, math.ceil(cfg.rl.steps / 3))
+
+
+def lora_sft(cfg: Config) -> bool:
+    """SFT trains a LoRA adapter (model.lora.r > 0 and model.lora.sft true, or 'auto' with a
+    pretrained checkpoint); otherwise SFT fine-tunes every weight."""
+    setting = cfg.model.lora.sft
+    return cfg.model.lora.r > 0 and (setting == "true" or (setting == "auto" and bool(cfg.model.path)))
+
+
+def phase_lr(cfg: Config, lr: float, adapters: bool) -> float:
+    """The learning rate a phase's optimizer uses: `lr` (sft.lr, rl.lr), times
+    model.lora.lr_scale when the phase trains LoRA adapters."""
+    return lr * cfg.model.lora.lr_scale if adapters else lr

@@ -182,3 +182,21 @@ def test_gla_models_take_adapters_too():
     assert trained and all("lora_" in name for name in trained)
     # A fresh B is zero, so A's gradient is zero too; B's is not.
     assert all(g is not None and g.abs().sum() > 0 for name, g in trained.items() if "lora_B" in name)
+
+
+def test_lora_defaults_follow_the_model():
+    """model.lora.sft=auto: adapters in SFT for a pretrained checkpoint, every weight for the
+    randomly initialised tiny model; adapters train at lr_scale x the phase's rate."""
+    from longrl.config import load_config, lora_sft, phase_lr
+
+    tiny = load_config(None, ["model.lora.r=16"])
+    assert tiny.model.lora.sft == "auto" and not lora_sft(tiny)
+    assert lora_sft(load_config(None, ["model.lora.r=16", "model.lora.sft=true"]))
+    assert not lora_sft(load_config(None, ["model.lora.r=16", "model.lora.sft=no"]))
+    pretrained = load_config(None, ["model.lora.r=16", "model.path=/some/model"])
+    assert lora_sft(pretrained) and not lora_sft(load_config(None, ["model.path=/some/model"]))
+    assert phase_lr(tiny, 5e-5, adapters=True) == pytest.approx(5e-4) and phase_lr(tiny, 5e-5, adapters=False) == 5e-5
+    with pytest.raises(UserError, match="model.lora.sft"):
+        load_config(None, ["model.lora.r=16", "model.lora.sft=maybe"])
+    with pytest.raises(UserError, match="lr_scale"):
+        load_config(None, ["model.lora.r=16", "model.lora.lr_scale=0"])

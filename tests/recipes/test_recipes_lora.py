@@ -28,7 +28,9 @@ def _train_tests():
 
 _T = _train_tests()
 TINY, _rl_records, _crashed_copy = _T.TINY, _T._rl_records, _T._crashed_copy
-LORA = ["model.lora.r=4", "model.lora.alpha=16", "rl.lr=1e-3"]
+# The settings these tests were written for: adapter SFT on the tiny model (the default,
+# 'auto', fine-tunes every weight there) and the phases' own learning rates.
+LORA = ["model.lora.r=4", "model.lora.alpha=16", "rl.lr=1e-3", "model.lora.sft=true", "model.lora.lr_scale=1"]
 # An adapter on the tiny random model cannot learn the answer format in a few SFT steps
 # (its embeddings and head stay random): full SFT, so rewards vary and RL has gradients.
 FULL_SFT = ["model.lora.sft=false", "sft.steps=30", "sft.lr=1e-2"]

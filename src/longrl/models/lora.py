@@ -14,8 +14,8 @@ Where this departs from a plain "LoRA run":
   Multi-round DPO (`rl.dpo_rounds`) merges once per round in the same way. With
   `model.lora.sft=false` SFT trains every weight and only RL trains adapters.
 - Rollouts: the native engines share the trainer's model, so they sample with the adapter
-  active, which is the merged policy up to rounding; vLLM (which loads plain weights) is
-  refused with LoRA for now.
+  active, which is the merged policy up to rounding; vLLM, which loads plain weights, gets
+  the merged ones at every sync (`merged_state_dict`; vLLM's own LoRA serving is not used).
 - Checkpoints: `model.safetensors` holds the merged weights (plain transformers loads the
   directory, no peft needed), `adapter/` the adapter in peft's format (also what an exact
   resume restores), and `lora_base.safetensors` the unmerged base when it is no longer

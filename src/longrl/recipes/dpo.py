@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from longrl.config import Config, dpo_pairs_per_micro
+from longrl.config import Config, dpo_pairs_per_micro, phase_lr
 from longrl.data.registry import TaskData
 from longrl.errors import UserError
 from longrl.parallel import dist
@@ -88,7 +88,8 @@ def start_round(model, cfg: Config, state: GRPOState) -> None:
     change: it is this model with its (new) adapter disabled, i.e. the merged model."""
     skipped = skipped_steps(state.optimizer)
     new_adapter(model, cfg.model.lora, base_moved=True)
-    state.optimizer = make_optimizer(model, cfg.rl.lr, cfg.train.weight_decay, shard=cfg.parallel.zero_optimizer)
+    state.optimizer = make_optimizer(model, phase_lr(cfg, cfg.rl.lr, adapters=True), cfg.train.weight_decay,
+                                     shard=cfg.parallel.zero_optimizer)
     state.optimizer.param_groups[0]["skipped_steps"] = skipped
     state.scheduler = make_scheduler(state.optimizer, cfg.rl.warmup_steps, round_length(cfg), decay=False)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from longrl.config import Config
+from longrl.config import Config, phase_lr
 from longrl.data.example import Example
 from longrl.data.registry import TaskData
 from longrl.eval.accuracy import decode_response
@@ -119,7 +119,8 @@ def init_state(model, cfg: Config, n_train: int, backend: RolloutBackend | None 
                episodes: AprilEpisodes | None = None) -> GRPOState:
     """Optimizer, schedule, sampler, data position; with rollout.partial, APRIL's scheduler
     on `backend` (which must support submit/step/abort), running `episodes` (multi-turn)."""
-    optimizer = make_optimizer(model, cfg.rl.lr, cfg.train.weight_decay, shard=cfg.parallel.zero_optimizer)
+    lr = phase_lr(cfg, cfg.rl.lr, adapters=has_lora(model))  # LoRA: model.lora.lr_scale x rl.lr
+    optimizer = make_optimizer(model, lr, cfg.train.weight_decay, shard=cfg.parallel.zero_optimizer)
     scheduler = make_scheduler(optimizer, cfg.rl.warmup_steps, cfg.rl.steps, decay=False)
     # Data-parallel ranks share the prompt order but sample with their own streams.
     sampler = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 1 + dist.rank())

@@ -15,7 +15,7 @@ import random
 import time
 from typing import Callable
 
-from longrl.config import Config
+from longrl.config import Config, lora_sft, phase_lr
 from longrl.data.example import Example
 from longrl.data.registry import demonstration
 from longrl.parallel import dist
@@ -53,7 +53,8 @@ def run_sft(policy: Policy, examples: list[Example], cfg: Config, device, log: C
     model, tokenizer = policy.model, policy.tokenizer
     prompts, responses = encode_demonstrations(policy, examples)
     masks = demonstration_masks(tokenizer, responses, cfg)
-    optimizer = make_optimizer(model, scfg.lr, cfg.train.weight_decay, shard=cfg.parallel.zero_optimizer)
+    optimizer = make_optimizer(model, phase_lr(cfg, scfg.lr, lora_sft(cfg)), cfg.train.weight_decay,
+                               shard=cfg.parallel.zero_optimizer)
     scheduler = make_scheduler(optimizer, scfg.warmup_steps, scfg.steps, decay=True)
     rng = random.Random(cfg.train.seed)
     order: list[int] = []

@@ -20,7 +20,8 @@ import torch
 
 from longrl.checkpoint import (DCP_DIR, latest_checkpoint, load_sharded_state, load_trainer_state, save_checkpoint,
                               save_sharded_checkpoint)
-from longrl.config import Config, config_to_dict, config_to_yaml, eval_cadence, resolve_response_budgets, response_budget
+from longrl.config import (Config, config_to_dict, config_to_yaml, eval_cadence, lora_sft, resolve_response_budgets,
+                           response_budget)
 from longrl.errors import UserError
 from longrl.eval.accuracy import evaluate
 from longrl.metrics import MetricsLog, Progress, plot_curves
@@ -140,8 +141,8 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
         initial = held_out(step=0 if cfg.sft.steps == 0 else None)
         results = {"accuracy_initial": initial["eval/accuracy"]}
         t_sft = time.time()
-        if lora.has_lora(model) and not cfg.model.lora.sft and cfg.sft.steps > 0:
-            lora.merge_adapter(model)  # model.lora.sft=false: SFT trains every weight (the fresh B = 0 merges exactly)
+        if lora.has_lora(model) and not lora_sft(cfg) and cfg.sft.steps > 0:
+            lora.merge_adapter(model)  # full SFT (model.lora.sft false, or auto on the tiny model): the fresh B = 0 merges exactly
         run_sft(policy, task.train, cfg, device, log)
         if cfg.model.lora.r > 0 and cfg.sft.steps > 0:  # SFT's adapter into the base; RL trains a fresh one
             lora.new_adapter(model, cfg.model.lora, base_moved=False)  # step_0 below holds this base

@@ -111,7 +111,7 @@ class VLLMBackend:
             raise RuntimeError("sync_weights with requests in flight: finish or abort them first")
         if self._asleep:
             self.llm.wake_up(tags=["weights"])  # the weights' memory back first; the KV cache after the load
-        state = {k: v.detach() for k, v in model.state_dict().items()}
+        state = {k: v.detach() for k, v in _plain_state(model).items()}
         if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(state.items()))})
@@ -214,6 +214,15 @@ class VLLMBackend:
         while self.engine.has_unfinished_requests():  # drain what the engine still reports
             self.engine.step()
         return results
+
+
+def _plain_state(model) -> dict:
+    """The weights vLLM loads, under plain Hugging Face names: a LoRA model's merged ones
+    (W + scale * B @ A per adapted layer: the engine samples from the policy the trainer
+    trains, one full copy made per sync), else the model's own."""
+    from longrl.models import lora
+
+    return lora.merged_state_dict(model) if lora.has_lora(model) else model.state_dict()
 
 
 def _token_logprobs(ids: list[int], logprobs) -> list[float]:
