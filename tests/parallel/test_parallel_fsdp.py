@@ -254,4 +254,15 @@ def test_bench_fsdp_measures_the_shards():
     assert abs(per["fsdp"]["ratio_to_plain"]["state"] - 0.5) < 0.01
     assert 0.5 < per["zero"]["ratio_to_plain"]["state"] < 1.0
     assert 0.5 < per["fsdp"]["ratio_to_plain"]["in_step"] < 1.0  # the gathered weights and full grads
-    assert all(per[k]["max_weight_diff_vs_plain"] < 1e-6 for k in per)
+    assert all(per[k]["max_weight_diff_vs_plain"] < 1e-6 for k in per if k != "lora")
+    # LoRA r=16: AdamW's moments cover the adapters only (A [16, in], B [out, 16] per linear layer)
+    from transformers import Qwen2ForCausalLM
+
+    from longrl.bench.fsdp import _config, _parse
+    from longrl.config import LoRAConfig
+    from longrl.models.lora import apply_lora
+
+    model = Qwen2ForCausalLM(_config(_parse(["--layers", "1", "--hidden", "64", "--vocab", "256"])))
+    full = sum(p.numel() for p in model.parameters())
+    adapters = sum(p.numel() for p in apply_lora(model, LoRAConfig(r=16)).parameters() if p.requires_grad)
+    assert per["lora"]["ratio_to_plain"]["optimizer"] == pytest.approx(adapters / full, abs=1e-4)
