@@ -253,6 +253,9 @@ def test_policy_rollouts_and_passes_share_the_reduced_sequence(tmp_path):
     again, _ = policy_for(tmp_path, task, "video.token_reduction=diff", f"video.embed_cache_dir={cache_dir}")
     assert [len(p) for p in again.encode_prompts(ex)] == n_red and again.totals["encodes"] == 0
     assert isinstance(red.cache, EmbeddingCache)
+    ev, _ = policy_for(tmp_path, task, "video.token_reduction=diff")  # held-out requests: outside the counts
+    assert [len(r.prompt_ids) for r in ev.requests(ex, eval=True)] == n_red
+    assert ev.totals["encodes"] == 0 and "video/tokens_kept_frac" not in ev.step_metrics()
 
     # Rollouts decode on the reduced prompt; the trainer's log-probs of them are the same.
     backend = HFBackend(red.model, eos_id=red.tokenizer.eos_token_id, pad_id=red.tokenizer.pad_token_id)
@@ -275,3 +278,18 @@ def test_reduction_with_a_trainable_tower_or_bad_values_is_refused(tmp_path):
         with pytest.raises(UserError, match=msg):
             load_config(None, [*base, *over])
     assert np.isclose(VideoConfig().drop_threshold, 0.05)
+
+
+def test_streambp_on_a_reduced_video_equals_the_chunked_update(tmp_path):
+    """StreamBP builds whole rows itself (video spliced in, M-RoPE positions): on a reduced
+    video it gives the chunked path's log-probs and gradients (rows share prompts, hence
+    the relative tolerance: see test_policy_video's StreamBP test)."""
+    task = make_task(tmp_path)
+    a = one_update(policy_for(tmp_path, task, "video.token_reduction=diff")[0], task)
+    b = one_update(policy_for(tmp_path, task, "video.token_reduction=diff", "train.backprop=streambp",
+                              "train.stream_chunk=5")[0], task)
+    assert a[0] == b[0]
+    torch.testing.assert_close(b[1], a[1], atol=1e-10, rtol=0)
+    for n in a[2]:
+        err = float((b[2][n] - a[2][n]).abs().max()) / max(float(a[2][n].abs().max()), 1e-6)
+        assert err < 1e-7, (n, err)

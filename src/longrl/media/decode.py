@@ -171,11 +171,11 @@ def iter_frames(info: VideoInfo, indices: np.ndarray, seek: bool = True, stats: 
 def _seek_rule(info: VideoInfo):
     """jump(last, want) -> bool: is seeking cheaper than decoding forward from `last` to `want`?"""
     if info.key_pts is not None and len(info.key_pts):
-        keys = info.key_pts
+        keys, pts = info.key_pts, info.frame_pts
 
-        def jump(last: int, want: int) -> bool:  # a keyframe in (last, want]: seeking lands on it
-            k = np.searchsorted(keys, want, side="right") - 1
-            return k >= 0 and keys[k] > last
+        def jump(last: int, want: int) -> bool:  # the keyframe before `want` is past the next frame:
+            k = keys[max(0, np.searchsorted(keys, want, side="right") - 1)]  # seeking to it skips frames
+            return np.searchsorted(pts, k) - np.searchsorted(pts, last) > 1
 
         return jump
     gap = int(SEEK_GAP_S / float(info.time_base))

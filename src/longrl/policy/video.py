@@ -90,20 +90,23 @@ class VideoPolicy:
         """Prompt ids with the video pad expanded to the clip's number of video tokens (the
         kept ones under video.token_reduction, which needs the embeddings: the video is
         encoded, or read from the cache, here the first time)."""
+        return [self._prompt(ex) for ex in examples]
+
+    def _prompt(self, ex: Example, video=None) -> list[int]:
+        """The example's prompt ids, once per run; `video`: its embeddings if at hand."""
         from longrl.models.vlm import MERGE, PATCH, TEMPORAL_PATCH, video_prompt_ids
 
-        tokenizer, out = self.tokenizer, []
-        for ex in examples:
-            if _key(ex) not in self._prompts:
-                if self.reduction[0] == "none":
-                    N, H, W, _ = self.task.clips[ex.media[0]].frames.shape
-                    n_tokens = -(-N // TEMPORAL_PATCH) * (H // PATCH) * (W // PATCH) // (MERGE * MERGE)
-                else:
-                    with torch.no_grad():
-                        n_tokens = self._video(self.model, ex.media[0]).n_tokens
-                self._prompts[_key(ex)] = video_prompt_ids(tokenizer, n_tokens, ex.prompt)
-            out.append(self._prompts[_key(ex)])
-        return out
+        if _key(ex) not in self._prompts:
+            if self.reduction[0] == "none":
+                N, H, W, _ = self.task.clips[ex.media[0]].frames.shape
+                n_tokens = -(-N // TEMPORAL_PATCH) * (H // PATCH) * (W // PATCH) // (MERGE * MERGE)
+            elif video is not None:
+                n_tokens = video.n_tokens
+            else:
+                with torch.no_grad():
+                    n_tokens = self._video(self.model, ex.media[0]).n_tokens
+            self._prompts[_key(ex)] = video_prompt_ids(self.tokenizer, n_tokens, ex.prompt)
+        return self._prompts[_key(ex)]
 
     def _encode(self, model, path: str, grad: bool):
         """The vision tower over one clip. Under SP, MR-SP stage 1: this rank encodes its run
@@ -195,7 +198,6 @@ class VideoPolicy:
         backend reads them detached. Evaluation (eval=True) encodes outside the step's
         counts."""
         counts = n if isinstance(n, list) else [n] * len(examples)
-        prompts = self.encode_prompts(examples)
         model = self.model
         if eval:
             videos = [self._eval_video(model, ex.media[0]) for ex in examples]
@@ -203,6 +205,7 @@ class VideoPolicy:
             with torch.set_grad_enabled(self.train_vision):
                 videos = [self._video(model, ex.media[0]) for ex in examples]
             self.totals["naive_encodes"] += sum(counts)  # a pixel pipeline encodes in every rollout
+        prompts = [self._prompt(ex, v) for ex, v in zip(examples, videos)]  # after: a reduced prompt needs its video
         videos = [v.detached() for v in videos]
         return [RolloutRequest(p, c, VideoPrompt(v, self._positions_of(model, ex, v)))
                 for p, c, ex, v in zip(prompts, counts, examples, videos)]
