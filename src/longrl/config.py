@@ -611,9 +611,6 @@ def _check_fsdp(p: ParallelConfig, task_name: str, backend: str) -> None:
     if task_name == "videos":
         raise UserError("parallel.fsdp=true is not wired into the video policy yet; train video models with plain "
                         "data parallelism (parallel.fsdp=false), optionally parallel.zero_optimizer=true")
-    if backend == "vllm":
-        raise UserError("parallel.fsdp=true with rollout.backend=vllm is not supported yet (vLLM would read the "
-                        "sharded state dict); use rollout.backend=hf or continuous")
 
 
 def _check_lora_and_precision(cfg: "Config") -> None:

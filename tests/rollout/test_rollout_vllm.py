@@ -216,6 +216,25 @@ def test_a_lora_policy_is_served_merged():
 
 
 @pytest.mark.slow
+def test_data_parallel_and_fsdp2_runs_sync_every_rank_engine(tmp_path):
+    """torchrun, 2 processes, one engine per rank: plain data parallelism and FSDP2 (each
+    engine loads the gathered full weights). After every update the engines sample from the
+    trainer's weights: the engine/trainer log-prob gap stays at float32 noise."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "longrl", "train",
+            "rollout.backend=vllm", "sft.steps=100", "rl.steps=3", "rl.prompts_per_step=4", "rl.group_size=4",
+            "task.n_eval=8", "rl.kl_coef=0.05", "run.progress=false", f"run.out_dir={tmp_path}"]
+    for name, extra in [("dp", []), ("fsdp", ["parallel.fsdp=true"])]:
+        done = subprocess.run([*base, f"run.name={name}", *extra], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "Error" in line)[-3000:]
+        recs = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        rl = [r for r in recs if r["phase"] == "rl" and r["step"] > 0]
+        assert len(rl) == 3 and all(r["logprob/engine_trainer_gap"] < 1e-4 for r in rl), name
+
+
+@pytest.mark.slow
 def test_default_run_learns_on_vllm_and_eval_on_vllm_reproduces_it(tmp_path):
     """The default config with rollouts on vLLM: RL gains at least 0.10 held-out accuracy
     (0.305 -> 0.840 when measured, BENCHMARKS.md), and `longrl eval` on vLLM reproduces the

@@ -33,9 +33,9 @@ saved is the optimizer state and master weights (1/P each), and everything at re
 memory). `bench/fsdp.py` measures both figures.
 
 Not supported (refused by `config.Config.validate`): ZeRO-1 on top (FSDP2 already shards the
-optimizer), the video policy (its vision tower and cached embeddings are not wired into
-the sharded model yet), and the vLLM backend (its `sync_weights` reads `state_dict()`,
-which FSDP returns sharded).
+optimizer) and the video policy (its vision tower and cached embeddings are not wired into
+the sharded model yet). The vLLM backend takes the gathered weights (`replica(clone=False)`)
+at its start and at every sync, so each rank's engine holds one whole copy.
 """
 
 from __future__ import annotations

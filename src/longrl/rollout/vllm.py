@@ -33,6 +33,10 @@ Departures and limits
   fixed size `VLLM_CPU_KVCACHE_SPACE` (GiB; 1 unless set) through the update.
 - A resumed sample is prefilled again (prompt + partial response); vLLM's prefix cache
   makes that cheap when the blocks are still cached.
+- Under torchrun every data-parallel rank runs its own colocated engine on its share of the
+  step (as the native engines do). With FSDP2 each engine gets the gathered full weights
+  (every rank's engine holds a whole copy: vLLM's tensor parallelism is not used); with
+  LoRA, the merged ones.
 """
 
 from __future__ import annotations
@@ -70,7 +74,6 @@ class VLLMBackend:
         from vllm import LLM
 
         logging.getLogger("vllm").setLevel(logging.WARNING)
-        from longrl.models.load import save_policy
 
         self.eos_id = tokenizer.eos_token_id
         self.temperature = cfg.rollout.temperature if cfg is not None else 1.0
@@ -87,7 +90,7 @@ class VLLMBackend:
         self._sleep_mode, self._asleep = not cpu, False  # vLLM's sleep mode needs CUDA
         tmp = tempfile.mkdtemp(prefix="longrl-vllm-")
         try:
-            save_policy(model, tokenizer, tmp)
+            _save_for_engine(model, tokenizer, tmp)
             self.llm = LLM(model=tmp, skip_tokenizer_init=True, enforce_eager=True, seed=seed,
                            dtype=DTYPE_NAMES.get(next(model.parameters()).dtype, "float32"),
                            max_model_len=max_len, gpu_memory_utilization=gpu_memory_utilization or 0.5,
@@ -216,13 +219,39 @@ class VLLMBackend:
         return results
 
 
+def _save_for_engine(model, tokenizer, out_dir: str) -> None:
+    """The policy as a Hugging Face directory for this rank's engine to load. Not through
+    `save_pretrained`: under torch.distributed, transformers writes model files on rank 0
+    only, and every data-parallel rank builds its own engine from its own directory."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in _plain_state(model).items()}
+    seen, unique = set(), {}
+    for k, v in state.items():  # tied weights: one name (vLLM ties them again from the config)
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key not in seen:
+            seen.add(key)
+            unique[k] = v
+    model.config.save_pretrained(out_dir)
+    save_file(unique, f"{out_dir}/model.safetensors", metadata={"format": "pt"})
+    tokenizer.save_pretrained(out_dir)
+
+
 def _plain_state(model) -> dict:
     """The weights vLLM loads, under plain Hugging Face names: a LoRA model's merged ones
     (W + scale * B @ A per adapted layer: the engine samples from the policy the trainer
-    trains, one full copy made per sync), else the model's own."""
+    trains, one full copy made per sync); an FSDP2 model's full weights (gathered: a
+    collective, which every rank reaches together, at the engine's start and at each step's
+    sync; the trainer holds them gathered between optimizer steps anyway, parallel/fsdp.py,
+    so nothing is copied on the trainer's side); else the model's own."""
     from longrl.models import lora
+    from longrl.parallel import fsdp
 
-    return lora.merged_state_dict(model) if lora.has_lora(model) else model.state_dict()
+    if lora.has_lora(model):
+        return lora.merged_state_dict(model)
+    if fsdp.is_sharded(model):
+        return fsdp.replica(model, clone=False).state_dict()  # views of the gathered weights
+    return model.state_dict()
 
 
 def _token_logprobs(ids: list[int], logprobs) -> list[float]:
