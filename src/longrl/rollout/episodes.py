@@ -298,12 +298,18 @@ def run_episodes(backend, requests: list[RolloutRequest], env: Environment, exam
     return eps
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
 def _observe(env: Environment, eps: list[Episode], pool: ThreadPoolExecutor | None) -> list[str | None]:
-    """The tools of one turn, concurrently (each call has its own timeout)."""
-    if not eps:
-        return []
-    if pool is None or len(eps) == 1:
+    """The tools of one turn, concurrently (each call has its own timeout, so a turn waits
+    at most about one timeout however many calls hang)."""
+    global _POOL
+    if len(eps) <= 1:
         return [env.step(ep.state, ep.turn_texts[-1]) for ep in eps]
+    if pool is None:
+        _POOL = _POOL or ThreadPoolExecutor(max_workers=16, thread_name_prefix="longrl-turn")
+        pool = _POOL
     return list(pool.map(lambda ep: env.step(ep.state, ep.turn_texts[-1]), eps))
 
 
