@@ -13,6 +13,7 @@ used as the CoT-SFT demonstration.
   true sum, and RL has to find that carrying pays. This keeps room for RL that does not
   depend on stopping SFT at a lucky step (set `task.kwargs.slip=0` for a perfect teacher).
   Only `solution` is affected: `answer` is always the true sum.
+- facts: tool-using agents; see `data/facts.py`.
 - sort: `sort 5 2 9 5` -> `<think>2<5=5<9</think><answer>2 5 5 9</answer>`: the reasoning
   is the chain of comparisons that puts the numbers in order (kwargs: min_len, max_len).
   The chain is kept this terse so that every default demonstration (3 to 6 numbers below
