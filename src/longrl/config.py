@@ -114,8 +114,9 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "addition"
-    """Task: a built-in family ('addition', 'sort'), 'rg:<name>' for a reasoning-gym task,
-    'jsonl' for `task.train_file`/`task.eval_file`, or 'hf:<source>' for a data set read with
+    """Task: a built-in family ('addition', 'sort'; 'facts' for tool-using agents, with its
+    search corpus), 'rg:<name>' for a reasoning-gym task, 'jsonl' for
+    `task.train_file`/`task.eval_file`, or 'hf:<source>' for a data set read with
     the `datasets` library: a local JSON/JSONL/parquet/arrow/CSV file, a `save_to_disk`
     directory, or a hub id already in the local Hugging Face cache (`data/hf_datasets.py`)."""
     train_file: str = ""
