@@ -279,10 +279,19 @@ def _logprobs(cfg: Config, shape: ModelShape, s: StepShape, b: int, act: int, ch
         cache = _kv(shape, s.prompt_len, act) * (min(s.prompts, -(-b // s.group)) + b)
         attn = b * s.seq * 2 * shape.heads * shape.head_dim * act  # repeat_kv for the responses (masked)
         return b * s.seq * shape.hidden * 4 + cache + attn + s.prompt_len * layer_transient(shape, act) + head
-    tokens = b * -(-s.seq // sp)
+    tokens = _pass_tokens(cfg, shape, s, b) if sp == 1 else b * -(-s.seq // sp)
     ulysses = b * s.seq * (shape.hidden + 2 * shape.kv_heads * shape.head_dim) * act // sp if sp > 1 else 0
     embeds = b * s.seq * shape.hidden * act * 2 if sp > 1 else 0  # whole rows' embeddings on every rank
     return tokens * shape.hidden * 4 + tokens * layer_transient(shape, act) + ulysses + embeds + head
+
+
+def _pass_tokens(cfg: Config, shape: ModelShape, s: StepShape, b: int) -> int:
+    """Positions one text forward holds: `train.pass_tokens` runs a micro-batch in groups of
+    rows of at most that many positions (a longer row alone); 0 or video: all b rows."""
+    limit = getattr(cfg.train, "pass_tokens", 0)
+    if shape.is_vlm or limit <= 0:
+        return b * s.seq
+    return s.seq * min(b, max(1, limit // s.seq))
 
 
 def _update(cfg: Config, shape: ModelShape, s: StepShape, b: int, act: int, chunk: int, mode: str) -> int:
@@ -302,6 +311,8 @@ def _update(cfg: Config, shape: ModelShape, s: StepShape, b: int, act: int, chun
         backward = n_p * s.prompt_len * 2 * D * act  # the gradient flowing down (layer grads are freed as they go)
         return prompt + cache + responses + rows + backward + head_chunk
     tokens = b * -(-s.seq // sp)  # this rank's tokens
+    if sp == 1 and mode == "chunked":
+        tokens = _pass_tokens(cfg, shape, s, b)
     rows_embeds = b * s.seq * D * 4 * (2 if shape.is_vlm else 0)  # whole rows' inputs_embeds (+ grad)
     if mode == "streambp":
         c = min(chunk, s.seq)
