@@ -70,14 +70,20 @@ def test_resident_pieces_by_hand():
 
 
 def test_layer_saved_and_modes_order():
-    """The per-token count, and the modes' ordering on a long text sequence."""
-    cfg = load_config(None, [])
+    """The per-token count, the modes' ordering on a long text micro-batch run whole, and
+    train.pass_tokens bounding the chunked pass to groups of rows."""
+    cfg = load_config(None, ["train.pass_tokens=0", "rollout.max_new_tokens=48"])
     shape = plan.describe_model(cfg)
     D, I, kv, H = 128, 384, 64, 4
     assert plan.layer_saved(shape, 4) == 4 * (8 * D + 2 * kv + 4 * I) + 4 * H
     peaks = {m: plan.estimate(replace(cfg, train=replace(cfg.train, backprop=m)), shape, prompt_tokens=8000)["phases"]["update"]
              for m in plan.MODES}
     assert peaks["standard"] > peaks["chunked"] > peaks["checkpoint"] > peaks["streambp"]
+    grouped = replace(cfg, train=replace(cfg.train, pass_tokens=4 * 8048))  # 4 of the 64 rows of 8048 positions
+    est = plan.estimate(grouped, shape, prompt_tokens=8000)
+    assert est["tokens"]["seq_len"] == 8048 and est["tokens"]["micro_batch"] == 64
+    per_token = (peaks["chunked"] - est["phases"]["update"]) / (60 * 8048)  # 60 rows' activations fewer
+    assert per_token == pytest.approx(shape.layers * plan.layer_saved(shape, 4) + 2 * D * 4)  # + their gradient
 
 
 def test_search_cheapest_fit_and_closest():
