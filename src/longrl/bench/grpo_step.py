@@ -21,14 +21,28 @@ model), one AdamW step. Both sides get:
 
 What differs is the implementation: longrl's own KV-cache engine and chunked log-probs
 (StreamBP) vs TRL's `model.generate` and full-logit forward. TRL's own default of gradient
-checkpointing is kept (`--trl-gradient-checkpointing off` turns it off). longrl always
-recomputes the old log-probs with one extra no-grad forward (to measure the engine/trainer
-gap); TRL skips that forward when the step is exactly on-policy, as it is here. With the tiny
-default (vocabulary ~100, sequences ~60 tokens) logits are small, so StreamBP's memory saving
-barely shows; raise `model.tiny.*` or `--max-new-tokens`, or give `model.path=DIR`, to see it.
+checkpointing is kept (`--trl-gradient-checkpointing off` turns it off). longrl computes the
+old log-probs with one no-grad forward (to measure the engine/trainer gap); its training pass
+(train.backprop=chunked, in row groups of train.pass_tokens positions) reuses them instead of
+its own no-grad pass. TRL skips that forward when the step is exactly on-policy, as it is
+here. With the tiny default (vocabulary ~100, sequences ~60 tokens) logits are small, so the
+memory saving barely shows; give `model.path=DIR` (or raise `model.tiny.*`) to see it.
 
-Each side runs in its own subprocess so that peak memory (`ru_maxrss`; on CUDA also
-`torch.cuda.max_memory_allocated` over the steps) is not polluted by the other; the RSS
+`--reward parity` (the fraction of even code points in the response) replaces the task's
+scorer on both sides: an untuned instruct model earns 0 on every task answer, and longrl (rightly)
+makes no update on a step without signal, which would leave nothing to compare.
+
+The longrl side also reports `phases` (seconds, CPU seconds and peak-RSS rise of the rollout's
+prefill and decode, the old/reference log-prob passes, the training pass and its body forward
+and head, the optimizer step) and `training_pass`: its model FLOPs (counted from the config,
+`bench/profile.py` says which), their rate, and that rate against the float32 matmul peak
+measured in the same process on the same thread count (`fraction_of_peak`; by CPU time too,
+which leaves out the time a shared machine's other load held the core).
+
+Each side runs in its own subprocess so that peak memory is not polluted by the other: the
+child's own `ru_maxrss` (`peak_rss_mb`; on CUDA also `torch.cuda.max_memory_allocated` over the
+steps) and the kernel's account of the whole child read by the parent with `wait4`
+(`process_peak_rss_mb`, the same measure for both sides, `process_peak_rss_ratio`). Either
 includes each side's imports (TRL pulls in accelerate and datasets), so `rss_before_steps_mb`
 is reported too. Step time is the median over `--steps` steps after `--warmup` discarded
 steps; on TRL it is the time between consecutive `on_step_end` callbacks, which spans
@@ -47,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 RESULT_TAG = "GRPO_STEP_RESULT "
 
@@ -65,6 +80,10 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads in each side (0: torch default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward", choices=["task", "parity"], default="task",
+                   help="task: the task's scorer; parity: the fraction of the response's characters with an even "
+                        "code point, a reward that is never constant over a group, so that every step trains on "
+                        "both sides (an untuned instruct model scores 0 on every task answer: no update to time)")
     p.add_argument("--trl-gradient-checkpointing", choices=["on", "off"], default="on",
                    help="TRL's gradient checkpointing (on is GRPOConfig's default)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per side")
@@ -113,11 +132,18 @@ def _setup(opt):
     device = pick_device(cfg.model.device)
     seed_everything(cfg.train.seed)
     task = load_task(cfg.task, cfg.reward.correctness)
+    if opt.reward == "parity":
+        task = replace(task, score=parity_reward)
     model, tokenizer = load_policy(cfg.model, device)
     cursor = DataCursor(cfg.train.seed, len(task.train))  # what init_state builds
     order = [cursor.take(opt.prompts) for _ in range(opt.warmup + opt.steps)]
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     return cfg, task, model, tokenizer, device, order, checksum
+
+
+def parity_reward(text: str, example) -> float:
+    """`--reward parity`: the fraction of the characters of `text` with an even code point."""
+    return sum(ord(c) % 2 == 0 for c in text) / max(1, len(text))
 
 
 def _rss_mb() -> tuple[float, float]:
@@ -162,6 +188,7 @@ def _summary(times: list[float], cpu: list[float], rollout: list[float], opt, de
 def run_longrl_side(opt) -> dict:
     import torch
 
+    from longrl.bench.profile import best_peak, matmul_peak
     from longrl.policy.text import TextPolicy
     from longrl.recipes.grpo import grpo_step, init_state
     from longrl.rollout import make_backend
@@ -169,11 +196,15 @@ def run_longrl_side(opt) -> dict:
     cfg, task, model, tokenizer, device, order, checksum = _setup(opt)
     policy, backend = TextPolicy.from_config(model, tokenizer, cfg), make_backend(cfg, model, tokenizer)
     state = init_state(model, cfg, len(task.train), backend)
+    clock, passes = _instrument(policy, backend, state)
+    peak = matmul_peak() if device.type == "cpu" else None  # same process, same threads as the step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = _rss_mb()[0]
     times, cpu, rollout, lengths, rewards = [], [], [], [], []
     for _ in order:
+        clock.start_step()
+        passes.append([])
         t0, c0 = time.perf_counter(), time.process_time()
         m = grpo_step(policy, backend, task, cfg, state)
         if device.type == "cuda":
@@ -183,9 +214,80 @@ def run_longrl_side(opt) -> dict:
         rollout.append(m["time/rollout"])
         lengths.append(m["rollout/response_len"])
         rewards.append(m["reward/mean"])
+    if peak is not None:
+        peak = best_peak(peak, matmul_peak())
+    phases = clock.summary(opt.warmup)
     return _summary(times, cpu, rollout, opt, device, rss_before, checksum, {
         "response_len_mean": statistics.fmean(lengths), "reward_mean": statistics.fmean(rewards),
-        "backprop": cfg.train.backprop})
+        "backprop": cfg.train.backprop, "phases": phases,
+        "training_pass": _training_rate(model, passes[opt.warmup:], phases, peak)})
+
+
+def _instrument(policy, backend, state):
+    """Time the phases of the recipe's own step (see `bench/profile.py`); record each training
+    pass's rows for the FLOP count."""
+    import torch
+
+    from longrl.bench.profile import PhaseClock
+    from longrl.streambp import logprobs as streambp
+
+    clock, passes = PhaseClock(), []
+    model = policy.model
+    clock.wrap(backend, "generate", "rollout/generate")
+    def forward_phase(a, k):  # the top model's forward runs in the rollout (and in backprop=standard)
+        ids = k.get("input_ids", a[0] if a else None)
+        if torch.is_grad_enabled():
+            return "train/full_forward"
+        return "rollout/prefill" if ids is None or ids.shape[1] > 1 else "rollout/decode"
+
+    clock.wrap(model, "forward", forward_phase)
+    clock.wrap(policy, "logprobs", lambda a, k: "logprobs/reference" if k.get("model") is not None else "logprobs/old")
+    clock.wrap(streambp, "final_hidden", lambda a, k: "train/body_forward" if torch.is_grad_enabled() else
+               "logprobs/body_forward")
+    clock.wrap(streambp, "head_backward", "train/head_backward")  # the LM head with grad, chunk by chunk
+    clock.wrap(state.optimizer, "step", "train/optimizer")
+    loss_and_backward = policy.loss_and_backward
+
+    def counted(batch, *a, **k):
+        mask = batch.mask != 0  # [b, T]
+        cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        lengths = (torch.where(mask, cols, -2).amax(1) + 2).tolist()  # real tokens: last target + 1 + 1
+        passes[-1].append((lengths, int(mask.sum()), mask.numel()))
+        return loss_and_backward(batch, *a, **k)
+
+    policy.loss_and_backward = counted
+    clock.wrap(policy, "loss_and_backward", "train/pass")
+    return clock, passes
+
+
+def _training_rate(model, passes: list[list], phases: dict, peak: dict | None) -> dict | None:
+    """Model FLOPs of the timed steps' training passes over their time, against the matmul peak."""
+    import torch
+
+    from longrl.bench.profile import decoder_shape, training_flops
+
+    shape = decoder_shape(model.config)
+    if shape is None or "train/pass" not in phases:
+        return None
+    n_steps = len(passes)
+    flops = [training_flops(shape, lengths, head) for step in passes for lengths, head, _ in step]
+    per_step = {k: sum(f[k] for f in flops) / n_steps for k in ("training", "layers", "attention", "head", "tokens")}
+    seconds, cpu_seconds = phases["train/pass"]["seconds"], phases["train/pass"]["cpu_seconds"]
+    out = {"model_flops_per_step": per_step["training"], "flops_split": {k: per_step[k] for k in ("layers", "attention", "head")},
+           "real_tokens_per_step": per_step["tokens"],
+           "padded_tokens_per_step": sum(n for step in passes for *_, n in step) / n_steps,
+           "seconds_per_step": seconds, "cpu_seconds_per_step": cpu_seconds,
+           "gflops": per_step["training"] / seconds / 1e9 if seconds > 0 else None,
+           # CPU time leaves out the time other processes held the cores (x threads: all threads worked)
+           "gflops_by_cpu_time": per_step["training"] / cpu_seconds * torch.get_num_threads() / 1e9 if cpu_seconds > 0 else None,
+           "shape": shape, "convention": "model FLOPs: 6 x layer matmul weights x real tokens + causal attention "
+           "+ 6 x D x V x response tokens; no recompute, no padding (bench/profile.py)"}
+    if peak is not None:
+        out["matmul_peak"] = peak
+        out["fraction_of_peak"] = out["gflops"] / peak["gflops"] if out["gflops"] else None
+        out["fraction_of_peak_by_cpu_time"] = (out["gflops_by_cpu_time"] / peak["gflops"]
+                                               if out["gflops_by_cpu_time"] else None)
+    return out
 
 
 def _trl_args(opt, cfg, device, out_dir: str):
@@ -305,7 +407,7 @@ def _child_args(opt, side: str) -> list[str]:
             "--max-new-tokens", str(opt.max_new_tokens), "--micro-batch", str(opt.micro_batch),
             "--steps", str(opt.steps), "--warmup", str(opt.warmup), "--lr", repr(opt.lr),
             "--threads", str(opt.threads), "--device", opt.device, "--seed", str(opt.seed),
-            "--trl-gradient-checkpointing", opt.trl_gradient_checkpointing]
+            "--trl-gradient-checkpointing", opt.trl_gradient_checkpointing, "--reward", opt.reward]
     return args + list(opt.overrides)
 
 
@@ -316,17 +418,37 @@ def _run_child(opt, side: str) -> dict:
     if opt.threads > 0:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opt.threads)
     t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opt.timeout, env=env)
-    except subprocess.TimeoutExpired:
+    returncode, stdout, stderr, maxrss_kib = _run_measured(cmd, env, opt.timeout)
+    if returncode is None:
         return {"error": f"{side} side did not finish within --timeout={opt.timeout}s"}
-    for line in reversed(proc.stdout.splitlines()):
+    for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             result = json.loads(line[len(RESULT_TAG):])
             result["process_seconds"] = round(time.time() - t0, 1)
+            # the kernel's peak RSS of the whole child, read by this process: the same measure for both sides
+            result["process_peak_rss_mb"] = round(maxrss_kib / 1024, 1)
             return result
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-    return {"error": f"{side} side exited with status {proc.returncode} and no result", "stderr_tail": tail}
+    tail = (stderr or stdout).strip().splitlines()[-15:]
+    return {"error": f"{side} side exited with status {returncode} and no result", "stderr_tail": tail}
+
+
+def _run_measured(cmd: list[str], env: dict, timeout: float):
+    """Run `cmd`; (exit status or None on timeout, stdout, stderr, its peak RSS in KiB from wait4)."""
+    import threading
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        killed = []
+        timer = threading.Timer(timeout, lambda: (killed.append(True), proc.kill()))
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        out.seek(0)
+        err.seek(0)
+        return None if killed else proc.returncode, out.read(), err.read(), usage.ru_maxrss
 
 
 def _merge_rounds(results: list[dict]) -> dict:
@@ -337,7 +459,8 @@ def _merge_rounds(results: list[dict]) -> dict:
     out = dict(results[0])
     for key in ("step_seconds", "step_cpu_seconds", "rollout_seconds"):
         out[key] = statistics.median(r[key] for r in results)
-    for key in ("peak_rss_mb", "rss_before_steps_mb", "rss_growth_during_steps_mb", "peak_cuda_allocated_mb"):
+    for key in ("peak_rss_mb", "process_peak_rss_mb", "rss_before_steps_mb", "rss_growth_during_steps_mb",
+                "peak_cuda_allocated_mb"):
         if key in out:
             out[key] = max(r[key] for r in results)
     for key in ("same_prompts_per_step_as_longrl", "same_prompt_ids_as_longrl"):
@@ -379,13 +502,14 @@ def run(args: list[str]) -> dict:
         "step_cpu_time_ratio": _ratio(sides["trl"], sides["longrl"], "step_cpu_seconds"),
         "rollout_time_ratio": _ratio(sides["trl"], sides["longrl"], "rollout_seconds"),
         "peak_rss_ratio": _ratio(sides["trl"], sides["longrl"], "peak_rss_mb"),
+        "process_peak_rss_ratio": _ratio(sides["trl"], sides["longrl"], "process_peak_rss_mb"),
         "rss_growth_ratio": _ratio(sides["trl"], sides["longrl"], "rss_growth_during_steps_mb"),
         "step_time_ratio_per_round": [_ratio(t, lo, "step_seconds") for t, lo in zip(per_round["trl"], per_round["longrl"])],
         "config": {
             "prompts": opt.prompts, "group_size": opt.group_size, "sequences_per_step": opt.prompts * opt.group_size,
             "micro_batch": cfg.rl.micro_batch_size, "max_new_tokens": opt.max_new_tokens,
             "timed_steps": opt.steps, "warmup_steps": opt.warmup, "rounds": opt.rounds, "lr": opt.lr, "threads": opt.threads,
-            "device": opt.device, "seed": opt.seed, "task": cfg.task.name,
+            "device": opt.device, "seed": opt.seed, "task": cfg.task.name, "reward": opt.reward,
             "model": cfg.model.path or "tiny default", "overrides": list(opt.overrides),
             "trl_gradient_checkpointing": opt.trl_gradient_checkpointing,
         },

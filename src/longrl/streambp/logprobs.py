@@ -19,6 +19,14 @@ paper: the head is evaluated twice (once without grad) instead of storing chunk 
 trading one extra `[C, V]` matmul per chunk for not keeping any logits; and only positions
 with a non-zero loss mask are evaluated, so prompt and padding tokens cost nothing.
 The sequence-chunked backward *through the decoder layers* lives in `streambp/layers.py`.
+
+Row groups (`max_tokens`, `train.pass_tokens`): the same split applied to the rows. A batch of
+more than `max_tokens` positions runs in groups of similar-length rows, each cut to its own
+width: the no-grad passes to save padding, and the 'chunked' training pass
+(`row_groups_backward`) so that only one group's activations exist at a time. Step 1 then runs
+over the whole batch first (or is handed the log-probs: GRPO's old log-probs, same weights),
+g is taken once, and each group back-propagates sum(logp * g): exact for any loss of the
+whole batch, one no-grad forward more than a single pass unless handed the log-probs.
 """
 
 from __future__ import annotations
@@ -123,24 +131,72 @@ def chunked_logprobs(hidden, weight, bias, targets, mask, chunk: int, temperatur
     return (out, ent.reshape(B, T)) if with_entropy else out
 
 
+def row_groups(batch: TokenBatch, max_tokens: int) -> list[torch.Tensor]:
+    """Rows of a right-padded batch with a masked target, shortest first, in groups whose
+    rows x longest row stays within `max_tokens` (a longer row goes alone): each group, cut
+    to its own width (`TokenBatch.__getitem__`), holds at most that many positions."""
+    on = batch.mask != 0  # [B, T]
+    cols = torch.arange(on.shape[1], device=on.device).expand_as(on)
+    lengths = (torch.where(on, cols, -2).amax(1) + 2).tolist()  # [B] real tokens (last target + 2)
+    order = sorted((i for i in range(len(lengths)) if lengths[i] > 0), key=lambda i: lengths[i])
+    groups, cur = [], []
+    for i in order:  # ascending, so the row joining a group is its longest
+        if cur and (len(cur) + 1) * lengths[i] > max_tokens:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    return [torch.tensor(g, device=on.device) for g in groups]
+
+
+def _fits(batch: TokenBatch, max_tokens: int) -> bool:
+    return max_tokens <= 0 or batch.input_ids.numel() <= max_tokens
+
+
 @torch.no_grad()
-def sequence_logprobs(model, batch: TokenBatch, chunk: int, temperature: float = 1.0) -> torch.Tensor:
-    """Teacher-forced log-probs of the masked targets (no grad): -> [B, T], 0 where unmasked."""
-    hidden = final_hidden(model, batch.input_ids)  # [B, T, D]
-    weight, bias = lm_head_params(model)
-    return chunked_logprobs(hidden, weight, bias, batch.targets, batch.mask, chunk, temperature)
+def sequence_logprobs(model, batch: TokenBatch, chunk: int, temperature: float = 1.0,
+                      max_tokens: int = 0) -> torch.Tensor:
+    """Teacher-forced log-probs of the masked targets (no grad): -> [B, T], 0 where unmasked.
+
+    With `max_tokens` > 0 a batch of more positions runs in `row_groups` (each cut to its
+    own width, so padding costs nothing); 0: one forward over the whole batch."""
+    if _fits(batch, max_tokens):
+        hidden = final_hidden(model, batch.input_ids)  # [B, T, D]
+        weight, bias = lm_head_params(model)
+        return chunked_logprobs(hidden, weight, bias, batch.targets, batch.mask, chunk, temperature)
+    out = None
+    for rows in row_groups(batch, max_tokens):
+        sub = batch[rows]
+        lp = sequence_logprobs(model, sub, chunk, temperature)  # [b, w]
+        if out is None:
+            out = torch.zeros(batch.mask.shape, device=lp.device, dtype=lp.dtype)  # [B, T]
+        out[rows, : lp.shape[1]] = lp
+    return out if out is not None else torch.zeros(batch.mask.shape, device=batch.mask.device)
 
 
 def backward_chunked_head(hidden, weight, bias, targets, mask, loss_fn: LossFn, chunk: int,
                           temperature: float = 1.0):
     """Steps 1-3 of the module docstring. Accumulates W.grad (and bias.grad) and returns
     (loss, metrics, dL/dhidden [B, T, D], logprobs [B, T])."""
-    B, T, D = hidden.shape
     logp = chunked_logprobs(hidden.detach(), weight, bias, targets, mask, chunk, temperature)
+    loss, metrics, g = loss_grad(loss_fn, logp)
+    return loss, metrics, head_backward(hidden, weight, bias, targets, mask, g, chunk, temperature), logp
+
+
+def loss_grad(loss_fn: LossFn, logp: torch.Tensor):
+    """Step 2: the loss at `logp` [B, T] and g = dL/dlogp [B, T] -> (loss, metrics, g)."""
     leaf = logp.clone().requires_grad_(True)  # [B, T]
     out = loss_fn(leaf)
     loss, metrics = out if isinstance(out, tuple) else (out, {})
     (g,) = torch.autograd.grad(loss, leaf)  # [B, T]
+    return loss.detach(), metrics, g
+
+
+def head_backward(hidden, weight, bias, targets, mask, g, chunk: int, temperature: float = 1.0) -> torch.Tensor:
+    """Step 3: per chunk, recompute logp with grad and back-propagate sum(logp * g); accumulates
+    W.grad (and bias.grad) and returns dL/dhidden [B, T, D]."""
+    B, T, D = hidden.shape
     flat_h = hidden.detach().reshape(B * T, D)
     flat_t, flat_g = targets.reshape(-1), g.reshape(-1)
     sel = (mask.reshape(-1) != 0).nonzero().squeeze(-1)  # [N]
@@ -151,7 +207,7 @@ def backward_chunked_head(hidden, weight, bias, targets, mask, loss_fn: LossFn, 
         lp = _chunk_logprobs(h_c, weight, bias, flat_t[idx], temperature)  # [C]
         lp.backward((flat_g[idx]).to(lp.dtype))
         grad_h[idx] = h_c.grad
-    return loss.detach(), metrics, grad_h.reshape(B, T, D), logp
+    return grad_h.reshape(B, T, D)
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -173,7 +229,8 @@ def set_checkpointing(model, on: bool) -> None:
 
 
 def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = "streambp",
-                      chunk: int = 256, temperature: float = 1.0):
+                      chunk: int = 256, temperature: float = 1.0, max_tokens: int = 0,
+                      logprobs: torch.Tensor | None = None):
     """Forward, loss and backward for one micro-batch; gradients accumulate in `.grad`.
 
     mode: 'standard' builds full [B, T, V] logits (reference / comparison only);
@@ -181,8 +238,16 @@ def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = 
     'checkpoint' adds activation checkpointing of the layers; 'streambp' adds the
     sequence-chunked layer backward of `streambp/layers.py` (activation memory independent
     of T). Returns (loss, metrics, logprobs [B, T]).
+
+    'chunked' with `max_tokens` > 0 and a batch of more positions: `row_groups_backward`,
+    activations of at most `max_tokens` positions at a time. `logprobs` [B, T] (this batch's
+    log-probs under the current weights, from `sequence_logprobs` with the same chunk,
+    temperature and max_tokens) saves it the no-grad pass.
     """
     set_checkpointing(model, mode == "checkpoint")  # a later non-checkpoint call must not stay checkpointed
+    if mode == "chunked" and not _fits(batch, max_tokens):
+        return row_groups_backward(model, batch, loss_fn, chunk=chunk, temperature=temperature,
+                                   max_tokens=max_tokens, logprobs=logprobs)
     weight, bias = lm_head_params(model)
     if mode == "standard":
         logits = _upcast(model(input_ids=batch.input_ids, use_cache=False).logits)  # [B, T, V]
@@ -201,6 +266,32 @@ def loss_and_backward(model, batch: TokenBatch, loss_fn: LossFn, *, mode: str = 
     )
     hidden.backward(grad_h)
     return loss, metrics, logp
+
+
+def row_groups_backward(model, batch: TokenBatch, loss_fn: LossFn, *, chunk: int, temperature: float,
+                        max_tokens: int, logprobs: torch.Tensor | None = None):
+    """The chunked backward with the rows split, so that activations of at most `max_tokens`
+    positions exist at once, for any loss of the whole batch's log-probs (GSPO's sequence
+    ratios, DPO's pairs): exact, as the head's split along positions is.
+
+      1. no grad: logp [B, T] by `sequence_logprobs` in the same row groups (skipped when
+         the caller hands it over: GRPO's old log-probs, computed under the same weights);
+      2. g = dL/dlogp at logp (`loss_grad`);
+      3. per row group: body forward with grad, `head_backward` with that group's g, body
+         backward. Rows without a masked target are never run.
+
+    Costs one no-grad forward more than the single-pass backward unless `logprobs` is given.
+    Returns (loss, metrics, logprobs [B, T])."""
+    if logprobs is None:
+        logprobs = sequence_logprobs(model, batch, chunk, temperature, max_tokens)  # [B, T]
+    loss, metrics, g = loss_grad(loss_fn, logprobs)
+    weight, bias = lm_head_params(model)
+    for rows in row_groups(batch, max_tokens):
+        sub = batch[rows]  # cut to the group's width
+        hidden = final_hidden(model, sub.input_ids)  # [b, w, D]
+        width = sub.input_ids.shape[1]
+        hidden.backward(head_backward(hidden, weight, bias, sub.targets, sub.mask, g[rows, :width], chunk, temperature))
+    return loss, metrics, logprobs
 
 
 def streambp_loss_and_backward(
