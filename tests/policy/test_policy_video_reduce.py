@@ -293,3 +293,33 @@ def test_streambp_on_a_reduced_video_equals_the_chunked_update(tmp_path):
     for n in a[2]:
         err = float((b[2][n] - a[2][n]).abs().max()) / max(float(a[2][n].abs().max()), 1e-6)
         assert err < 1e-7, (n, err)
+
+
+@pytest.mark.slow
+def test_an_hour_long_video_at_3600_frames(model, tmp_path):
+    """The example task's kind of scene over an hour at 2 fps (7,200 frames; four objects
+    come and go): 3,600 frames decoded, encoded 256 at a time, reduced and positioned. The
+    static hour drops to a handful of tokens, while every appearance and disappearance (and
+    the first step) stays."""
+    from longrl.data.videos import make_item, render
+
+    record, sprites, n = make_item(0, 0, 3600.0, 3600.0, 2, kinds=("temporal",))
+    path = write_video(tmp_path / "hour.mp4", render(sprites, n), fps=record["fps"], gop=20)
+    stats = {}
+    clip = load_clip(path, FrameSampling(fps=None, max_frames=3600, max_pixels=3136), stats=stats)
+    assert clip.frames.shape == (3600, 56, 56, 3) and stats["decoded"] == n
+    with torch.no_grad():
+        video = encode_frames(model.float(), clip.frames, seconds_per_grid(clip.timestamps), 256)
+    red = reduce_video(video, "diff", VideoConfig().drop_threshold)
+    assert video.n_tokens == 7200 and red.n_tokens < 0.01 * 7200
+    steps = red.keep.view(1800, 4).any(1).nonzero().view(-1).tolist()  # temporal steps keeping tokens
+    events = {round(1800 * s.first / 12) for s in sprites} | {round(1800 * (s.last + 1) / 12) for s in sprites}
+    assert steps[0] == 0 and events - {1800} <= set(steps)
+    tok = build_vlm_tokenizer()
+    pos = mrope_position_ids(model, torch.tensor([video_prompt_ids(tok, red.n_tokens, QUESTION)]), red)  # [3, 1, P]
+    full = mrope_position_ids(model, torch.tensor([video_prompt_ids(tok, video.n_tokens, QUESTION)]), video)
+    ids = video_prompt_ids(tok, video.n_tokens, QUESTION)
+    start = ids.index(model.config.video_token_id)
+    cols = torch.cat([torch.arange(start), start + red.keep.nonzero().view(-1), torch.arange(start + 7200, len(ids))])
+    assert torch.equal(pos, full[..., cols])  # every kept token and the text at their unreduced positions
+    assert int(pos[0, 0, start + red.n_tokens - 1]) > 1000  # the last kept token is late in the hour
