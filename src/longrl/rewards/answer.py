@@ -6,10 +6,10 @@ longrl responses follow the R1-style template `<think>...</think><answer>...</an
 answer tag, so a model is only rewarded for the template it is trained to produce.
 
 Instruct checkpoints rarely write the tags (SmolLM2-135M-Instruct: 1 of 128 samples, issue
-16), so the answer a verifier reads can also be taken without them (`answer_extractor`,
-`rewards.verifiers.answer_extractor`, `reward.extract`): the last `\\boxed{...}` (the
-convention of math-tuned models), or the last number in the response (math_verify's own
-extraction lives beside its verifier). The format reward always reads the tags.
+16), so the answer a verifier reads can also be taken without them (`reward.extract`; the
+modes by name in `rewards.verifiers.EXTRACTORS`): the last `\\boxed{...}` (the convention of
+math-tuned models), or the last number in the response (math_verify's own extraction lives
+beside its verifier). The format reward always reads the tags.
 
 Departures from the papers: the format reward has a middle level (0.5) for responses
 that hold a complete answer block inside a broken template, so a small model starting
@@ -55,6 +55,7 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # "3" (a minus right after a digit is an operator, not a sign), "-3." is "-3". Thousands
 # groups ("1,000"), decimals and a plain fraction ("3/4") are kept whole.
 _NUMBER = re.compile(r"(?<![\w.])(?:(?<![\w)\]])[-\u2212])?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`), stripped; else None.
