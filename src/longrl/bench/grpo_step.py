@@ -80,6 +80,9 @@ def _parse(args: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads in each side (0: torch default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--full-length", action="store_true",
+                   help="every response runs to --max-new-tokens on both sides (longrl: the hf engine ignores EOS; "
+                        "TRL: min_new_tokens), so both sides do the same work whatever they sample")
     p.add_argument("--reward", choices=["task", "parity"], default="task",
                    help="task: the task's scorer; parity: the fraction of the response's characters with an even "
                         "code point, a reward that is never constant over a group, so that every step trains on "
@@ -189,12 +192,17 @@ def run_longrl_side(opt) -> dict:
     import torch
 
     from longrl.bench.profile import best_peak, matmul_peak
+    from longrl.errors import UserError
     from longrl.policy.text import TextPolicy
     from longrl.recipes.grpo import grpo_step, init_state
     from longrl.rollout import make_backend
 
     cfg, task, model, tokenizer, device, order, checksum = _setup(opt)
     policy, backend = TextPolicy.from_config(model, tokenizer, cfg), make_backend(cfg, model, tokenizer)
+    if opt.full_length:
+        if backend.name != "hf":
+            raise UserError("--full-length needs rollout.backend=hf")
+        backend.eos_id = -1  # no token ends a row: every row decodes max_new_tokens
     state = init_state(model, cfg, len(task.train), backend)
     clock, passes = _instrument(policy, backend, state)
     peak = matmul_peak() if device.type == "cpu" else None  # same process, same threads as the step
@@ -218,7 +226,8 @@ def run_longrl_side(opt) -> dict:
         peak = best_peak(peak, matmul_peak())
     phases = clock.summary(opt.warmup)
     return _summary(times, cpu, rollout, opt, device, rss_before, checksum, {
-        "response_len_mean": statistics.fmean(lengths), "reward_mean": statistics.fmean(rewards),
+        "response_len_mean": statistics.fmean(lengths), "response_len_per_step": lengths,
+        "reward_mean": statistics.fmean(rewards),
         "backprop": cfg.train.backprop, "phases": phases,
         "training_pass": _training_rate(model, passes[opt.warmup:], phases, peak)})
 
@@ -302,7 +311,8 @@ def _trl_args(opt, cfg, device, out_dir: str):
         # per-device batch counts completions; generation batch = micro * accumulation = N*G
         per_device_train_batch_size=micro, gradient_accumulation_steps=n_seqs // micro,
         num_generations=opt.group_size, max_completion_length=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=0, generation_kwargs={"use_cache": True},
+        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=0,
+        generation_kwargs={"use_cache": True, **({"min_new_tokens": cfg.rollout.max_new_tokens} if opt.full_length else {})},
         beta=0.0, num_iterations=1, epsilon=cfg.rl.clip_low, epsilon_high=cfg.rl.clip_high,
         loss_type="dapo", scale_rewards="group", mask_truncated_completions=False,  # dapo = token-mean
         learning_rate=cfg.rl.lr, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.99,
@@ -391,7 +401,7 @@ def run_trl_side(opt) -> dict:
         raise RuntimeError(f"TRL ran {len(times)} optimizer steps, expected {len(order)}")
     same_prompts = seen == [sorted(i for i in step for _ in range(opt.group_size)) for step in order]
     return _summary(times, cpu, rollout_seconds, opt, device, rss_before, checksum, {
-        "response_len_mean": statistics.fmean(lengths), "trl_version": trl.__version__,
+        "response_len_mean": statistics.fmean(lengths), "response_len_per_step": lengths, "trl_version": trl.__version__,
         "same_prompts_per_step_as_longrl": same_prompts, "same_prompt_ids_as_longrl": same_ids,
         "gradient_checkpointing": args.gradient_checkpointing, "loss_type": args.loss_type,
         "generations_per_step": args.generation_batch_size})
@@ -407,7 +417,8 @@ def _child_args(opt, side: str) -> list[str]:
             "--max-new-tokens", str(opt.max_new_tokens), "--micro-batch", str(opt.micro_batch),
             "--steps", str(opt.steps), "--warmup", str(opt.warmup), "--lr", repr(opt.lr),
             "--threads", str(opt.threads), "--device", opt.device, "--seed", str(opt.seed),
-            "--trl-gradient-checkpointing", opt.trl_gradient_checkpointing, "--reward", opt.reward]
+            "--trl-gradient-checkpointing", opt.trl_gradient_checkpointing, "--reward", opt.reward,
+            *(["--full-length"] if opt.full_length else [])]
     return args + list(opt.overrides)
 
 
@@ -509,7 +520,7 @@ def run(args: list[str]) -> dict:
             "prompts": opt.prompts, "group_size": opt.group_size, "sequences_per_step": opt.prompts * opt.group_size,
             "micro_batch": cfg.rl.micro_batch_size, "max_new_tokens": opt.max_new_tokens,
             "timed_steps": opt.steps, "warmup_steps": opt.warmup, "rounds": opt.rounds, "lr": opt.lr, "threads": opt.threads,
-            "device": opt.device, "seed": opt.seed, "task": cfg.task.name, "reward": opt.reward,
+            "device": opt.device, "seed": opt.seed, "task": cfg.task.name, "reward": opt.reward, "full_length": opt.full_length,
             "model": cfg.model.path or "tiny default", "overrides": list(opt.overrides),
             "trl_gradient_checkpointing": opt.trl_gradient_checkpointing,
         },
