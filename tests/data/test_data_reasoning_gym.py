@@ -87,3 +87,30 @@ def test_generator_prints_stay_off_stdout(capsys):
     (ex,) = task.examples(1)
     assert capsys.readouterr().out == ""
     assert score(task, f"<answer>{ex.answer}</answer>", ex) == 1.0
+
+
+def test_the_task_scorer_reads_through_reward_extract():
+    # A reasoning-gym task's own checker sees the answer the run's extraction reads: an
+    # instruct model's prose answer scores by its last number, and not at all by the tags.
+    from longrl.config import load_config
+    from longrl.recipes.tasks import load_task
+
+    cfg = load_config(None, ["task.name=rg:chain_sum", "task.n_train=20", "task.n_eval=5",
+                             "reward.extract=last_number"])
+    ex = load_task(cfg.task, "auto", cfg.reward.extract).eval[0]
+    prose = f"The final answer to this arithmetic problem is {ex.answer}."
+    assert load_task(cfg.task, "auto", "last_number").score(prose, ex) == 1.0
+    assert load_task(cfg.task, "auto", "tags").score(prose, ex) == 0.0
+    assert load_task(cfg.task, "auto", "boxed").score(f"so \\boxed{{{ex.answer}}}", ex) == 1.0
+    assert load_task(cfg.task, "normalized", "last_number").score(prose, ex) == 1.0
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["reward.extract=first_number"], "reward.extract='first_number' is not one of"),
+    (["reward.extract=boxed", "reward.correctness=code"], "reward.correctness=code reads the <answer> block"),
+])
+def test_bad_extract_settings_are_refused(overrides, fragment):
+    from longrl.config import load_config
+
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, overrides)
