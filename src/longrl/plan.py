@@ -33,12 +33,13 @@ activations once, its KV cache repeated to the rows) and `streambp` on whole row
 sequence for H/P heads). `--video-keep` is the fraction of video tokens token reduction
 keeps (content-dependent: the planner cannot know it; measure it with the bench).
 
-Checked against measured peaks on a CPU (`longrl bench long-video`, peak resident growth
-per rank; tests/test_plan.py on two tiny cases). Departures: allocator slack, Python
-objects and the framework's own buffers are not modelled; FSDP counts the full weights
-gathered during the passes (longrl gathers once per step); data-parallel replicas hold
-their share of the step's prompts; the video task's other clips (decoded up front) are
-not counted, only the step's videos.
+Checked against measured peaks on a CPU (peak resident growth per rank): the long-video
+bench's rows at 256 / 1,024 / 3,600 frames are within 0.85-1.06 of the estimate
+(BENCHMARKS.md); tests/test_plan.py measures two tiny cases. Departures: allocator slack,
+Python objects and the framework's own buffers are not modelled; FSDP counts the full
+weights gathered during the passes (longrl gathers once per step); data-parallel replicas
+hold their share of the step's prompts; the video task's other clips (decoded up front) are
+not counted, only the step's videos; a trainable vision tower's kept graph is not counted.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ TEXT_PROMPT_TOKENS = 64
 """Prompt length assumed for text tasks (the config does not say; `--prompt-tokens`)."""
 VIDEO_TEXT_TOKENS = 64
 """Text tokens of a video prompt around its video tokens (chat template + question)."""
+UNSET_RESPONSE_TOKENS = 256
+"""Response length assumed when rollout.max_new_tokens is 0 (derived from the data at run time)."""
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 MODES = ("standard", "chunked", "checkpoint", "streambp")
 
@@ -193,7 +196,7 @@ def step_shape(cfg: Config, shape: ModelShape, world_size: int, video_keep: floa
     sp = cfg.parallel.sp_size
     dp = max(1, world_size // sp)
     prompts = math.ceil(cfg.rl.prompts_per_step / dp)
-    R = cfg.rollout.max_new_tokens
+    R = cfg.rollout.max_new_tokens or UNSET_RESPONSE_TOKENS
     if not shape.is_vlm:
         return StepShape(prompts, cfg.rl.group_size, prompt_tokens or TEXT_PROMPT_TOKENS, R, 0, 0, 0, 0)
     pixels = (cfg.video.max_pixels // (PATCH * MERGE) ** 2) * (PATCH * MERGE) ** 2  # whole merge blocks
@@ -234,7 +237,7 @@ def _resident(cfg: Config, shape: ModelShape, s: StepShape, world_size: int) -> 
     }, trainable * w // shard
 
 
-def _encode(cfg: Config, shape: ModelShape, s: StepShape, uncached: bool, world_size: int) -> int:
+def _encode(cfg: Config, shape: ModelShape, s: StepShape, uncached: bool) -> int:
     """The vision tower over one chunk of frames: patchify's float copies (3 at its peak)
     plus the tower's live activations per patch, and the full embeddings being gathered."""
     if not shape.is_vlm:
@@ -347,7 +350,7 @@ def estimate(cfg: Config, shape: ModelShape, *, world_size: int | None = None, v
         resident["video_embeddings"] = 0
     gathered = (shape.params * DTYPE_BYTES[cfg.model.dtype] - resident["weights"]) if cfg.parallel.fsdp else 0
     phases = {
-        "encode": _encode(cfg, shape, s, uncached, world),
+        "encode": _encode(cfg, shape, s, uncached),
         "rollout": _rollout(cfg, shape, s, act) + gathered,
         "logprobs": _logprobs(cfg, shape, s, b, act, chunk) + gathered,
         "update": _update(cfg, shape, s, b, act, chunk, mode) + grads + gathered,
