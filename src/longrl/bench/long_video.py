@@ -254,7 +254,8 @@ def measure_recipe(a, row: str, frames: int) -> dict:
     metrics = grpo_step(policy, backend, task, cfg, state)
     out = meter.stop()
     out["video_tokens_kept_frac"] = policy.step_metrics().get("video/tokens_kept_frac")
-    out["loss_finite"] = bool(torch.isfinite(torch.tensor(metrics.get("loss/policy", 0.0))))
+    out["updated"] = "loss/policy" in metrics  # the step made an update (KL keeps it from being skipped)
+    out["loss_finite"] = out["updated"] and bool(torch.isfinite(torch.tensor(metrics["loss/policy"])))
     out["rank"] = dist.rank()
     return out
 
