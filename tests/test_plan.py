@@ -79,6 +79,9 @@ def test_layer_saved_and_modes_order():
     peaks = {m: plan.estimate(replace(cfg, train=replace(cfg.train, backprop=m)), shape, prompt_tokens=8000)["phases"]["update"]
              for m in plan.MODES}
     assert peaks["standard"] > peaks["chunked"] > peaks["checkpoint"] > peaks["streambp"]
+    full = plan.estimate(replace(cfg, train=replace(cfg.train, backprop="standard")), shape, prompt_tokens=8000)
+    assert full["within_phases"]["update_logits"] == 64 * 8048 * shape.vocab * 4 * 3  # [b, T, V] logits, log-softmax, grad
+    assert sum(v for k, v in full["within_phases"].items() if k.startswith("update")) == full["phases"]["update"]
     grouped = replace(cfg, train=replace(cfg.train, pass_tokens=4 * 8048))  # 4 of the 64 rows of 8048 positions
     est = plan.estimate(grouped, shape, prompt_tokens=8000)
     assert est["tokens"]["seq_len"] == 8048 and est["tokens"]["micro_batch"] == 64

@@ -359,10 +359,22 @@ def estimate(cfg: Config, shape: ModelShape, *, world_size: int | None = None, v
         for k in ("rollout", "logprobs", "update"):
             phases[k] += phases["encode"]
     peak_phase = max(phases, key=phases.get)
+    sp = cfg.parallel.sp_size
+    logits = b * (s.seq if mode == "standard" else min(chunk, s.seq)) * shape.vocab * 4 * 3
+    kv_rows = -(-s.rows // sp)
+    update = phases["update"] - (phases["encode"] if uncached else 0)
+    within = {  # the named pieces inside the phases above
+        "rollout_kv_cache": _kv(shape, s.seq, act) * (kv_rows + min(s.prompts, kv_rows)),
+        "update_gradients": grads,
+        "update_logits": logits,
+        "update_activations": update - grads - gathered - logits,
+        "fsdp_gathered_weights": gathered,
+    }
     return {
         "tokens": dataclasses.asdict(s) | {"rows": s.rows, "seq_len": s.seq, "micro_batch": b},
         "resident": resident,
         "phases": phases,
+        "within_phases": within,
         "peak_phase": peak_phase,
         "peak_bytes": sum(resident.values()) + phases[peak_phase],
         "settings": {"world_size": world, "sp_size": cfg.parallel.sp_size, "backprop": mode,
@@ -444,6 +456,8 @@ def format_table(est: dict) -> str:
     lines += [f"  {k:<26}{_gib(v)}" for k, v in est["resident"].items()]
     lines.append("phase transients (the largest one counts):")
     lines += [f"  {k:<26}{_gib(v)}{'  <- peak' if k == est['peak_phase'] else ''}" for k, v in est["phases"].items()]
+    lines.append("of which:")
+    lines += [f"  {k:<26}{_gib(v)}" for k, v in est["within_phases"].items()]
     lines.append(f"{'estimated peak per rank':<28}{_gib(est['peak_bytes'])}")
     return "\n".join(lines)
 
