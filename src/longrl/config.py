@@ -171,9 +171,9 @@ class RewardConfig:
     `<answer>...</answer>` block), 'boxed' (the last `\\boxed{...}`, nested braces kept),
     'last_number' (the last number written), 'math_verify' (math_verify's own extraction from
     the whole response) or 'auto': the tags when the response holds an answer tag, else a
-    `\\boxed{}` answer (never a guessed number; models taught the tags, like the tiny default,
-    score exactly as with 'tags'). For instruct models that do not write tags (ask for the form
-    in model.system_prompt). Every answer verifier and a task's own scorer use it; the format
+    `\\boxed{}` answer, never a guessed number (the tiny default, taught the tags, scores as with
+    'tags': identical on the default run's checkpoints). For instruct models that do not write
+    tags pick the form and ask for it in model.system_prompt. Every answer verifier and a task's own scorer use it; the format
     reward always reads the tags; 'code' and 'judge' read the `<answer>` block."""
     correctness_weight: float = 1.0
     """Weight of the correctness reward."""
