@@ -347,11 +347,12 @@ class TrainConfig:
     activation memory independent of sequence length; for long sequences)."""
     stream_chunk: int = 256
     """Sequence chunk (tokens) for chunked log-probs and the StreamBP layer backward."""
-    pass_tokens: int = 1024
+    pass_tokens: int = 512
     """Most positions (rows x padded length) one forward holds at a time: a text micro-batch
     of more runs in groups of similar-length rows, each cut to its own width (log-prob passes;
     with backprop=chunked also the training pass, exact, its activations bounded by this;
-    `streambp.logprobs.row_groups_backward`). 0: the whole micro-batch in one forward."""
+    `streambp.logprobs.row_groups_backward`); a longer row runs alone. 512 keeps a CPU's
+    matmuls at full speed; raise it on a GPU. 0: the whole micro-batch in one forward."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
     weight_decay: float = 0.0
