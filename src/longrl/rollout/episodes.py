@@ -318,15 +318,21 @@ def _append_observation(ep: Episode, obs: str | None, env: Environment, limits: 
     if obs is None:
         ep.finish_reason = "stop"
         return False
-    ids = tokenizer(obs, add_special_tokens=False)["input_ids"]
-    room = limits.total_tokens - len(ep.response_ids) - 1  # keep room for one model token
-    if len(ids) > room:
-        ids = ids[: max(0, room)]
+    ids, cut = observation_ids(obs, len(ep.response_ids), limits, tokenizer)
+    if cut:
         ep.finish_reason = "length"
     ep.response_ids += ids
     ep.logprobs += [0.0] * len(ids)
     ep.loss_mask += [0] * len(ids)
     return ep.finish_reason is None
+
+
+def observation_ids(obs: str, response_len: int, limits: TurnLimits, tokenizer) -> tuple[list[int], bool]:
+    """A tool result tokenised once, cut to the total budget (keeping room for one model
+    token): (ids, whether it was cut, which ends the episode)."""
+    ids = tokenizer(obs, add_special_tokens=False)["input_ids"]
+    room = limits.total_tokens - response_len - 1
+    return ids[: max(0, room)], len(ids) > room
 
 
 def _end(ep: Episode, limits: TurnLimits, reason: str) -> None:
@@ -411,10 +417,7 @@ class AprilEpisodes:
         obs = self.env.step(ep["env"], ep["turn_texts"][-1])
         if obs is None:
             return False
-        ids = self.tokenizer(obs, add_special_tokens=False)["input_ids"]
-        room = self.limits.total_tokens - len(sample.response_ids) - 1  # keep room for one model token
-        cut = len(ids) > room
-        ids = ids[: max(0, room)]
+        ids, cut = observation_ids(obs, len(sample.response_ids), self.limits, self.tokenizer)
         sample.response_ids += ids
         sample.logprobs += [0.0] * len(ids)
         sample.versions += [sample.versions[-1]] * len(ids)  # no policy sampled them; the turn's version keeps staleness honest
