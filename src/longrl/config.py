@@ -238,7 +238,8 @@ class RolloutConfig:
     backend: str = "hf"
     """Generation engine: 'hf' (built-in batched KV-cache loop; text and video), 'continuous'
     (built-in continuous batching, the engine APRIL uses; text) or 'vllm' (the `vllm` extra:
-    colocated vLLM engine, weights synced after every step; text). With rollout.partial=true,
+    colocated vLLM engine, weights synced after every step; text, and video as cached embeddings
+    where vLLM's Qwen2.5-VL imports: see rollout/vllm.py). With rollout.partial=true,
     'hf' means 'continuous'."""
     max_new_tokens: int = 0
     """Longest response in tokens; longer ones are truncated (and counted). 0 (the default):
@@ -546,8 +547,8 @@ class Config:
             raise UserError(f"rollout.temperature={self.rollout.temperature} must be >= 0")
         if self.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
             raise UserError("rollout.backend=vllm needs vLLM: pip install -e \".[vllm]\" (see README), or use rollout.backend=hf")
-        if self.rollout.backend != "hf" and self.task.name == "videos":
-            raise UserError(f"rollout.backend={self.rollout.backend}: video rollouts run on rollout.backend=hf only")
+        if self.task.name == "videos":
+            _check_video_backend(self)
         _check_video(self.video)
         if self.video.train_vision and self.video.embed_cache_dir:
             raise UserError("video.embed_cache_dir needs a frozen vision tower; set video.train_vision=false or video.embed_cache_dir=''")
@@ -599,6 +600,22 @@ def _check_video(v: VideoConfig) -> None:
     if v.train_vision and v.token_reduction != "none":
         raise UserError("video.token_reduction needs a frozen vision tower (the kept tokens would change every step); "
                         "set video.train_vision=false or video.token_reduction=none")
+
+
+def _check_video_backend(cfg: "Config") -> None:
+    """Video rollouts: the batched native backend, or vLLM fed MR-SP's cached embeddings
+    (rollout/vllm.py; not the continuous engine, APRIL, SP or token reduction)."""
+    r = cfg.rollout
+    if r.backend == "continuous":
+        raise UserError("rollout.backend=continuous: video rollouts run on rollout.backend=hf (batched) or "
+                        "rollout.backend=vllm; the continuous engine takes token-only prompts")
+    if r.backend != "vllm":
+        return
+    for bad, fix in [(r.partial, "rollout.partial=false"), (cfg.parallel.sp_size > 1, "parallel.sp_size=1"),
+                     (cfg.video.token_reduction != "none", "video.token_reduction=none")]:
+        if bad:
+            raise UserError(f"rollout.backend=vllm for video takes whole, unsharded videos without APRIL: set {fix} "
+                            "(or rollout.backend=hf)")
 
 
 def _check_fsdp(p: ParallelConfig, task_name: str, backend: str) -> None:

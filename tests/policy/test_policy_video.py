@@ -313,3 +313,33 @@ def test_video_dpo_step_gradient_equals_a_pixels_in_reference(data_dir, monkeypa
         # before Qwen2's float32 RMSNorm backward in the shared-prompt path (~5e-8, see above)
         err = float((grads[name] - want[name]).abs().max()) / max(float(want[name].abs().max()), 1e-6)
         assert err < 1e-7, (name, err)
+
+
+def test_under_vllm_numbering_rollouts_and_passes_agree_and_requests_pass_the_engine_check(data_dir):
+    """rollout.backend=vllm makes the video policy number positions as vLLM does
+    (models/vlm_rope.py): the native sampler's log-probs still equal the teacher-forced
+    passes', and every request is one the vLLM backend would send (engine_prompt's check)."""
+    from longrl.models import vlm_rope
+    from longrl.recipes.grpo import rollout
+    from longrl.rollout.hf import HFBackend
+    from longrl.rollout.vllm import engine_prompt
+    from longrl.streambp.logprobs import make_batch
+
+    cfg = load_config(None, [*TINY, f"task.train_file={data_dir}/train.jsonl"])
+    cfg.rollout.backend = "vllm"  # set after validation: vLLM itself is not needed for the passes
+    task = load_task(cfg)
+    torch.manual_seed(0)
+    model, tok = load_video_policy(cfg.model, torch.device("cpu"))
+    model = model.double()
+    policy = VideoPolicy(model, tok, task, cfg)
+    assert vlm_rope.numbering(model) == "vllm"
+    examples = task.train[:2]
+    for req in policy.requests(examples, 2):
+        payload = engine_prompt(req, model.config)  # raises unless the positions are vLLM's
+        assert payload["multi_modal_data"]["video"]["video_embeds"].shape[0] == req.media.video.n_tokens
+    backend = HFBackend(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    roll = rollout(policy, backend, examples, task, cfg, torch.Generator().manual_seed(0), version=0)
+    batch = make_batch(roll.prompt_ids, roll.response_ids, tok.pad_token_id)
+    lp = policy.logprobs(batch, roll.examples, temperature=1.0)
+    for i, b in enumerate(roll.behaviour_logprobs):
+        torch.testing.assert_close(lp[i][batch.mask[i] > 0], torch.tensor(b, dtype=torch.float64), atol=1e-9, rtol=0)

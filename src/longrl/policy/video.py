@@ -72,6 +72,10 @@ class VideoPolicy:
         self.streambp = cfg.train.backprop == "streambp"
         self.reduction = (cfg.video.token_reduction, cfg.video.drop_threshold)
         self.encode_chunk = cfg.video.encode_chunk
+        if cfg.rollout.backend == "vllm":  # every pass numbers positions as the engine does
+            from longrl.models import vlm_rope
+
+            vlm_rope.set_numbering(model, "vllm")
         # Frozen tower: embeddings are constants, cached for the whole run (and on disk).
         self.cache = None if self.train_vision else EmbeddingCache(cfg.video.embed_cache_dir or None,
                                                                    max_items=len(task.clips) + 1)

