@@ -37,12 +37,13 @@ from longrl.rewards.verifiers import answer_scorer
 from _worker_sp_recipes import _compare, _err, _params, _record_grads, forked_rank, write_records  # noqa: E402
 
 N_PROMPTS, G = 4, 3
-VIDEOS = {"v0": 6, "v1": 4, "v2": 2}  # frames: 3, 2 and 1 temporal patches
+VIDEOS = {"v0": 6, "v1": 4, "v2": 2, "v3": 5}  # frames: 3, 2, 1 temporal patches, and an odd count (padded)
 PROMPT_VIDEO = ("v0", "v1", "v2", "v0")  # the last prompt asks another question of v0
 REF: dict = {}  # filled by the parent before forking; the ranks inherit it
 OVERRIDES = ["model.tiny.hidden_size=32", "model.tiny.num_layers=2", "model.tiny.num_heads=4",
              "model.tiny.num_kv_heads=2", "model.tiny.intermediate_size=48", "video.max_frames=8",
-             "video.max_pixels=3136", "train.stream_chunk=5", "run.progress=false"]
+             "video.max_pixels=3136", "train.stream_chunk=5", "run.progress=false",
+             "video.encode_chunk=2"]  # under SP each rank patchifies and encodes its frames 2 at a time
 
 
 def _task(root: Path):

@@ -106,3 +106,27 @@ def mrsp_encode_video(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor
         return visual(chunk.reshape(-1, chunk.shape[-1]).to(visual.dtype), grid_thw=grid).pooler_output
 
     return mrsp_encode(per_t, encode, group)
+
+
+def mrsp_encode_frames(model, frames: torch.Tensor, second_per_grid: float, group=None, chunk_frames: int = 0):
+    """A Qwen2.5-VL model's video from its uint8 frames [F, H, W, 3] -> `VideoEmbeds` of the
+    whole video on every rank of `group`.
+
+    Each rank patchifies and encodes only its own run of temporal steps, `chunk_frames`
+    frames at a time (`models.vlm.encode_frames`), so neither the float pixel values nor the
+    tower's activations of the whole video exist on any rank (`mrsp_encode_video` takes the
+    whole clip's pixel values on every rank: ~4 bytes x 3 channels per pixel of every
+    frame). An odd frame count is padded with the last frame, as `patchify` pads it, so the
+    result equals `encode_frames` on one rank (tests/parallel/test_parallel_sp_video.py)."""
+    from longrl.models.vlm import PATCH, TEMPORAL_PATCH, VideoEmbeds, encode_frames
+
+    if pad := -frames.shape[0] % TEMPORAL_PATCH:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])  # [F', H, W, 3]
+
+    def encode(part):  # this rank's frames -> [N_r, D]
+        return encode_frames(model, part, second_per_grid, chunk_frames).embeds
+
+    embeds = mrsp_encode(frames, encode, group, unit=TEMPORAL_PATCH)  # [Nv, D]
+    F, H, W = frames.shape[:3]
+    grid = torch.tensor([F // TEMPORAL_PATCH, H // PATCH, W // PATCH], device=embeds.device)
+    return VideoEmbeds(embeds, grid, second_per_grid)

@@ -115,22 +115,18 @@ class VideoPolicy:
     def _encode(self, model, path: str, grad: bool):
         """The vision tower over one clip. Under SP, MR-SP stage 1: this rank encodes its run
         of temporal patches and every rank of the group gets all embeddings (collective:
-        the ranks of a group encode the same videos in the same order). On one rank the
+        the ranks of a group encode the same videos in the same order). Either way the
         tower runs `video.encode_chunk` frames at a time. Then video.token_reduction."""
-        from longrl.models.vlm import VideoEmbeds, encode_frames, patchify, reduce_video
-        from longrl.parallel.mrsp_encode import mrsp_encode_video
+        from longrl.models.vlm import encode_frames, reduce_video
+        from longrl.parallel.mrsp_encode import mrsp_encode_frames
 
         clip = self.task.clips[path]
         lay = dist.layout()
         with torch.set_grad_enabled(grad):
             if lay.sp_size == 1:
                 video = encode_frames(model, clip.frames, clip.second_per_grid, self.encode_chunk)
-            else:
-                device = next(model.parameters()).device
-                pv, grid = patchify(clip.frames)
-                pv, grid = pv.to(device=device, dtype=next(model.model.visual.parameters()).dtype), grid.to(device)
-                embeds = mrsp_encode_video(model.model.visual, pv, grid, lay.sp_group)  # [Nv, D]
-                video = VideoEmbeds(embeds, grid.view(3), clip.second_per_grid)
+            else:  # each rank patchifies and encodes only its own frames, in chunks
+                video = mrsp_encode_frames(model, clip.frames, clip.second_per_grid, lay.sp_group, self.encode_chunk)
             return reduce_video(video, *self.reduction)
 
     def _cached(self, key: str, compute):
