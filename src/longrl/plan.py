@@ -243,14 +243,13 @@ def _encode(cfg: Config, shape: ModelShape, s: StepShape, uncached: bool) -> int
     if not shape.is_vlm:
         return 0
     sp = cfg.parallel.sp_size
-    # Under SP every rank patchifies the whole clip (policy.video: MR-SP slices the pixel
-    # values), then runs the tower on its own run of temporal patches; on one rank
-    # `encode_frames` patchifies and encodes video.encode_chunk frames at a time.
-    whole = uncached or sp > 1 or cfg.video.encode_chunk == 0
-    frames = s.frames if whole else min(s.frames, cfg.video.encode_chunk)
+    # Each rank patchifies and encodes only its own run of temporal patches (under SP, MR-SP
+    # stage 1: parallel.mrsp_encode.mrsp_encode_frames), video.encode_chunk frames at a time.
+    local = -(-s.frames // sp)
+    frames = s.frames if uncached else (local if cfg.video.encode_chunk == 0 else min(local, cfg.video.encode_chunk))
     patches = -(-frames // TEMPORAL) * s.frame_pixels // PATCH**2  # per temporal patch: H*W/14^2
     pixel = 3 * PATCH * PATCH * TEMPORAL * 4  # float32 values per patch
-    tower = 4 * (4 * shape.vision_hidden + shape.vision_intermediate) // sp
+    tower = 4 * (4 * shape.vision_hidden + shape.vision_intermediate)
     embeds_full = s.video_tokens_full * shape.hidden * 4 * (2 if sp > 1 else 1)  # gathered (+ the shards)
     if uncached:  # patchified once, then G copies of the pixels through the tower (bench.video_cache)
         G = s.group
