@@ -13,6 +13,11 @@ Where this departs from a plain "LoRA run":
   `DisabledAdapter`: no second copy of the model), is the post-SFT policy, as without LoRA.
   Multi-round DPO (`rl.dpo_rounds`) merges once per round in the same way. With
   `model.lora.sft=false` SFT trains every weight and only RL trains adapters.
+- Video-language models (Qwen2.5-VL): adapters on the language model only; the vision
+  tower and its merger stay frozen and unadapted (`_vision_prefix`), so the cached video
+  embeddings are the same with the adapter on and off (the reference's too), and
+  merging leaves the tower's weights, and with them the embedding cache's key, as they
+  were. A trainable tower with LoRA is refused (`config._check_lora_and_precision`).
 - Rollouts: the native engines share the trainer's model, so they sample with the adapter
   active, which is the merged policy up to rounding; vLLM, which loads plain weights, gets
   the merged ones at every sync (`merged_state_dict`; vLLM's own LoRA serving is not used).
@@ -26,6 +31,7 @@ Where this departs from a plain "LoRA run":
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from pathlib import Path
 
@@ -40,6 +46,7 @@ BASE_FILE = "lora_base.safetensors"
 """The unmerged base weights, in a checkpoint whose base is not step_0's weights."""
 _HANDLE = "_longrl_peft"  # attribute of the trained model holding its PeftModel (not a submodule)
 _MOVED = "_longrl_base_moved"  # attribute: the base is not step_0's weights (a DPO round merged)
+_FROZEN = "_longrl_frozen"  # attribute: names of the parameters that were frozen before the adapter came
 _BASE = ".base_layer"  # peft's infix for a wrapped layer's own parameters
 
 
@@ -65,8 +72,11 @@ def apply_lora(model, cfg, base_moved: bool = False) -> torch.nn.Module:
     # A causal-LM adapter where the model generates through transformers (so peft's own
     # loaders can rebuild it); a plain one for models that do not (the GLA model).
     task = "CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None
+    tower = _vision_prefix(model)
+    exclude = None if tower is None else rf"(.*\.)?{re.escape(tower)}(\..*)?"  # regex: the tower and all below it
     config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                             bias="none", task_type=task)
+                             exclude_modules=exclude, bias="none", task_type=task)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # restored by merge_adapter
     try:
         with warnings.catch_warnings():  # peft asks transformers a deprecated question (is_gradient_checkpointing)
             warnings.simplefilter("ignore", FutureWarning)
@@ -79,7 +89,15 @@ def apply_lora(model, cfg, base_moved: bool = False) -> torch.nn.Module:
     if (dtype := precision.compute_dtype(model)) is not None:  # mixed precision: the new layers too
         precision.set_compute_dtype(model, precision.dtype_name(dtype))
     model.__dict__[_MOVED] = base_moved
+    model.__dict__[_FROZEN] = frozen
     return model
+
+
+def _vision_prefix(model) -> str | None:
+    """The module path of a video-language model's vision tower (Qwen2.5-VL: 'model.visual';
+    its merger is inside it), or None for a text model."""
+    inner = getattr(model, "model", None)
+    return "model.visual" if isinstance(getattr(inner, "visual", None), torch.nn.Module) else None
 
 
 def base_moved(model) -> bool:
@@ -103,13 +121,16 @@ def new_adapter(model, cfg, base_moved: bool) -> torch.nn.Module:
 
 def merge_adapter(model) -> torch.nn.Module:
     """Fold the adapter into the base weights in place and remove it: a plain model again,
-    every weight trainable (as text models load; peft froze them)."""
+    its weights trainable as they were before `apply_lora` (peft froze them all; e.g. a
+    video model's frozen tower stays frozen)."""
     if has_lora(model):
         merged = _peft(model).merge_and_unload()
         if merged is not model:
             raise RuntimeError("peft did not merge the adapter in place")
         del model.__dict__[_HANDLE]
-        model.requires_grad_(True)
+        frozen = model.__dict__.pop(_FROZEN, set())
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
     return model
 
 
@@ -209,7 +230,8 @@ def restore_lora(model, ckpt: Path, base_dir: Path) -> None:
         raise UserError(f"checkpoint {ckpt} has no LoRA adapter or base weights ({adapter_file.name} under {ADAPTER_DIR}/, "
                         f"{BASE_FILE} or {base_dir}/*.safetensors); it was not written by a model.lora run: resume "
                         f"it with model.lora.r=0, or start a new run")
-    plain = {k.replace(f"{_BASE}.", "."): k for k in model.state_dict()}  # HF name -> name in the adapted model
+    plain = {k.replace(f"{_BASE}.", "."): k for k in model.state_dict()}  # plain name -> name in the adapted model
+    plain.update({disk: plain[k] for disk, k in _saved_names(model).items() if disk not in plain})
     params = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():
         for f in files:
@@ -222,6 +244,21 @@ def restore_lora(model, ckpt: Path, base_dir: Path) -> None:
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"{adapter_file}: adapter weights {result.unexpected_keys[:3]} do not fit model.lora; "
                         f"resume with the run's own model.lora settings")
+
+
+def _saved_names(model) -> dict[str, str]:
+    """Name in a `save_pretrained` file -> plain name, where they differ: transformers 5
+    renames some models' weights on save (Qwen2.5-VL: `model.language_model.*` is written
+    as `model.*`, `model.visual.*` as `visual.*`) and back on load. The names are read off
+    transformers' own reverse mapping, which `save_pretrained` applies, matched by tensor."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without renaming on save
+        return {}
+    state = base_state_dict(model)
+    by_id = {id(v): k for k, v in state.items()}
+    return {disk: by_id[id(v)] for disk, v in revert_weight_conversion(model, state).items()
+            if id(v) in by_id and by_id[id(v)] != disk}
 
 
 def trainable_parameters(model) -> int:
