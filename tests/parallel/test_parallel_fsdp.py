@@ -236,7 +236,6 @@ def test_fsdp_without_torchrun_is_one_clear_error(tmp_path, capsys, monkeypatch)
 @pytest.mark.parametrize("overrides,message", [
     (["parallel.fsdp=true", "parallel.zero_optimizer=true"], "drop parallel.zero_optimizer=true"),
     (["parallel.fsdp_offload=true"], "add parallel.fsdp=true"),
-    (["parallel.fsdp=true", "task.name=videos"], "not wired into the video policy"),
 ])
 def test_refused_combinations(tmp_path, capsys, overrides, message):
     assert main(["train", f"run.out_dir={tmp_path}", "run.name=x", *overrides]) == 2

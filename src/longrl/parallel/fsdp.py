@@ -32,9 +32,16 @@ saved is the optimizer state and master weights (1/P each), and everything at re
 (checkpoints, `parallel.fsdp_offload`, which keeps the shards and the optimizer in host
 memory). `bench/fsdp.py` measures both figures.
 
+Video-language models (Qwen2.5-VL, `policy/video.py`): the language model's decoder layers
+are the units; the vision tower is sharded with the root (its weights, frozen or trainable,
+are 1/P per rank at rest and gathered with the rest for the step, so the once-per-step
+encode and the cached embeddings run on full weights with no collective; a trainable
+tower's gradients are reduce-scattered with the others). Code reading a sharded model's
+weights must not call `state_dict()` on it or on a submodule between steps: FSDP2's
+state-dict hooks reshard it (`models.vlm.vision_tag` reads `named_parameters()`).
+
 Not supported (refused by `config.Config.validate`): ZeRO-1 on top (FSDP2 already shards the
-optimizer) and the video policy (its vision tower and cached embeddings are not wired into
-the sharded model yet). The vLLM backend takes the gathered weights (`replica(clone=False)`)
+optimizer). The vLLM backend takes the gathered weights (`replica(clone=False)`)
 at its start and at every sync, so each rank's engine holds one whole copy.
 """
 
@@ -98,7 +105,7 @@ def shard_model(model: nn.Module, offload: bool = False, mp_policy=None) -> nn.M
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    for layer in _decoder_layers(model):
+    for layer in _decoder_layers(model):  # a video model's language model's layers; its tower goes with the root
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
