@@ -123,9 +123,10 @@ def test_longrl_side_reports_phases_flops_and_memory():
     the training pass is timed and its FLOPs counted."""
     result = grpo_step.run(["--side", "longrl", "--reward", "parity", *SMALL])
     phases = result["phases"]
-    for name in ("rollout/generate", "rollout/prefill", "rollout/decode", "logprobs/old", "train/pass",
+    for name in ("rollout/generate", "rollout/prefill", "rollout/decode", "train/pass",
                  "train/body_forward", "train/head_backward", "train/optimizer"):
         assert phases[name]["calls"] >= 1 and phases[name]["seconds"] >= 0, name
+    assert "logprobs/old" not in phases and "logprobs/body_forward" not in phases  # on-policy: no old pass
     assert phases["rollout/decode"]["calls"] <= 3  # 4 new tokens: one prefill, at most 3 decode steps
     tp = result["training_pass"]
     assert tp["shape"] == {"D": 32, "L": 1, "H": 2, "K": 1, "hd": 16, "I": 64, "V": tp["shape"]["V"]}

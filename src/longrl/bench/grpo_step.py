@@ -21,11 +21,11 @@ model), one AdamW step. Both sides get:
 
 What differs is the implementation: longrl's own KV-cache engine and chunked log-probs
 (StreamBP) vs TRL's `model.generate` and full-logit forward. TRL's own default of gradient
-checkpointing is kept (`--trl-gradient-checkpointing off` turns it off). longrl computes the
-old log-probs with one no-grad forward (to measure the engine/trainer gap); its training pass
-(train.backprop=chunked, in row groups of train.pass_tokens positions) reuses them instead of
-its own no-grad pass. TRL skips that forward when the step is exactly on-policy, as it is
-here. With the tiny default (vocabulary ~100, sequences ~60 tokens) logits are small, so the
+checkpointing is kept (`--trl-gradient-checkpointing off` turns it off). The step is exactly
+on-policy (one epoch, one optimizer step), so neither side runs a separate old log-prob
+forward: both take old = the update pass's own log-probs, detached (longrl:
+`grpo.on_policy_update`; its row groups of train.pass_tokens positions each take their share
+of the loss's gradient right after their forward, `streambp.logprobs.row_separable`). With the tiny default (vocabulary ~100, sequences ~60 tokens) logits are small, so the
 memory saving barely shows; give `model.path=DIR` (or raise `model.tiny.*`) to see it.
 
 `--reward parity` (the fraction of even code points in the response) replaces the task's

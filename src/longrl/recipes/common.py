@@ -144,3 +144,20 @@ def on_positions(rows: list[list], mask: torch.Tensor, fill) -> torch.Tensor:
         pos = (mask[i] != 0).nonzero().squeeze(-1)
         out[i, pos] = torch.tensor(vals, dtype=dtype, device=mask.device)
     return out
+
+
+def reward_plateau(rewards: list[float], window: int, delta: float) -> str | None:
+    """rl.stop_when_flat: has the training reward stopped rising? `rewards` holds reward/mean of
+    every RL step so far. Decided only at the end of a `window`-step window, from the second
+    on: each window's score is the mean of its last `window // 2` steps (its first half still
+    climbs from the previous window's level), and the run stops when the newest score is not
+    at least `delta` above the best earlier one. Returns the one-line reason, or None."""
+    n, half = len(rewards), max(1, window // 2)
+    if n < 2 * window or n % window:
+        return None
+    scores = [sum(rewards[end - half:end]) / half for end in range(window, n + 1, window)]
+    best = max(scores[:-1])
+    if scores[-1] >= best + delta:
+        return None
+    return (f"training reward flat: {scores[-1]:.3f} over steps {n - half + 1}-{n}, best earlier window "
+            f"{best:.3f} (needs +{delta:g})")
