@@ -46,9 +46,12 @@ def with_environment(task: TaskData, cfg, tokenizer) -> TaskData:
     from longrl.rollout.episodes import ToolEnvironment, pick_format
     from longrl.tools import make_tools
 
-    corpus = cfg.tools.search_corpus or task.corpus
+    corpus = cfg.tools.search_corpus or getattr(task, "corpus", None)
+    sampling = getattr(task, "sampling", None)  # a video task's frames: video_frames' segments share their size
+    if sampling is not None:
+        sampling = replace(sampling, fps=cfg.tools.video_fps, max_frames=cfg.tools.video_max_frames)
     tools = make_tools(cfg.tools.enabled, corpus=corpus, top_k=cfg.tools.search_top_k,
-                       python_timeout_s=cfg.tools.python_timeout)
+                       python_timeout_s=cfg.tools.python_timeout, video_sampling=sampling)
     fmt = pick_format(cfg.tools.format, tokenizer)
     env = ToolEnvironment(tools, fmt, tokenizer, timeout_s=cfg.tools.timeout, max_chars=cfg.tools.max_result_chars)
     if getattr(tokenizer, "chat_template", None) and cfg.model.system_prompt == "auto":

@@ -33,6 +33,15 @@ cut and ends it too; a tool call at the last allowed turn ends it (`agent/turn_l
 
 With no tools (`NoTools`, every single-turn task) `run_episodes` makes exactly the one
 `generate` call the single-turn rollout made, so those runs are unchanged bit for bit.
+
+Media in observations (the `video_frames` tool): a tool result may add media to the
+conversation (`Observation.media`: segment specs, each standing behind a run of
+`Observation.media_token` ids in the result's tokens). The episode records each one with
+its offset in the response (`Episode.media`); a later turn's request is the first
+request's media continued over the whole context (`media.continued(context_ids, media)`,
+e.g. `policy.video.VideoPrompt`), so the next turn sees the new video tokens; and the
+row's example carries them for the training passes (`episode_example`). A result cut by
+the total budget drops any media it could not hold whole.
 """
 
 from __future__ import annotations
@@ -58,6 +67,16 @@ class Environment(Protocol):
         """The observation text for a turn that called a tool (appended to the context), or
         None when the turn is final (an answer, or no call)."""
         ...
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A tool result that adds media: its text (with one run of `media_token` per medium,
+    in order) and the media (specs a policy can encode, e.g. `media.segments`)."""
+
+    text: str
+    media: tuple[str, ...] = ()
+    media_token: int = -1
 
 
 class NoTools:
@@ -97,7 +116,7 @@ class HermesFormat:
     """Qwen2.5 / Hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; the
     result comes back as the chat template's tool turn, `<tool_response>` inside a user
     message, and the assistant's next turn is opened. Our tools take one string: the first
-    string argument is it."""
+    string argument is it (the arguments' JSON when none is a string)."""
 
     name = "hermes"
     call_open, call_close, result_open, result_close = "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"
@@ -116,8 +135,11 @@ class HermesFormat:
         args = call.get("arguments", {})
         if isinstance(args, str):
             return call["name"], args
-        first = next((v for v in args.values() if isinstance(v, str)), "") if isinstance(args, dict) else ""
-        return call["name"], first
+        if not isinstance(args, dict):
+            return call["name"], ""
+        first = next((v for v in args.values() if isinstance(v, str)), None)
+        # No string argument (video_frames' start and end seconds): the tool reads the JSON.
+        return call["name"], json.dumps(args) if first is None and args else (first or "")
 
     def observation(self, text: str) -> str:
         return (f"<|im_end|>\n<|im_start|>user\n{self.result_open}\n{text}\n{self.result_close}<|im_end|>\n"
@@ -185,11 +207,16 @@ class ToolEnvironment:
     def __init__(self, tools: dict, fmt, tokenizer, *, timeout_s: float = 10.0, max_chars: int = 2000):
         self.tools, self.fmt, self.timeout_s, self.max_chars = tools, fmt, timeout_s, max_chars
         self.stop_ids = (_single_id(tokenizer, fmt.call_close),)
+        # A tool whose results hold media names the token that stands for them (`tools.video_frames`).
+        self.media_tokens = {n: _single_id(tokenizer, t.media_token) for n, t in tools.items() if hasattr(t, "media_token")}
 
     def reset(self, example) -> dict:
-        return {"calls": {}, "errors": 0, "truncated_results": 0, "well_formed": []}
+        state = {"calls": {}, "errors": 0, "truncated_results": 0, "well_formed": []}
+        if self.media_tokens:  # the tools that read the episode's video need its path
+            state["media"] = list(example.media)
+        return state
 
-    def step(self, state: dict, turn_text: str) -> str | None:
+    def step(self, state: dict, turn_text: str) -> str | Observation | None:
         from longrl.tools import call_tool
 
         if not turn_text.rstrip().endswith(self.fmt.call_close):
@@ -207,9 +234,13 @@ class ToolEnvironment:
             return self.fmt.observation(f"error: unknown tool {name[:40]!r}; tools: {', '.join(self.tools)}")
         state["well_formed"].append(1)
         state["calls"][name] = state["calls"].get(name, 0) + 1
+        if name in self.media_tokens:  # it reads the episode's own media
+            tool = tool.with_media(state["media"])
         out = call_tool(tool, args, timeout_s=self.timeout_s, max_chars=self.max_chars)
         state["errors"] += int(out.error)
         state["truncated_results"] += int(out.truncated)
+        if out.media:
+            return Observation(self.fmt.observation(out.text), tuple(out.media), self.media_tokens[name])
         return self.fmt.observation(out.text)
 
 
@@ -233,14 +264,37 @@ class Episode:
     turn_limit: bool = False
     turn_texts: list[str] = field(default_factory=list)
     """Each model turn decoded (the rewards read these, never the tool results)."""
+    prompt_media: object | None = None
+    """The first request's media (None: token-only); later turns continue it."""
+    media: list[tuple[str, int]] = field(default_factory=list)
+    """Media the observations added: (spec, offset of its first token in the response)."""
 
     def context(self) -> list[int]:
         return self.prompt_ids + self.response_ids
 
+    def next_request(self) -> RolloutRequest:
+        """The request of the episode's next turn: its whole context, and the first request's
+        media continued over it (every medium so far spliced in)."""
+        if self.prompt_media is None:
+            return RolloutRequest(self.context(), 1)
+        if not hasattr(self.prompt_media, "continued"):
+            raise ValueError(f"{type(self.prompt_media).__name__} requests cannot continue a multi-turn episode")
+        return RolloutRequest(self.context(), 1, self.prompt_media.continued(self.context(), list(self.media)))
+
     def record(self) -> dict:
         """The fields the rewards and metrics read, in the shape of an APRIL sample's episode."""
         return {"env": self.state, "turns": self.turns, "turn_texts": self.turn_texts,
-                "truncated_turn": self.truncated_turn, "turn_limit": self.turn_limit}
+                "truncated_turn": self.truncated_turn, "turn_limit": self.turn_limit, "media": list(self.media)}
+
+
+def episode_example(example, media: list[tuple[str, int]]):
+    """The example a row of the training passes answers: `example` with the media its
+    episode's observations added appended to `media` (their response offsets in
+    `meta["media_offsets"]`); `example` itself when there are none."""
+    if not media:
+        return example
+    return replace(example, media=[*example.media, *(m for m, _ in media)],
+                   meta={**example.meta, "media_offsets": [at for _, at in media]})
 
 
 @dataclass(frozen=True)
@@ -263,13 +317,14 @@ def run_episodes(backend, requests: list[RolloutRequest], env: Environment, exam
     """Episodes of `requests` (n each, in order; `examples[k]` is request k's). The first
     turn is the single-turn `generate` call exactly; later turns continue each live episode
     from its token ids."""
-    eps = [Episode(list(r.prompt_ids), env.reset(ex)) for r, ex in zip(requests, examples) for _ in range(r.n)]
+    eps = [Episode(list(r.prompt_ids), env.reset(ex), prompt_media=r.media) for r, ex in zip(requests, examples)
+           for _ in range(r.n)]
     live = list(range(len(eps)))
     first = True
     while live:
         budget = {i: limits.budget(len(eps[i].response_ids)) for i in live}
         turn = replace(sampling, max_new_tokens=max(budget.values()), stop_ids=tuple(env.stop_ids))
-        reqs = requests if first else [RolloutRequest(eps[i].context(), 1) for i in live]
+        reqs = requests if first else [eps[i].next_request() for i in live]
         gens = backend.generate(reqs, turn, generator)
         first = False
         calling = []
@@ -301,7 +356,7 @@ def run_episodes(backend, requests: list[RolloutRequest], env: Environment, exam
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _observe(env: Environment, eps: list[Episode], pool: ThreadPoolExecutor | None) -> list[str | None]:
+def _observe(env: Environment, eps: list[Episode], pool: ThreadPoolExecutor | None) -> list[str | Observation | None]:
     """The tools of one turn, concurrently (each call has its own timeout, so a turn waits
     at most about one timeout however many calls hang)."""
     global _POOL
@@ -313,26 +368,48 @@ def _observe(env: Environment, eps: list[Episode], pool: ThreadPoolExecutor | No
     return list(pool.map(lambda ep: env.step(ep.state, ep.turn_texts[-1]), eps))
 
 
-def _append_observation(ep: Episode, obs: str | None, env: Environment, limits: TurnLimits, tokenizer) -> bool:
-    """Append a tool result (tokenised once); True when the episode goes on to another turn."""
+def _append_observation(ep: Episode, obs: str | Observation | None, env: Environment, limits: TurnLimits,
+                        tokenizer) -> bool:
+    """Append a tool result (tokenised once) and record its media; True when the episode
+    goes on to another turn."""
     if obs is None:
         ep.finish_reason = "stop"
         return False
     ids, cut = observation_ids(obs, len(ep.response_ids), limits, tokenizer)
     if cut:
         ep.finish_reason = "length"
+    if isinstance(obs, Observation) and obs.media:
+        ids, placed = place_media(ids, obs, cut)
+        ep.media += [(m, len(ep.response_ids) + at) for m, at in placed]
     ep.response_ids += ids
     ep.logprobs += [0.0] * len(ids)
     ep.loss_mask += [0] * len(ids)
     return ep.finish_reason is None
 
 
-def observation_ids(obs: str, response_len: int, limits: TurnLimits, tokenizer) -> tuple[list[int], bool]:
+def observation_ids(obs: str | Observation, response_len: int, limits: TurnLimits, tokenizer) -> tuple[list[int], bool]:
     """A tool result tokenised once, cut to the total budget (keeping room for one model
     token): (ids, whether it was cut, which ends the episode)."""
-    ids = tokenizer(obs, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(obs.text if isinstance(obs, Observation) else obs, add_special_tokens=False)["input_ids"]
     room = limits.total_tokens - response_len - 1
     return ids[: max(0, room)], len(ids) > room
+
+
+def place_media(ids: list[int], obs: Observation, cut: bool) -> tuple[list[int], list[tuple[str, int]]]:
+    """Where each medium of `obs` sits in its result's `ids`: the k-th run of
+    `obs.media_token` is the k-th medium. A result cut by the budget keeps only the media it
+    holds whole, and is cut again before a medium it holds in part (whose tokens would
+    stand for nothing). -> (ids, [(spec, offset in ids)])"""
+    runs = [i for i, t in enumerate(ids) if t == obs.media_token and (i == 0 or ids[i - 1] != obs.media_token)]
+    ends = [next((j for j in range(i, len(ids)) if ids[j] != obs.media_token), len(ids)) for i in runs]
+    placed = []
+    for spec, start, end in zip(obs.media, runs, ends):
+        if cut and end == len(ids):  # the budget ran out inside this medium
+            return ids[:start], placed
+        placed.append((spec, start))
+    if len(placed) < len(obs.media) and not cut:
+        raise ValueError(f"a tool result names {len(obs.media)} media but holds {len(placed)} runs of token {obs.media_token}")
+    return ids, placed
 
 
 def _end(ep: Episode, limits: TurnLimits, reason: str) -> None:
@@ -417,6 +494,8 @@ class AprilEpisodes:
         obs = self.env.step(ep["env"], ep["turn_texts"][-1])
         if obs is None:
             return False
+        if isinstance(obs, Observation) and obs.media:  # APRIL's engine takes token-only requests
+            raise ValueError("a tool result with media (video_frames) needs rollout.partial=false")
         ids, cut = observation_ids(obs, len(sample.response_ids), self.limits, self.tokenizer)
         sample.response_ids += ids
         sample.logprobs += [0.0] * len(ids)

@@ -4,8 +4,10 @@ Token-only requests run through `rollout/engine.generate` (every row of the call
 batch); requests that carry a video's cached embeddings (`RolloutRequest.media`, a
 `policy.video.VideoPrompt`) run through `models/vlm.sample_prompts`, which prefills each
 prompt once and decodes its n samples from copies of that cache. Requests with the same
-n are decoded together. The backend shares the trainer's parameters, so a weight sync is
-only a new version number.
+n are decoded together. A multi-turn video episode's later turns are requests whose media
+holds several videos (`models.vlm_segments.VideoSequence`); a turn ends at EOS or a stop
+id. The backend shares the trainer's parameters, so a weight sync is only a new version
+number.
 """
 
 from __future__ import annotations
@@ -39,8 +41,6 @@ class HFBackend:
         if any(with_media) and not all(with_media):
             raise ValueError("one generate() call takes token-only requests or requests with embeddings, not both")
         if all(with_media):
-            if sampling.stop_ids:
-                raise ValueError("stop ids (multi-turn episodes) are not supported on video requests yet")
             return self._generate_media(requests, sampling, generator)
         prompts = [r.prompt_ids for r in requests for _ in range(r.n)]  # a request's samples contiguous
         return generate(self.model, prompts, max_new_tokens=sampling.max_new_tokens, eos_id=self.eos_id,
@@ -58,8 +58,9 @@ class HFBackend:
             resp, lp = sample_prompts(self.model, [requests[k].media.video for k in ks],
                                       [requests[k].prompt_ids for k in ks], [requests[k].media.positions for k in ks],
                                       n, sampling.max_new_tokens, self.eos_id, sampling.temperature, generator,
-                                      top_p=sampling.top_p)
+                                      top_p=sampling.top_p, stop_ids=sampling.stop_ids)
+            ends = {self.eos_id, *sampling.stop_ids}
             for t, k in enumerate(ks):
-                out[k] = [Generation(r, l, "stop" if r and r[-1] == self.eos_id else "length")
+                out[k] = [Generation(r, l, "stop" if r and r[-1] in ends else "length")
                           for r, l in zip(resp[t * n : (t + 1) * n], lp[t * n : (t + 1) * n])]
         return [g for k in range(len(requests)) for g in out[k]]

@@ -13,16 +13,22 @@ every way a tool can fail into a result the model sees and a counter the trainer
 - it returns 10 MB     -> the first `max_chars` characters + " ...[truncated]" (truncated)
 - it returns a non-str -> "error: tool returned <type>, not text"  (error)
 
-Tools here: `search` (BM25 over a local JSONL corpus, `tools/search.py`) and `python`
-(the sandboxed runner of `rewards/sandbox.py`, `tools/python.py`). The `video_frames` tool of
-the issue is not built: multi-turn episodes run on token-only prompts (see episodes.py).
+A tool may also return a `ToolOutput` with `media`: its text then holds one run of the
+tool's `media_token` per medium (`video_frames`' video tokens) and is not cut to
+`max_chars` (the tool bounds it itself). A tool that reads the episode's own media (its
+video) has `with_media(media) -> Tool`, which the environment calls per episode.
+
+Tools here: `search` (BM25 over a local JSONL corpus, `tools/search.py`), `python` (the
+sandboxed runner of `rewards/sandbox.py`, `tools/python.py`) and `video_frames` (a segment of
+the episode's video at a higher frame rate, `tools/video_frames.py`).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Protocol
+
+from longrl.tools.output import ToolOutput
 
 
 class Tool(Protocol):
@@ -30,14 +36,6 @@ class Tool(Protocol):
     description: str
 
     def __call__(self, args: str) -> str: ...
-
-
-@dataclass
-class ToolOutput:
-    text: str
-    """What the model is shown (a result, or an error message)."""
-    error: bool = False
-    truncated: bool = False
 
 
 TRUNCATION_MARK = " ...[truncated]"
@@ -62,6 +60,8 @@ def call_tool(tool: Tool, args: str, *, timeout_s: float, max_chars: int) -> Too
         e = box["exc"]
         return ToolOutput(f"error: {type(e).__name__}: {str(e)[:200]}", error=True)
     out = box.get("out")
+    if isinstance(out, ToolOutput) and out.media:  # text + media marks, bounded by the tool itself
+        return out
     if not isinstance(out, str):
         return ToolOutput(f"error: tool returned {type(out).__name__}, not text", error=True)
     if len(out) > max_chars:
@@ -69,9 +69,11 @@ def call_tool(tool: Tool, args: str, *, timeout_s: float, max_chars: int) -> Too
     return ToolOutput(out)
 
 
-def make_tools(names: list[str], *, corpus=None, top_k: int = 1, python_timeout_s: float = 5.0) -> dict[str, Tool]:
+def make_tools(names: list[str], *, corpus=None, top_k: int = 1, python_timeout_s: float = 5.0,
+               video_sampling=None) -> dict[str, Tool]:
     """The tools `tools.enabled` names: {name: tool}. `corpus`: the search tool's documents
-    (a list of strings) or a JSONL path."""
+    (a list of strings) or a JSONL path; `video_sampling`: the `media.frames.FrameSampling`
+    of `video_frames`' segments (tools.video_fps, tools.video_max_frames, the task's pixels)."""
     from longrl.errors import UserError
 
     out: dict[str, Tool] = {}
@@ -87,12 +89,18 @@ def make_tools(names: list[str], *, corpus=None, top_k: int = 1, python_timeout_
             from longrl.tools.python import PythonTool
 
             out[name] = PythonTool(timeout_s=python_timeout_s)
+        elif name == "video_frames":
+            from longrl.tools.video_frames import VideoFramesTool
+
+            if video_sampling is None:
+                raise UserError("tools.enabled has 'video_frames' but the task has no videos (task.name=videos)")
+            out[name] = VideoFramesTool(video_sampling)
         elif ":" in name:  # your own tool: "path/to/file.py:Class" or "package.module:Class"
             tool = load_object(name)()
             out[tool.name] = tool
         else:
-            raise UserError(f"tools.enabled: unknown tool {name!r}; the tools are 'search', 'python' and your own as "
-                            "'file.py:Class' or 'module:Class' ('video_frames' is not built yet)")
+            raise UserError(f"tools.enabled: unknown tool {name!r}; the tools are 'search', 'python', 'video_frames' "
+                            "and your own as 'file.py:Class' or 'module:Class'")
     return out
 
 
