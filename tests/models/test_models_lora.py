@@ -159,10 +159,8 @@ def test_lora_settings_are_checked_when_the_config_loads():
                       (["model.lora.r=-1"], "r=-1"), (["model.lora.r=4", "model.lora.dropout=1.5"], "dropout")]:
         with pytest.raises(UserError, match=what):
             load_config(None, bad)
-    cfg = load_config(None, ["model.lora.r=4"])
-    cfg.parallel.fsdp = True  # FSDP2 (parallel.fsdp) with LoRA is refused for now
-    with pytest.raises(UserError, match="parallel.fsdp"):
-        cfg.validate()
+    cfg = load_config(None, ["model.lora.r=4", "parallel.fsdp=true"])  # with FSDP2: tests/parallel/test_parallel_fsdp_lora.py
+    assert cfg.model.lora.r == 4 and cfg.parallel.fsdp
 
 
 def test_gla_models_take_adapters_too():

@@ -18,6 +18,13 @@ Where this departs from a plain "LoRA run":
   embeddings are the same with the adapter on and off (the reference's too), and
   merging leaves the tower's weights, and with them the embedding cache's key, as they
   were. A trainable tower with LoRA is refused (`config._check_lora_and_precision`).
+- FSDP2 (`parallel.fsdp`): the adapter is injected before `fully_shard`, and the module tree
+  is then fully_shard's, so a phase change cannot merge and unload. Under FSDP2 `new_adapter`
+  folds W += s*B@A into the base shards and redraws the adapter in place (B = 0; A from one
+  seed on every rank), and `merge_adapter` (full fine-tuning) folds, freezes the adapter at
+  B = 0 (it adds exactly nothing) and unfreezes the base. Weights are read without
+  `state_dict()` (`_state`): FSDP2's state-dict hooks would reshard the model. A resumed
+  FSDP2 run takes base and adapter from the DCP shards, not from the files here.
 - Rollouts: the native engines share the trainer's model, so they sample with the adapter
   active, which is the merged policy up to rounding; vLLM, which loads plain weights, gets
   the merged ones at every sync (`merged_state_dict`; vLLM's own LoRA serving is not used).
@@ -115,6 +122,10 @@ def new_adapter(model, cfg, base_moved: bool) -> torch.nn.Module:
     """End a LoRA phase: merge the adapter into the base weights (in place) and start a
     fresh one. The model object stays the same, so engines holding it see the new weights.
     `base_moved`: False when the next checkpoint is step_0 (which then holds this base)."""
+    if _sharded(model):  # FSDP2: the module tree stays; the fold and the fresh adapter go into the shards
+        _fold_sharded(model, train_base=False)
+        model.__dict__[_MOVED] = base_moved
+        return model
     merge_adapter(model)
     return apply_lora(model, cfg, base_moved)
 
@@ -122,8 +133,14 @@ def new_adapter(model, cfg, base_moved: bool) -> torch.nn.Module:
 def merge_adapter(model) -> torch.nn.Module:
     """Fold the adapter into the base weights in place and remove it: a plain model again,
     its weights trainable as they were before `apply_lora` (peft froze them all; e.g. a
-    video model's frozen tower stays frozen)."""
-    if has_lora(model):
+    video model's frozen tower stays frozen).
+
+    Under FSDP2 (`parallel.fsdp`) the adapter layers stay in the tree (fully_shard owns
+    them): the update is folded into the base shards, B set to zero (the adapter then adds
+    exactly nothing) and frozen, the base trainable again; `new_adapter` turns it back on."""
+    if has_lora(model) and _sharded(model):
+        _fold_sharded(model, train_base=True)
+    elif has_lora(model):
         merged = _peft(model).merge_and_unload()
         if merged is not model:
             raise RuntimeError("peft did not merge the adapter in place")
@@ -132,6 +149,43 @@ def merge_adapter(model) -> torch.nn.Module:
         for name, p in model.named_parameters():
             p.requires_grad_(name not in frozen)
     return model
+
+
+def _sharded(model) -> bool:
+    from longrl.parallel import fsdp
+
+    return fsdp.is_sharded(model)
+
+
+def _fold_sharded(model, train_base: bool) -> None:
+    """`merge_adapter` + `apply_lora` for an FSDP2 model, in place and collective: W += s*B@A
+    written into each rank's rows of the base shards, then a fresh adapter (A redrawn as
+    peft draws it, kaiming-uniform, from one seed broadcast by rank 0 so every rank draws the
+    same; B = 0); trainable: the adapters, or with `train_base` every weight that was
+    trainable before `apply_lora` while the adapters stay frozen at B = 0."""
+    import math
+
+    from longrl.parallel import dist, fsdp
+
+    shards = fsdp.sharded_parameters(model)
+    seed = dist.broadcast_object(int(torch.randint(0, 2**62, ())) if dist.is_main() else None)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, layer in sorted(_lora_layers(model).items()):
+            for adapter in sorted(layer.lora_A):
+                delta = layer.get_delta_weight(adapter)  # [out, in] from the gathered A and B
+                fsdp.write_rows(shards[f"{name}{_BASE}.weight"], delta, add=True)
+                a_key, b_key = f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight"
+                fresh = torch.empty(shards[a_key].shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)  # as peft's reset_lora_parameters
+                fsdp.write_rows(shards[a_key], fresh)
+                fsdp.write_rows(shards[b_key], torch.zeros(shards[b_key].shape))
+    fsdp.reshard_and_gather(model)
+    frozen = model.__dict__.get(_FROZEN, set())
+    if train_base:
+        fsdp.set_trainable(model, lambda n: "lora_" not in n and n.replace(f"{_BASE}.", ".") not in frozen)
+    else:
+        fsdp.set_trainable(model, lambda n: "lora_" in n)
 
 
 @contextlib.contextmanager
@@ -169,10 +223,26 @@ def _lora_layers(model) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def _state(model) -> dict:
+    """`model.state_dict()`'s tensors by name (parameters, tied ones under each name, and
+    persistent buffers), read without its hooks: FSDP2's would reshard a sharded model and
+    hand back DTensor shards; here a gathered model gives its full tensors."""
+    out = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for k, p in module._parameters.items():
+            if p is not None:
+                out[dot + k] = p.detach()
+        for k, b in module._buffers.items():
+            if b is not None and k not in module._non_persistent_buffers_set:
+                out[dot + k] = b
+    return out
+
+
 def base_state_dict(model) -> dict:
     """The base model's weights under their plain Hugging Face names (adapter left out)."""
     out = {}
-    for key, value in model.state_dict().items():
+    for key, value in _state(model).items():
         if any(part.startswith("lora_") for part in key.split(".")):
             continue  # the adapter's own weights (lora_A, lora_B, ...)
         out[key.replace(f"{_BASE}.", ".")] = value
@@ -198,7 +268,8 @@ def save_lora(model, out_dir: Path) -> None:
     from safetensors.torch import save_file
 
     adapter_dir = Path(out_dir) / ADAPTER_DIR
-    _peft(model).save_pretrained(str(adapter_dir), safe_serialization=True)
+    peft_state = {f"base_model.model.{k}": v for k, v in _state(model).items()}  # the PeftModel's names
+    _peft(model).save_pretrained(str(adapter_dir), safe_serialization=True, state_dict=peft_state)
     (adapter_dir / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
     if base_moved(model):
         base = {k: v.detach().contiguous() for k, v in base_state_dict(model).items()}
@@ -224,6 +295,9 @@ def restore_lora(model, ckpt: Path, base_dir: Path) -> None:
     from safetensors.torch import load_file
 
     ckpt = Path(ckpt)
+    if _sharded(model):  # FSDP2: base and adapter come with the DCP shards (checkpoint.load_sharded_state), exactly
+        model.__dict__[_MOVED] = (ckpt / BASE_FILE).is_file()
+        return
     files = [ckpt / BASE_FILE] if (ckpt / BASE_FILE).is_file() else sorted(Path(base_dir).glob("*.safetensors"))
     adapter_file = ckpt / ADAPTER_DIR / "adapter_model.safetensors"
     if not files or not adapter_file.is_file():

@@ -40,6 +40,12 @@ tower's gradients are reduce-scattered with the others). Code reading a sharded 
 weights must not call `state_dict()` on it or on a submodule between steps: FSDP2's
 state-dict hooks reshard it (`models.vlm.vision_tag` reads `named_parameters()`).
 
+LoRA (`model.lora.r`): peft injects the adapter before sharding, so the adapter weights are
+sharded with their layers (frozen base weights too; AdamW holds only the adapter's shards);
+the KL/DPO reference is the disabled adapter, as without FSDP. A phase change (SFT -> RL, a
+DPO round) folds the update into the base shards in place (`models.lora`, `write_rows`,
+`reshard_and_gather`, `set_trainable`).
+
 Not supported (refused by `config.Config.validate`): ZeRO-1 on top (FSDP2 already shards the
 optimizer). The vLLM backend takes the gathered weights (`replica(clone=False)`)
 at its start and at every sync, so each rank's engine holds one whole copy.
@@ -231,6 +237,45 @@ def grad_norm_and_clip(model: nn.Module, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+def sharded_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The sharded (DTensor) parameters by name: what the optimizer steps and DCP saves."""
+    return dict(getattr(model, _ATTR).sharded)
+
+
+def write_rows(shard, full: torch.Tensor, add: bool = False) -> None:
+    """Set (or `add` to) this rank's rows of the sharded parameter `shard` from the full
+    tensor `full` (the same on every rank): fully_shard gives rank r rows r*ceil(n/P) on
+    (torch.chunk on dim 0), the last ranks fewer or none. No collective; `reshard_and_gather`
+    afterwards makes the gathered weights follow."""
+    local = shard.to_local()
+    if local.shape[0] == 0:
+        return
+    rows = -(-full.shape[0] // shard.device_mesh.size())
+    start = shard.device_mesh.get_local_rank() * rows
+    part = full[start:start + local.shape[0]].to(device=local.device, dtype=local.dtype)
+    with torch.no_grad():
+        local.add_(part) if add else local.copy_(part)
+
+
+def reshard_and_gather(model: nn.Module) -> None:
+    """Drop the gathered weights and all-gather them afresh from the shards (collective):
+    after the shards were written (`write_rows`)."""
+    state = getattr(model, _ATTR)
+    for m in state.modules:
+        m.reshard()
+    gather(model)
+
+
+def set_trainable(model: nn.Module, trainable) -> None:
+    """`requires_grad` of each parameter, sharded and gathered alike, to `trainable(name)`
+    (the optimizer reads the shards' flag, autograd the gathered tensors')."""
+    state = getattr(model, _ATTR)
+    for name, p in state.sharded.items():
+        p.requires_grad_(trainable(name))
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable(name))
+
+
 def full_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of a gathered model, full, by name (no collective; shares
     storage with the model until the next reshard)."""
@@ -245,8 +290,12 @@ def replica(model: nn.Module, clone: bool = True) -> nn.Module:
     once). A plain model gives `copy.deepcopy(model)` / itself."""
     import copy
 
+    from longrl.models.lora import has_lora
+
     if not is_sharded(model):
         return copy.deepcopy(model) if clone else model
+    if has_lora(model) and not clone:  # saved through models.lora (merged weights, adapter), which
+        return model  # reads the gathered tensors without state_dict()'s resharding hooks
     gather(model)
     base = next(c for c in type(model).__mro__ if c.__module__.split(".")[0] != "torch" and
                 not c.__name__.startswith("FSDP"))
