@@ -111,6 +111,7 @@ def _rl_records(run):
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in recs if r["phase"] == "rl"]
 
 
+@pytest.mark.slow
 def test_torchrun_fsdp_lora_dpo_rounds_resume_exactly(tmp_path):
     from safetensors.torch import load_file
 

@@ -188,6 +188,7 @@ def _crash_after_step_2(full, crashed):
     return crashed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["rl.kl_coef=0.05"],
                                    ["rl.algorithm=dpo", "rl.dpo_beta=0.5", "rl.dpo_rounds=2"]],
                          ids=["grpo_kl", "dpo_rounds"])
