@@ -111,6 +111,8 @@ def test_train_stops_when_flat_reports_it_and_stays_stopped_on_resume(tmp_path, 
     assert (run / "checkpoints" / "step_60").is_dir()
     assert main(["train", f"resume={run}", "run.progress=false"]) == 0  # a stopped run stays stopped
     assert json.loads((run / "summary.json").read_text())["rl_steps"] == 60
+    assert main(["train", f"resume={run}", "run.progress=false", "rl.stop_when_flat=false", "rl.steps=70"]) == 0
+    assert json.loads((run / "summary.json").read_text())["rl_steps"] == 70  # unless told to go on
 
 
 def test_stop_when_flat_off_runs_every_step(tmp_path, monkeypatch):
