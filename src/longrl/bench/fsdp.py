@@ -23,6 +23,20 @@ and checks that each sharding variant's weights after the two steps match plain 
 gives, per P, the busiest rank's figures and `ratio_to_plain` of each. On a CPU-only
 machine CPU offload moves nothing (host and device memory are the same), so its figures
 equal FSDP2's; on a GPU it moves the shards and the optimizer step to host memory.
+
+    longrl bench fsdp --largest --cap-gib 6 [--hidden 1024] [--vocab 32000]
+
+The largest model that trains one GRPO step with 2 processes under a memory cap, plain data
+parallelism vs FSDP2 vs FSDP2 + offload: the model's depth (decoder layers at the given
+width) is searched, each trial in 2 freshly forked processes running the recipe's own
+`grpo_step` (rollouts on the native engine, old log-probs, one PPO epoch, the gradient
+reduce, `clip_and_step`) on the addition task with a tokenizer padded to the vocabulary
+and rewards from a hash of each response (so groups differ and the step updates). A trial
+fits when both ranks finish, the step made an update, and the two processes' peak RSS
+(ru_maxrss, torch's own pages counted in each) sum to at most the cap; a watchdog thread
+in each rank ends the trial as soon as its resident memory passes cap / 2, so a search
+never takes the machine past the cap by more than one allocation. The result: each
+variant's largest depth and parameter count, and `params_ratio_to_plain`.
 """
 from __future__ import annotations
 
@@ -44,6 +58,11 @@ KINDS = ("plain", "zero", "fsdp", "fsdp_offload", "lora")
 def _parse(args):
     p = argparse.ArgumentParser(prog="longrl bench fsdp", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print only the JSON result")
+    p.add_argument("--largest", action="store_true",
+                   help="search the largest model one GRPO step fits with 2 processes under --cap-gib")
+    p.add_argument("--cap-gib", type=float, default=6.0, help="--largest: the 2 processes' summed peak RSS cap")
+    p.add_argument("--max-layers", type=int, default=64, help="--largest: the deepest model tried")
+    p.add_argument("--new-tokens", type=int, default=16, help="--largest: rollout tokens per sample")
     p.add_argument("--procs", default="1,2,4", help="comma-separated process counts")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=1024)
@@ -125,6 +144,8 @@ def _rank(rank, world, opt, kind, out_dir):
 
 def run(argv: list[str]) -> dict:
     opt = _parse(argv)
+    if opt.largest:
+        return largest(opt)
     procs = [int(p) for p in opt.procs.split(",")]
     n_params = sum(p.numel() for p in _meta_model(opt).parameters())
     result = {"model": {"arch": "qwen2", "layers": opt.layers, "hidden": opt.hidden, "vocab": opt.vocab,
@@ -149,6 +170,173 @@ def run(argv: list[str]) -> dict:
     result["goal"] = {"fsdp_state_ratio_P2_at_most": 0.55, "fsdp_state_ratio_P4_at_most": 0.30,
                       "lora_optimizer_ratio_below": 0.02}
     return result
+
+
+# ----------------------------------------------------------------------------------------
+# --largest: the deepest model one GRPO step fits under a memory cap, per variant
+# ----------------------------------------------------------------------------------------
+
+LARGEST_KINDS = ("plain", "fsdp", "fsdp_offload")
+LARGEST_PROCS = 2
+_SETUP: dict = {}  # the tokenizer and task, built once in the parent; the forked ranks inherit them
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _watchdog(limit: int, flag: Path) -> None:
+    """A daemon thread that ends this process (exit 3, after writing `flag`) once its
+    resident memory passes `limit` bytes: a trial over the cap stops there."""
+    import os
+    import threading
+
+    def watch():
+        while True:
+            if _rss() > limit:
+                flag.write_text(str(_rss()))
+                os._exit(3)
+            time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _grpo_config(opt, world: int):
+    from dataclasses import replace
+
+    from longrl.config import Config
+
+    cfg = Config()
+    cfg.task = replace(cfg.task, name="addition", n_train=16, n_eval=1)
+    cfg.rl = replace(cfg.rl, group_size=4, prompts_per_step=world, micro_batch_size=4, ppo_epochs=1, kl_coef=0.0,
+                     lr=1e-5, warmup_steps=0)
+    cfg.rollout = replace(cfg.rollout, max_new_tokens=opt.new_tokens)
+    cfg.run.progress = False
+    return cfg
+
+
+def _hash_reward(text: str, example) -> float:
+    """Rewards that differ within a group of random responses (the step then updates)."""
+    import zlib
+
+    return (zlib.crc32(text.encode()) % 5) / 4
+
+
+def _setup(opt) -> None:
+    """The tokenizer (the tiny one padded with plain tokens to `--vocab`, so sampled ids
+    decode to distinct texts) and the task with `_hash_reward`; once, before forking."""
+    from dataclasses import replace
+
+    from longrl.models.tiny import build_tiny_tokenizer
+    from longrl.recipes.tasks import load_task
+
+    base = len(build_tiny_tokenizer())
+    tokenizer = build_tiny_tokenizer(tuple(f"<t{i}>" for i in range(max(0, opt.vocab - base))))
+    task = load_task(_grpo_config(opt, LARGEST_PROCS).task)
+    _SETUP.update(tokenizer=tokenizer, task=replace(task, score=_hash_reward))
+
+
+def _grpo_rank(rank, world, opt, kind, layers, cap_bytes, out_dir):
+    from transformers import Qwen2ForCausalLM
+
+    from longrl.parallel import dist, fsdp
+    from longrl.policy.text import TextPolicy
+    from longrl.recipes.grpo import grpo_step, init_state
+    from longrl.rollout import make_backend
+
+    out = Path(out_dir)
+    _watchdog(cap_bytes // world, out / f"over_{rank}")
+    dist.setup_layout(1)
+    tokenizer, task = _SETUP["tokenizer"], _SETUP["task"]
+    cfg = _grpo_config(opt, world)
+    before = _rss()
+    torch.manual_seed(0)
+    shape = argparse.Namespace(**{**vars(opt), "layers": layers, "vocab": len(tokenizer)})
+    model = Qwen2ForCausalLM(_config(shape))
+    model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if kind.startswith("fsdp"):
+        model = fsdp.shard_model(model, offload=kind == "fsdp_offload")
+    policy, backend = TextPolicy.from_config(model, tokenizer, cfg), make_backend(cfg, model, tokenizer)
+    state = init_state(model, cfg, len(task.train), backend)
+    setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the model built (and sharded)
+    t0 = time.perf_counter()
+    metrics = grpo_step(policy, backend, task, cfg, state)
+    record = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before_model": before,
+              "peak_rss_setup": setup,
+              "updated": "grad/norm" in metrics and metrics.get("train/no_signal_steps", 0) == 0,
+              "step_seconds": time.perf_counter() - t0}
+    (out / f"trial_{rank}.json").write_text(json.dumps(record))
+
+
+def _trial(opt, kind: str, layers: int, cap_bytes: int) -> dict:
+    """One GRPO step of a `layers`-deep model in 2 fresh processes. -> the trial's record."""
+    params = sum(p.numel() for p in _meta_model(argparse.Namespace(
+        **{**vars(opt), "layers": layers, "vocab": len(_SETUP["tokenizer"])})).parameters())
+    out = {"layers": layers, "params": params}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            spawn_local(_grpo_rank, LARGEST_PROCS, opt, kind, layers, cap_bytes, tmp, start_method="fork")
+        except Exception as e:  # a rank stopped by its watchdog (exit 3) or failed
+            over = sorted(Path(tmp).glob("over_*"))
+            return {**out, "fits": False, "why": "over the cap" if over else f"failed: {type(e).__name__}"}
+        ranks = [json.loads((Path(tmp) / f"trial_{r}.json").read_text()) for r in range(LARGEST_PROCS)]
+    peak = sum(r["peak_rss"] for r in ranks)
+    out.update(peak_rss_sum=peak, rss_before_model=max(r["rss_before_model"] for r in ranks),
+               peak_rss_setup=max(r["peak_rss_setup"] for r in ranks),
+               updated=all(r["updated"] for r in ranks), step_seconds=max(r["step_seconds"] for r in ranks))
+    out["fits"] = out["updated"] and peak <= cap_bytes
+    out["why"] = "" if out["fits"] else ("no update" if not out["updated"] else "over the cap")
+    return out
+
+
+def _search(opt, kind: str, cap_bytes: int, start: int) -> dict:
+    """Largest depth in [1, --max-layers] whose trial fits: up from `start` by doubling, then
+    bisection (fitting is taken as monotone in depth)."""
+    trials, lo, hi, probe = [], 0, opt.max_layers + 1, max(1, min(start, opt.max_layers))  # lo fits, hi does not
+
+    def fits(layers: int) -> bool:
+        print(f"bench fsdp --largest: {kind} {layers} layers", file=sys.stderr)
+        trials.append(_trial(opt, kind, layers, cap_bytes))
+        return trials[-1]["fits"]
+
+    while hi - lo > 1:
+        if fits(probe):
+            lo = probe
+        else:
+            hi = probe
+        grow = hi > opt.max_layers and lo > 0  # nothing failed yet: double
+        probe = min(max(2 * lo if grow else (lo + hi) // 2, lo + 1), hi - 1)
+    best = next((t for t in reversed(trials) if t["fits"] and t["layers"] == lo), None)
+    return {"layers": lo, "params": best["params"] if best else 0,
+            "peak_rss_sum": best["peak_rss_sum"] if best else None, "trials": trials}
+
+
+def largest(opt) -> dict:
+    """The `--largest` result: per variant the deepest model that fits, and the ratios."""
+    cap = int(opt.cap_gib * 2**30)
+    _setup(opt)
+    per_layer = sum(p.numel() for p in _meta_model(argparse.Namespace(**{**vars(opt), "layers": 1})).parameters())
+    # Where to start: ~16 B/param for plain (weights, grads, AdamW's two moments), less with FSDP2.
+    guess = {"plain": 16, "fsdp": 12, "fsdp_offload": 12}
+    result = {"model": {"arch": "qwen2", "hidden": opt.hidden, "vocab": len(_SETUP["tokenizer"]),
+                        "params_one_layer_model": per_layer},
+              "procs": LARGEST_PROCS, "cap_gib": opt.cap_gib, "grpo": {"group_size": 4, "prompts": LARGEST_PROCS,
+                                                                       "new_tokens": opt.new_tokens}, "variants": {}}
+    for kind in LARGEST_KINDS:
+        budget = cap / LARGEST_PROCS - 0.6 * 2**30  # torch and the process itself, roughly
+        start = max(1, int((budget / guess[kind] - per_layer) / max(1, _layer_params(opt))) + 1)
+        result["variants"][kind] = _search(opt, kind, cap, start)
+    plain = result["variants"]["plain"]["params"]
+    for kind, v in result["variants"].items():
+        v["params_ratio_to_plain"] = round(v["params"] / plain, 4) if plain else None
+    return result
+
+
+def _layer_params(opt) -> int:
+    one = sum(p.numel() for p in _meta_model(argparse.Namespace(**{**vars(opt), "layers": 1})).parameters())
+    two = sum(p.numel() for p in _meta_model(argparse.Namespace(**{**vars(opt), "layers": 2})).parameters())
+    return two - one
 
 
 def _meta_model(opt):
