@@ -228,3 +228,62 @@ def test_the_tool_needs_no_grad_thread_and_uses_the_tasks_frame_size(data_dir):
     assert tool.sampling.fps == 4.0 and tool.sampling.max_frames == 8
     assert isinstance(task.environment, ToolEnvironment) and isinstance(task.environment.fmt, TagFormat)
     assert replace(tool.sampling, fps=1.0) != tool.sampling
+
+
+def test_longrl_train_runs_video_episodes_end_to_end(tmp_path, data_dir):
+    """`longrl train` with the tool offered: SFT, GRPO episodes and held-out episodes run and
+    log the agent metrics (an untrained model seldom calls the tool: this is the wiring)."""
+    import json
+
+    from longrl.cli import main
+
+    args = [a for a in TINY if not a.startswith(("rl.", "rollout.temperature"))]
+    assert main(["train", *args, f"task.train_file={data_dir}/train.jsonl", f"run.out_dir={tmp_path}", "run.name=a",
+                 "sft.steps=1", "sft.batch_size=2", "sft.warmup_steps=1", "rl.steps=1", "rl.prompts_per_step=2",
+                 "rl.group_size=2", "rl.kl_coef=0.05", "rl.eval_every=1", "eval.max_new_tokens=64"]) == 0
+    recs = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    step = [r for r in recs if r["phase"] == "rl" and r["step"] == 1][0]
+    assert "agent/tool_calls/video_frames" in step and "eval/tool_calls/video_frames" in step
+
+
+def test_the_example_config_offers_the_tool_on_videos():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "video_agent.yaml")
+    assert cfg.tools.enabled == ["video_frames"] and cfg.task.name == V.TASK_NAME and cfg.rollout.max_turns == 2
+    V.check_config(cfg)
+
+
+def test_a_tool_calling_demonstration_trains_on_its_segment(tmp_path):
+    """examples/video_flash.py's teacher calls video_frames and holds the result verbatim;
+    SFT's row for it splices the segment at the result's video tokens (the answer's log-prob
+    is not the one the bare pad tokens give)."""
+    import importlib.util
+    from pathlib import Path
+
+    from longrl.rollout.episodes import demonstration_example
+
+    spec = importlib.util.spec_from_file_location("video_flash", Path(__file__).resolve().parents[2] / "examples"
+                                                  / "video_flash.py")
+    flash = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flash)
+    flash.generate(tmp_path / "d", 2, 1, skip=0.0)
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "video_agent_flash.yaml",
+                      [f"task.train_file={tmp_path}/d/train.jsonl", f"task.eval_file={tmp_path}/d/eval.jsonl",
+                       "task.n_train=2", "task.n_eval=1", "model.tiny.hidden_size=32", "model.tiny.num_layers=1"])
+    task = V.load_video_task(cfg, answer_scorer("mcq"))
+    torch.manual_seed(0)
+    model, tok = load_video_policy(cfg.model, torch.device("cpu"), extra_tokens=tuple(TOOL_TOKENS))
+    policy = VideoPolicy(model.double(), tok, task, cfg)
+    ex = task.train[0]
+    resp = ids(tok, ex.solution) + [tok.eos_token_id]
+    row = demonstration_example(ex, resp, tok)
+    pad = model.config.video_token_id
+    assert row.media == [ex.media[0], *ex.meta["demo_media"]] and row.meta["media_offsets"] == [resp.index(pad)]
+    prompt = policy.encode_prompts([ex])[0]
+    batch = make_batch([prompt], [resp], tok.pad_token_id)
+    policy.start_step(0)
+    spliced, bare = (policy.logprobs(batch, [e], temperature=1.0)[0, -3] for e in (row, ex))
+    assert not torch.isclose(spliced, bare)
+    plain = replace(ex, meta={})
+    assert demonstration_example(plain, resp, tok) is plain  # no media named: the example as it is

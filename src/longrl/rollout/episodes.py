@@ -395,6 +395,19 @@ def observation_ids(obs: str | Observation, response_len: int, limits: TurnLimit
     return ids[: max(0, room)], len(ids) > room
 
 
+def demonstration_example(example, response_ids: list[int], tokenizer):
+    """The example an SFT demonstration row trains on: a demonstration that calls a media
+    tool holds the tool's result verbatim, its media named in `meta["demo_media"]` and
+    standing behind runs of `meta["demo_media_token"]` (e.g. `examples/video_flash.py`);
+    they are spliced in like an episode's (`episode_example`). Others: `example` itself."""
+    media = example.meta.get("demo_media") or []
+    if not media:
+        return example
+    token = _single_id(tokenizer, example.meta["demo_media_token"])
+    _, placed = place_media(response_ids, Observation("", tuple(media), token), cut=False)
+    return episode_example(example, placed)
+
+
 def place_media(ids: list[int], obs: Observation, cut: bool) -> tuple[list[int], list[tuple[str, int]]]:
     """Where each medium of `obs` sits in its result's `ids`: the k-th run of
     `obs.media_token` is the k-th medium. A result cut by the budget keeps only the media it
