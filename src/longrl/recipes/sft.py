@@ -53,6 +53,10 @@ def run_sft(policy: Policy, examples: list[Example], cfg: Config, device, log: C
     model, tokenizer = policy.model, policy.tokenizer
     prompts, responses = encode_demonstrations(policy, examples)
     masks = demonstration_masks(tokenizer, responses, cfg)
+    if cfg.tools.enabled:  # a demonstration that calls a media tool trains on the media it shows
+        from longrl.rollout.episodes import demonstration_example
+
+        examples = [demonstration_example(ex, r, tokenizer) for ex, r in zip(examples, responses)]
     optimizer = make_optimizer(model, phase_lr(cfg, scfg.lr, lora_sft(cfg)), cfg.train.weight_decay,
                                shard=cfg.parallel.zero_optimizer)
     scheduler = make_scheduler(optimizer, scfg.warmup_steps, scfg.steps, decay=True)
