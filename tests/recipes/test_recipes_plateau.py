@@ -1,8 +1,8 @@
 """RL length and learning rate that follow the task and the model (issue 16 item 6).
 
 rl.stop_when_flat (`recipes.common.reward_plateau`): at every 20-step window's end from step
-40, the mean training reward of the window's last 10 steps against the best earlier window's;
-less than 0.02 above it ends RL there. rl.lr=0: 5e-5 for the model built from scratch, 1e-5
+40, the mean training reward of the window's last 10 steps and the held-out accuracy there,
+each against its best earlier value; when neither is 0.02 above it, RL ends there. rl.lr=0: 5e-5 for the model built from scratch, 1e-5
 for a checkpoint. Hand-worked reward histories; `longrl train` end to end with a stand-in RL
 step (the rule reads only reward/mean), reporting, config.yaml, summary.json and resume."""
 
@@ -18,8 +18,8 @@ from longrl.recipes import train
 from longrl.recipes.common import reward_plateau
 
 
-def _flat(rewards):
-    return reward_plateau(rewards, PLATEAU_WINDOW, PLATEAU_DELTA)
+def _flat(rewards, held_out=None):
+    return reward_plateau(rewards, held_out or {}, PLATEAU_WINDOW, PLATEAU_DELTA)
 
 
 def test_the_rule_stops_only_at_a_window_end_from_the_second_window():
@@ -27,8 +27,7 @@ def test_the_rule_stops_only_at_a_window_end_from_the_second_window():
     flat = [0.5] * 40
     assert _flat(flat[:20]) is None  # one window: nothing to compare with
     assert _flat(flat[:39]) is None and _flat(flat + [0.5]) is None  # not a window's end
-    reason = _flat(flat)
-    assert reason == "training reward flat: 0.500 over steps 31-40, best earlier window 0.500 (needs +0.02)"
+    assert _flat(flat) == "training reward flat: 0.500 over steps 31-40, best earlier window 0.500 (each needs +0.02)"
 
 
 def test_a_rising_reward_runs_on():
@@ -40,7 +39,7 @@ def test_rise_then_flat_stops_at_the_first_flat_window():
     # windows' last halves: 0.4, 0.6, 0.61 (only +0.01 on the best, 0.6), 0.7
     rewards = [0.2] * 10 + [0.4] * 10 + [0.6] * 20 + [0.61] * 20 + [0.7] * 20
     assert _flat(rewards[:40]) is None  # 0.6 >= 0.4 + 0.02
-    assert _flat(rewards[:60]) == "training reward flat: 0.610 over steps 51-60, best earlier window 0.600 (needs +0.02)"
+    assert _flat(rewards[:60]).startswith("training reward flat: 0.610 over steps 51-60, best earlier window 0.600")
 
 
 def test_only_the_last_half_of_a_window_counts_and_the_best_earlier_window_is_the_bar():
@@ -51,8 +50,23 @@ def test_only_the_last_half_of_a_window_counts_and_the_best_earlier_window_is_th
     assert _flat([0.5] * 20 + [0.3] * 20 + [0.53] * 20) is None  # 0.53 >= 0.5 + 0.02
 
 
+def test_a_rising_held_out_accuracy_keeps_a_flat_reward_run_going():
+    """The default run of the previous stop: sampled rewards 0.504 / 0.494 / 0.523 over the
+    windows' last halves while greedy held-out accuracy went 0.27 (after SFT) / 0.50 / 0.72 / 0.735."""
+    rewards = [0.504] * 20 + [0.494] * 20 + [0.523] * 20
+    acc = {0: 0.27, 20: 0.50, 40: 0.72, 60: 0.735}
+    assert _flat(rewards[:40]) is not None  # the reward alone would stop at 40 ...
+    assert _flat(rewards[:40], {k: v for k, v in acc.items() if k <= 40}) is None  # ... held-out +0.22: on
+    reason = _flat(rewards, acc)  # 0.735 < 0.72 + 0.02 and 0.523 < 0.504 + 0.02: both flat
+    assert reason == ("training reward flat: 0.523 over steps 51-60, best earlier window 0.504; held-out accuracy "
+                      "0.735, best earlier 0.720 (each needs +0.02)")
+    assert _flat([0.01 * i for i in range(1, 61)], {0: 0.5, 20: 0.5, 40: 0.5, 60: 0.5}) is None  # reward rising: on
+    assert _flat(rewards[:40], {0: 0.3, 40: 0.9}) is None  # the held-out's best earlier may be the step-0 one
+
+
 @pytest.mark.parametrize("steps, stop, expected", [(120, True, 20), (120, False, 40), (60, True, 20), (12, True, 4),
-                                                   (300, True, 20), (300, False, 100)])
+                                                   (300, True, 20), (300, False, 100), (50, True, 20), (50, False, 17),
+                                                   (39, True, 13)])
 def test_eval_cadence_meets_every_point_where_the_run_may_stop(steps, stop, expected):
     cfg = Config()
     cfg.rl.steps, cfg.rl.stop_when_flat = steps, stop
@@ -83,7 +97,8 @@ TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.inte
 
 
 def _stand_in(rewards):
-    """An RL step that only reports a training reward (the rule's one input)."""
+    """An RL step that only reports a training reward (the held-out accuracy is the real one:
+    the weights do not move, so it stays flat)."""
     def step(policy, backend, task, cfg, state):
         state.step += 1
         return {"reward/mean": rewards[state.step - 1]}
@@ -98,6 +113,7 @@ def test_train_stops_when_flat_reports_it_and_stays_stopped_on_resume(tmp_path, 
     assert "longrl: rl.lr = 5e-05 for a model built from scratch" in out
     assert "longrl: rl.steps = 120 at most: from step 40, at every 20-step window's end" in out
     assert "longrl: stopped at RL step 60 of at most 120: training reward flat: 0.505 over steps 51-60" in out
+    assert "; held-out accuracy " in out  # evaluated at step 60, and flat (the weights never moved)
     run = tmp_path / "p"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rl_steps"] == 60 and summary["rl_stop"].startswith("stopped at RL step 60")
