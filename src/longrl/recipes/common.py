@@ -146,12 +146,17 @@ def on_positions(rows: list[list], mask: torch.Tensor, fill) -> torch.Tensor:
     return out
 
 
-def reward_plateau(rewards: list[float], window: int, delta: float) -> str | None:
-    """rl.stop_when_flat: has the training reward stopped rising? `rewards` holds reward/mean of
-    every RL step so far. Decided only at the end of a `window`-step window, from the second
-    on: each window's score is the mean of its last `window // 2` steps (its first half still
-    climbs from the previous window's level), and the run stops when the newest score is not
-    at least `delta` above the best earlier one. Returns the one-line reason, or None."""
+def reward_plateau(rewards: list[float], held_out: dict[int, float], window: int, delta: float) -> str | None:
+    """rl.stop_when_flat: has RL stopped improving? `rewards` holds reward/mean of every RL step
+    so far, `held_out` the held-out accuracy by RL step (0: after SFT). Decided only at the end
+    of a `window`-step window, from the second on, and only when neither signal still rises:
+    - training reward: each window's score is the mean of its last `window // 2` steps (its
+      first half still climbs from the previous window's level); rising = the newest score at
+      least `delta` above the best earlier one;
+    - held-out accuracy, when there is one at this step: rising = at least `delta` above the
+      best earlier one. Both are needed: sampled (temperature 1) rewards can stay flat while
+      greedy accuracy climbs, and 200 held-out problems move by +-0.03 on their own.
+    Returns the one-line reason to stop, or None."""
     n, half = len(rewards), max(1, window // 2)
     if n < 2 * window or n % window:
         return None
@@ -159,5 +164,10 @@ def reward_plateau(rewards: list[float], window: int, delta: float) -> str | Non
     best = max(scores[:-1])
     if scores[-1] >= best + delta:
         return None
-    return (f"training reward flat: {scores[-1]:.3f} over steps {n - half + 1}-{n}, best earlier window "
-            f"{best:.3f} (needs +{delta:g})")
+    reason = f"training reward flat: {scores[-1]:.3f} over steps {n - half + 1}-{n}, best earlier window {best:.3f}"
+    earlier = [acc for step, acc in held_out.items() if step < n]
+    if n in held_out and earlier:
+        if held_out[n] >= max(earlier) + delta:
+            return None
+        reason += f"; held-out accuracy {held_out[n]:.3f}, best earlier {max(earlier):.3f}"
+    return f"{reason} (each needs +{delta:g})"
