@@ -31,7 +31,8 @@ Video: the video policy runs `chunked` with the prompt shared by its G rows (the
 activations once, its KV cache repeated to the rows) and `streambp` on whole rows; under
 `parallel.sp_size` P, Ulysses on whole rows (T/P tokens per rank, the all-to-all's full
 sequence for H/P heads). `--video-keep` is the fraction of video tokens token reduction
-keeps (content-dependent: the planner cannot know it; measure it with the bench).
+keeps (content-dependent: the planner cannot know it; measure it with the bench); with
+token reduction on, at least `video.min_keep`.
 
 Checked against measured peaks on a CPU (peak resident growth per rank): the long-video
 bench's rows at 256 / 1,024 / 3,600 frames are within 0.85-1.06 of the estimate
@@ -202,6 +203,8 @@ def step_shape(cfg: Config, shape: ModelShape, world_size: int, video_keep: floa
     pixels = (cfg.video.max_pixels // (PATCH * MERGE) ** 2) * (PATCH * MERGE) ** 2  # whole merge blocks
     frames = cfg.video.max_frames
     full = -(-frames // TEMPORAL) * pixels // (PATCH * MERGE) ** 2
+    if cfg.video.token_reduction != "none":  # the floor keeps at least video.min_keep of the tokens
+        video_keep = max(video_keep, cfg.video.min_keep)
     kept = max(1, round(full * video_keep))
     text = prompt_tokens or VIDEO_TEXT_TOKENS
     return StepShape(prompts, cfg.rl.group_size, kept + text, R, kept, full, frames, pixels)

@@ -274,7 +274,8 @@ def test_reduction_with_a_trainable_tower_or_bad_values_is_refused(tmp_path):
     for over, msg in [(["video.token_reduction=diff", "video.train_vision=true"], "frozen vision tower"),
                       (["video.token_reduction=dif"], "did you mean 'diff'"),
                       (["video.drop_threshold=-0.1"], "cosine distance"),
-                      (["video.encode_chunk=-1"], "encode_chunk")]:
+                      (["video.encode_chunk=-1"], "encode_chunk"),
+                      (["video.min_keep=1.5"], "video.min_keep")]:
         with pytest.raises(UserError, match=msg):
             load_config(None, [*base, *over])
     assert np.isclose(VideoConfig().drop_threshold, 0.05)
