@@ -9,7 +9,8 @@ a LoRA adapter (r=4 on every linear layer, B drawn at random so every adapter we
 gradient): the parent runs them as ONE plain process (the reference), then 2 forked ranks
 run them with the adapted model wrapped by `parallel.fsdp.shard_model`. Each rank also
 runs the phase change in place under FSDP2 (`models.lora.new_adapter` / `merge_adapter`:
-the update folded into the base shards, a fresh adapter) and records what it found.
+the update folded into the base shards, a fresh adapter) and records what it found. The
+ranks reduce-scatter their gradients in buckets of 300 elements, so a step takes many.
 """
 import sys
 
@@ -88,6 +89,7 @@ def main(out_path, _):
     ctx = dist.init_from_env()
     lay = dist.setup_layout(1)
     torch.set_num_threads(1)
+    fsdp.BUCKET_ELEMENTS = 300  # gradients reduce-scattered in many small buckets (the big-model path)
     base = dict(rank=ctx.rank, world=ctx.world, dp_rank=lay.dp_rank)
     records = []
     for mode, dtype in [*sp.SFT_CASES, STREAMBP]:

@@ -4,7 +4,8 @@
   checkpoint, StreamBP, float64 and float32; one GRPO step with 2 PPO epochs, KL against
   the disabled adapter, PPO and GSPO; one online-DPO step; greedy rollouts) on an adapted
   model sharded over 2 ranks leave every adapter gradient and every parameter equal to one
-  process on the whole batch; the base gets no gradient.
+  process on the whole batch; the base gets no gradient. The gradients go through the
+  reduce-scatter in many small buckets (`fsdp.BUCKET_ELEMENTS` lowered to 300).
 - The phase change under FSDP2 (`models.lora.new_adapter` / `merge_adapter`, in place: the
   module tree is fully_shard's): the update lands in the base shards (== one process's
   merged weights), the fresh adapter is the same on every rank and adds nothing, and the

@@ -22,7 +22,7 @@ sync turned off) and everything between two optimizer steps (rollouts, old/refer
 log-probs, every micro-batch's backward) runs on full weights with no collective; the
 native engines read the same gathered tensors (no second copy). The step's gradients
 then accumulate in full on each rank, and `shard_grads` (called by
-`dist.all_reduce_gradients`) sums them with one reduce-scatter per dtype over the DP
+`dist.all_reduce_gradients`) sums them with reduce-scatters (per dtype, in 64 MiB buckets) over the DP
 group (plus an all-reduce over the SP group, whose ranks hold the gradients of different
 positions) into the shards, and reshards the model for the optimizer step.
 
@@ -160,7 +160,7 @@ def is_gathered(model: nn.Module) -> bool:
 def shard_grads(model: nn.Module, average: bool = False) -> None:
     """Sum the full gradients every rank accumulated since `gather` into the shards' .grad
     and reshard the model (collective; a no-op if already sharded). One reduce-scatter per
-    dtype over the DP group; with SP, an all-reduce of the shards over the SP group. A
+    dtype and bucket of BUCKET_ELEMENTS over the DP group; with SP, an all-reduce of the shards over the SP group. A
     parameter whose gradient is None on every rank keeps a None .grad (as in one process:
     AdamW skips it); None on some ranks counts as zeros. `average`: divide by the world."""
     state = getattr(model, _ATTR)
@@ -177,19 +177,40 @@ def shard_grads(model: nn.Module, average: bool = False) -> None:
     for n in names:
         by_dtype.setdefault(state.sharded[n].dtype, []).append(n)
     for ns in by_dtype.values():
-        _reduce_scatter(ns, full, state, average)
+        for bucket in _buckets(ns, full, dist.world(state.dp_group)):
+            _reduce_scatter(bucket, full, state, average)
     for p in full.values():
         p.grad = None
     for m in state.modules:
         m.reshard()
 
 
+BUCKET_ELEMENTS = 1 << 24
+"""Elements of one reduce-scatter buffer ([P, widths], 64 MiB in fp32; a larger tensor gets
+a buffer of its own): the step's full gradients are freed bucket by bucket as they are
+copied in, so the buffers add at most this much on top of them, not a second full copy."""
+
+
+def _buckets(names: list[str], full: dict, P: int) -> list[list[str]]:
+    """`names` in order, cut into runs whose padded [P, rows * row size] buffers stay
+    within BUCKET_ELEMENTS (a tensor larger than that alone)."""
+    out, size = [[]], 0
+    for n in names:
+        t = full[n]
+        padded = P * -(-t.shape[0] // P) * (t[0].numel() if t.dim() else 1)
+        if out[-1] and size + padded > BUCKET_ELEMENTS:
+            out.append([])
+            size = 0
+        out[-1].append(n)
+        size += padded
+    return [b for b in out if b]
+
+
 def _reduce_scatter(names: list[str], full: dict, state: _Sharding, average: bool) -> None:
-    """One flat reduce-scatter for parameters of one dtype: rank r's slice of the buffer is
-    the rows fully_shard gave rank r of every tensor (torch.chunk on dim 0: ceil(n/P)
-    rows each, the last ranks fewer or none), zero-padded to equal blocks. Each full
-    gradient is freed as soon as it is copied in, so the buffer replaces them rather than
-    adding to them."""
+    """One flat reduce-scatter for a bucket of parameters of one dtype (`_buckets`): rank
+    r's slice of the buffer is the rows fully_shard gave rank r of every tensor (torch.chunk
+    on dim 0: ceil(n/P) rows each, the last ranks fewer or none), zero-padded to equal
+    blocks. Each full gradient is freed as soon as it is copied in."""
     from torch.distributed.tensor import DTensor
 
     P = dist.world(state.dp_group)
