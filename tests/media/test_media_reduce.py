@@ -58,39 +58,46 @@ def test_bad_method_or_grid_is_refused():
 # ---- the keep floor (min_keep) --------------------------------------------------------------
 
 
-def test_spread_order_prefixes_are_evenly_spread():
-    from longrl.media.reduce import spread_order
-
-    assert spread_order(15)[:8] == [0, 8, 4, 12, 2, 10, 6, 14]
-    assert spread_order(5) == [0, 4, 2, 1, 3] and spread_order(1) == [0] and spread_order(0) == []
-    assert sorted(spread_order(37)) == list(range(37))
-
-
 def test_the_floor_puts_every_other_step_of_a_still_patch_back():
     from longrl.media.reduce import keep_at_least
 
     keep = torch.zeros(16, 1, dtype=torch.bool)
     keep[0] = True  # the threshold kept the first step only
-    out = keep_at_least(keep, 0.5)
-    assert out[:, 0].nonzero().view(-1).tolist() == [0, 1, 3, 5, 7, 9, 11, 13]  # 8 of 16, evenly spaced
+    out = keep_at_least(keep, 0.5)  # the middle of the unseen run 1..15 (8), then of 1..7 and 9..15, ...
+    assert out[:, 0].nonzero().view(-1).tolist() == [0, 2, 4, 6, 8, 10, 12, 14]
     assert torch.equal(keep_at_least(keep, 0.0), keep) and bool(keep_at_least(keep, 1.0).all())
 
 
-def test_the_floor_goes_round_robin_over_patches_and_never_drops_a_kept_token():
+def _longest_unseen(keep: torch.Tensor) -> int:
+    best = 0
+    for s in range(keep.shape[1]):
+        run = 0
+        for t in range(keep.shape[0]):
+            run = 0 if keep[t, s] else run + 1
+            best = max(best, run)
+    return best
+
+
+def test_the_floor_splits_the_longest_unseen_runs_first_and_never_drops_a_kept_token():
     from longrl.media.reduce import keep_at_least
 
     keep = torch.zeros(4, 2, dtype=torch.bool)
     keep[0] = True
-    out = keep_at_least(keep, 0.5)  # need 4 of 8: one more per patch, each patch's first choice
-    assert out.tolist() == [[True, True], [True, True], [False, False], [False, False]]
+    assert keep_at_least(keep, 0.5).tolist() == [[True, True], [False, False], [True, True], [False, False]]
     rich = torch.tensor([[True, True], [True, False], [True, False], [True, False]])  # 5 of 8 kept already
     assert torch.equal(keep_at_least(rich, 0.5), rich)
+    changing = torch.tensor([[True, True], [True, False], [True, False], [False, False], [False, False],
+                             [False, False], [False, False], [False, False]])  # patch 1 unseen for 7 steps
+    out = keep_at_least(changing, 0.5)  # 4 more: the middles of 1..7 (patch 1), 3..7 (patch 0), 1..3, 5..7
+    assert out[:, 1].tolist() == [True, False, True, False, True, False, True, False]
+    assert out[:, 0].tolist() == [True, True, True, False, False, True, False, False]
     gen = torch.Generator().manual_seed(3)
     for _ in range(20):
         k = torch.rand(9, 5, generator=gen) < 0.2
         for f in (0.1, 0.37, 0.5, 0.9):
             o = keep_at_least(k, f)
             assert bool(o[k].all()) and int(o.sum()) == max(int(k.sum()), math.ceil(f * 45 - 1e-9))
+            assert _longest_unseen(o) <= _longest_unseen(k)
 
 
 def test_reduce_video_tokens_keeps_at_least_the_floor_and_checks_it():
