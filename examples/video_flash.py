@@ -11,8 +11,8 @@ SFT demonstrations come from an imperfect teacher: on `skip` of the questions it
 at once (its favourite, red) instead of calling the tool; otherwise it calls
 `video_frames` on the window and answers right. A demonstration that calls holds the
 tool's result verbatim (its video tokens too); `meta["demo_media"]` names the segment
-behind them so that SFT trains on the segment's embeddings (`rollout.episodes.
-demonstration_media`).
+behind them so that SFT trains on the segment's embeddings
+(`rollout.episodes.demonstration_example`). Figures: BENCHMARKS.md, "A video agent".
 
     python examples/video_flash.py --out data/video_flash --n 400 --eval 200
 """
