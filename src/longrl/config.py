@@ -437,12 +437,13 @@ class VideoConfig:
     drop_threshold: float = 0.05
     """Cosine distance at or below which `token_reduction=diff` drops a token (0 drops
     only exact repeats)."""
-    min_keep: float = 0.5
-    """With token_reduction=diff: the fraction of a video's tokens that stays at least. Where
-    the threshold would drop more, dropped tokens come back spread evenly in time
-    (`media/reduce.py`): at 0.5 every still patch is seen about every other step, which kept
-    the example task's RL gain at 32 frames where the threshold alone (26% kept) lost most
-    of it. 0: the threshold alone (an hour-long still video keeps ~0.1%)."""
+    max_unseen: int = 1
+    """With token_reduction=diff: a patch is dropped for at most this many temporal steps in
+    a row; the next step keeps it whatever the threshold says (a codec's keyframe refresh,
+    `media/reduce.py`). At 1 a still patch is seen every other step, so a still video keeps
+    half its tokens: that kept the example task's RL gain at 32 frames, where the threshold
+    alone (26% kept) lost most of it. 0: no limit, the threshold alone (an hour-long still
+    video then keeps ~0.1%)."""
 
 
 @dataclass
@@ -599,8 +600,8 @@ def _check_tools(cfg: "Config") -> None:
 def _check_video(v: VideoConfig) -> None:
     """The video keys' ranges and what token reduction does not combine with."""
     _choice("video.token_reduction", v.token_reduction, ["none", "diff"])
-    if not 0.0 <= v.min_keep <= 1.0:
-        raise UserError(f"video.min_keep={v.min_keep} must be a fraction in [0, 1] (0: the threshold alone)")
+    if v.max_unseen < 0:
+        raise UserError(f"video.max_unseen={v.max_unseen} must be >= 0 (0: no limit, the threshold alone)")
     if not 0.0 <= v.drop_threshold <= 2.0:
         raise UserError(f"video.drop_threshold={v.drop_threshold} must be a cosine distance in [0, 2]")
     if v.encode_chunk < 0:

@@ -32,7 +32,7 @@ activations once, its KV cache repeated to the rows) and `streambp` on whole row
 `parallel.sp_size` P, Ulysses on whole rows (T/P tokens per rank, the all-to-all's full
 sequence for H/P heads). `--video-keep` is the fraction of video tokens token reduction
 keeps (content-dependent: the planner cannot know it; measure it with the bench); with
-token reduction on, at least `video.min_keep`.
+token reduction on, at least 1 / (1 + `video.max_unseen`) (the refresh).
 
 Checked against measured peaks on a CPU (peak resident growth per rank): the long-video
 bench's rows at 256 / 1,024 / 3,600 frames are within 0.85-1.06 of the estimate
@@ -203,8 +203,8 @@ def step_shape(cfg: Config, shape: ModelShape, world_size: int, video_keep: floa
     pixels = (cfg.video.max_pixels // (PATCH * MERGE) ** 2) * (PATCH * MERGE) ** 2  # whole merge blocks
     frames = cfg.video.max_frames
     full = -(-frames // TEMPORAL) * pixels // (PATCH * MERGE) ** 2
-    if cfg.video.token_reduction != "none":  # the floor keeps at least video.min_keep of the tokens
-        video_keep = max(video_keep, cfg.video.min_keep)
+    if cfg.video.token_reduction != "none" and cfg.video.max_unseen > 0:  # the refresh keeps at least this
+        video_keep = max(video_keep, 1.0 / (1 + cfg.video.max_unseen))
     kept = max(1, round(full * video_keep))
     text = prompt_tokens or VIDEO_TEXT_TOKENS
     return StepShape(prompts, cfg.rl.group_size, kept + text, R, kept, full, frames, pixels)

@@ -55,17 +55,7 @@ def test_bad_method_or_grid_is_refused():
     assert {"none", "diff"} <= set(METHODS)
 
 
-# ---- the keep floor (min_keep) --------------------------------------------------------------
-
-
-def test_the_floor_puts_every_other_step_of_a_still_patch_back():
-    from longrl.media.reduce import keep_at_least
-
-    keep = torch.zeros(16, 1, dtype=torch.bool)
-    keep[0] = True  # the threshold kept the first step only
-    out = keep_at_least(keep, 0.5)  # the middle of the unseen run 1..15 (8), then of 1..7 and 9..15, ...
-    assert out[:, 0].nonzero().view(-1).tolist() == [0, 2, 4, 6, 8, 10, 12, 14]
-    assert torch.equal(keep_at_least(keep, 0.0), keep) and bool(keep_at_least(keep, 1.0).all())
+# ---- the refresh (max_unseen) -------------------------------------------------------------
 
 
 def _longest_unseen(keep: torch.Tensor) -> int:
@@ -78,33 +68,37 @@ def _longest_unseen(keep: torch.Tensor) -> int:
     return best
 
 
-def test_the_floor_splits_the_longest_unseen_runs_first_and_never_drops_a_kept_token():
-    from longrl.media.reduce import keep_at_least
+def test_the_refresh_shows_a_still_patch_every_other_step():
+    from longrl.media.reduce import refresh
 
-    keep = torch.zeros(4, 2, dtype=torch.bool)
-    keep[0] = True
-    assert keep_at_least(keep, 0.5).tolist() == [[True, True], [False, False], [True, True], [False, False]]
-    rich = torch.tensor([[True, True], [True, False], [True, False], [True, False]])  # 5 of 8 kept already
-    assert torch.equal(keep_at_least(rich, 0.5), rich)
-    changing = torch.tensor([[True, True], [True, False], [True, False], [False, False], [False, False],
-                             [False, False], [False, False], [False, False]])  # patch 1 unseen for 7 steps
-    out = keep_at_least(changing, 0.5)  # 4 more: the middles of 1..7 (patch 1), 3..7 (patch 0), 1..3, 5..7
-    assert out[:, 1].tolist() == [True, False, True, False, True, False, True, False]
-    assert out[:, 0].tolist() == [True, True, True, False, False, True, False, False]
+    keep = torch.zeros(8, 1, dtype=torch.bool)
+    keep[0] = True  # the threshold kept the first step only
+    assert refresh(keep, 1)[:, 0].nonzero().view(-1).tolist() == [0, 2, 4, 6]
+    assert refresh(keep, 2)[:, 0].nonzero().view(-1).tolist() == [0, 3, 6]
+    assert torch.equal(refresh(keep, 0), keep)
+
+
+def test_the_refresh_counts_from_the_last_kept_step_and_never_drops_a_kept_token():
+    from longrl.media.reduce import refresh
+
+    keep = torch.tensor([[True, True], [False, False], [True, False], [False, False], [False, False]])
+    assert refresh(keep, 1).tolist() == [[True, True], [False, False], [True, True], [False, False],
+                                         [True, True]]  # patch 0 counts from its step-2 token
     gen = torch.Generator().manual_seed(3)
     for _ in range(20):
-        k = torch.rand(9, 5, generator=gen) < 0.2
-        for f in (0.1, 0.37, 0.5, 0.9):
-            o = keep_at_least(k, f)
-            assert bool(o[k].all()) and int(o.sum()) == max(int(k.sum()), math.ceil(f * 45 - 1e-9))
-            assert _longest_unseen(o) <= _longest_unseen(k)
+        k = torch.rand(12, 5, generator=gen) < 0.2
+        k[0] = True
+        for m in (1, 2, 3):
+            o = refresh(k, m)
+            assert bool(o[k].all()) and _longest_unseen(o) <= m
+            assert torch.equal(refresh(o, m), o)  # nothing left to add
 
 
-def test_reduce_video_tokens_keeps_at_least_the_floor_and_checks_it():
+def test_reduce_video_tokens_applies_the_refresh_and_checks_it():
     from longrl.media.reduce import reduce_video_tokens
 
     still = torch.randn(1, 4, 8).expand(8, 4, 8).reshape(32, 8)  # 8 steps of 4 identical patches
     assert int(reduce_video_tokens(still, (8, 4, 4), "diff", 0.05).sum()) == 4  # the first step only
-    assert int(reduce_video_tokens(still, (8, 4, 4), "diff", 0.05, min_keep=0.5).sum()) == 16
-    with pytest.raises(ValueError, match="min_keep"):
-        reduce_video_tokens(still, (8, 4, 4), "diff", 0.05, min_keep=1.5)
+    assert int(reduce_video_tokens(still, (8, 4, 4), "diff", 0.05, max_unseen=1).sum()) == 16  # steps 0, 2, 4, 6
+    with pytest.raises(ValueError, match="max_unseen"):
+        reduce_video_tokens(still, (8, 4, 4), "diff", 0.05, max_unseen=-1)

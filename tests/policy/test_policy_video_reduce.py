@@ -275,7 +275,7 @@ def test_reduction_with_a_trainable_tower_or_bad_values_is_refused(tmp_path):
                       (["video.token_reduction=dif"], "did you mean 'diff'"),
                       (["video.drop_threshold=-0.1"], "cosine distance"),
                       (["video.encode_chunk=-1"], "encode_chunk"),
-                      (["video.min_keep=1.5"], "video.min_keep")]:
+                      (["video.max_unseen=-1"], "video.max_unseen")]:
         with pytest.raises(UserError, match=msg):
             load_config(None, [*base, *over])
     assert np.isclose(VideoConfig().drop_threshold, 0.05)

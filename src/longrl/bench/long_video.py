@@ -13,9 +13,9 @@ backend, built with the recipe's own loaders), in a fresh process, at every fram
   rank encodes half the temporal patches, Ulysses on whole rows); per-rank figures;
 - `cached_streambp`: the recipe with `train.backprop=streambp` (whole rows, layer backward
   chunk by chunk);
-- `cached_reduced`: the recipe with `video.token_reduction=diff video.min_keep=0` (tokens
+- `cached_reduced`: the recipe with `video.token_reduction=diff video.max_unseen=0` (tokens
   that barely change from frame to frame dropped, positions kept; the threshold alone, no
-  keep floor: the most a long still video can shed); the tokens kept are recorded;
+  refresh: the most a long still video can shed); the tokens kept are recorded;
   `cached_streambp_reduced` (not in the default set): both.
 
 Frames: `--tokens-per-frame` (default 64, what the paper's 3,600 frames / 256k tokens
@@ -95,8 +95,8 @@ ROW_KEYS = {
     "cached": [],
     "cached_sp2": ["parallel.sp_size=2"],
     "cached_streambp": ["train.backprop=streambp"],
-    "cached_reduced": ["video.token_reduction=diff", "video.min_keep=0"],
-    "cached_streambp_reduced": ["train.backprop=streambp", "video.token_reduction=diff", "video.min_keep=0"],
+    "cached_reduced": ["video.token_reduction=diff", "video.max_unseen=0"],
+    "cached_streambp_reduced": ["train.backprop=streambp", "video.token_reduction=diff", "video.max_unseen=0"],
 }
 
 

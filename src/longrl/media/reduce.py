@@ -25,23 +25,22 @@ Departures from TimeChat-Online:
   step is always kept whole.
 - The unit is the merged token of one temporal step (2 frames in Qwen2.5-VL), since that is
   the smallest thing the language model sees.
-- A floor (`min_keep`, `video.min_keep`, default 0.5 in the config): when the threshold
-  would leave fewer than that fraction of a video's tokens, dropped tokens come back until
-  exactly ceil(min_keep * Nv) stay, each the middle of the longest stretch of steps some
-  patch goes unseen (`keep_at_least`). Why: on the tiny example model at 32
-  frames, the threshold alone kept 26% of the tokens and RL gained +0.11 / +0.17 (seeds
-  0 / 1) against +0.47 / +0.37 unreduced; keeping every still patch on about every other
-  step (55%) gained +0.41 / +0.41, reaching the unreduced run's accuracy after RL
-  (BENCHMARKS.md). The model needs the object shown more than once. min_keep=0 is the
-  plain rule (an hour-long static video keeps ~0.1%).
+- A refresh (`max_unseen`, `video.max_unseen`, default 1 in the config): a patch dropped for
+  `max_unseen` steps in a row is kept at the next step whatever the threshold says, like a
+  codec's periodic keyframe (`refresh`). Why: on the tiny example model at 32 frames the
+  threshold alone kept 26% of the tokens and RL gained +0.11 / +0.17 (seeds 0 / 1) against
+  +0.47 / +0.37 unreduced; with every still patch seen at least every other step (about 55%
+  kept) all three seeds reached the unreduced runs' accuracy after RL, while putting tokens
+  back to a flat 50% or 55% budget (the longest unseen runs split first, wherever they were)
+  did so on one or two of three (BENCHMARKS.md): the model needs to see each part of the
+  picture regularly, not a share of tokens. 0: the threshold alone (an hour-long still
+  video keeps ~0.1%).
 - The query-aware budget of QuoTA (arXiv 2503.08689) is not implemented; methods are
   registered by name (`METHODS`) so one can be added without touching the callers.
 """
 
 from __future__ import annotations
 
-import heapq
-import math
 from typing import Callable
 
 import torch
@@ -79,50 +78,32 @@ def keep_changed(tokens: torch.Tensor, threshold: float) -> torch.Tensor:
     return keep
 
 
-def keep_at_least(keep: torch.Tensor, min_keep: float) -> torch.Tensor:
-    """keep [Tg, S] with dropped tokens put back until ceil(min_keep * Tg * S) stay (none
-    added when that many already do). Each token put back is the middle of the longest run
-    of steps some patch goes unseen (ties: the lower patch, then the earlier run), so the
-    longest unseen stretch over all patches shrinks as evenly as the budget allows: at 0.5 a
-    still patch is seen every other step."""
-    need = math.ceil(min_keep * keep.numel() - 1e-9) - int(keep.sum())
-    if need <= 0:
+def refresh(keep: torch.Tensor, max_unseen: int) -> torch.Tensor:
+    """keep [Tg, S] with a patch kept at every step that would make it unseen for more than
+    `max_unseen` steps in a row (0: unchanged). Applied after the method's own decision,
+    whose references are not moved by it."""
+    if max_unseen <= 0:
         return keep
     out = keep.clone()
-    runs = []  # heap of (-length, patch, first step) of consecutive dropped steps
-    for s in range(keep.shape[1]):
-        dropped = (~keep[:, s]).tolist()
-        t = 0
-        while t < len(dropped):
-            if dropped[t]:
-                u = t
-                while u < len(dropped) and dropped[u]:
-                    u += 1
-                runs.append((t - u, s, t))
-                t = u
-            else:
-                t += 1
-    heapq.heapify(runs)
-    for _ in range(need):
-        neg, s, t = heapq.heappop(runs)
-        length = -neg
-        mid = t + (length - 1) // 2
-        out[mid, s] = True
-        for a, n in ((t, mid - t), (mid + 1, t + length - mid - 1)):
-            if n > 0:
-                heapq.heappush(runs, (-n, s, a))
+    run = torch.zeros(keep.shape[1], dtype=torch.long, device=keep.device)  # [S] steps unseen so far
+    for t in range(keep.shape[0]):
+        run = torch.where(out[t], torch.zeros_like(run), run + 1)
+        over = run > max_unseen
+        out[t] |= over
+        run[over] = 0
     return out
 
 
 def reduce_video_tokens(embeds: torch.Tensor, grid_thw, method: str = "diff", threshold: float = 0.05,
-                        merge: int = 2, min_keep: float = 0.0) -> torch.Tensor:
+                        merge: int = 2, max_unseen: int = 0) -> torch.Tensor:
     """Which of a video's merged tokens stay. -> keep [Nv] bool, in the tokens' own order.
 
     `embeds` [Nv, D]: the vision tower's output for one video, ordered (t, h-block, w-block)
     as Qwen2.5-VL's merger emits it; `grid_thw` (T, H, W) its patch grid before merging
     (`VideoEmbeds.grid_thw`); `merge` the spatial merge size. `method` is a name in
     `METHODS` ('none' keeps all, 'diff' the differential dropping above, at cosine
-    distance `threshold`); with `min_keep` > 0 at least that fraction stays (`keep_at_least`).
+    distance `threshold`); with `max_unseen` > 0 no patch is dropped for more than that many
+    steps in a row (`refresh`).
     Deterministic in its inputs, so rollouts, training passes and the embedding cache all
     see the same reduced sequence.
     """
@@ -132,7 +113,7 @@ def reduce_video_tokens(embeds: torch.Tensor, grid_thw, method: str = "diff", th
     S = (h // merge) * (w // merge)
     if embeds.shape[0] != t * S:
         raise ValueError(f"{embeds.shape[0]} tokens do not fill the grid {t}x{h}x{w} merged by {merge}")
-    if not 0.0 <= min_keep <= 1.0:
-        raise ValueError(f"min_keep={min_keep} must be a fraction in [0, 1]")
+    if max_unseen < 0:
+        raise ValueError(f"max_unseen={max_unseen} must be >= 0 (0: no limit)")
     keep = METHODS[method](embeds.view(t, S, -1), float(threshold))  # [Tg, S]
-    return keep_at_least(keep, min_keep).reshape(-1)
+    return refresh(keep, int(max_unseen)).reshape(-1)

@@ -237,9 +237,9 @@ def encode_frames(model, frames: torch.Tensor, second_per_grid: float, chunk_fra
     return VideoEmbeds(parts[0] if len(parts) == 1 else torch.cat(parts), grid, second_per_grid)  # [Nv, D]
 
 
-def reduce_video(video: VideoEmbeds, method: str = "none", threshold: float = 0.0, min_keep: float = 0.0) -> VideoEmbeds:
+def reduce_video(video: VideoEmbeds, method: str = "none", threshold: float = 0.0, max_unseen: int = 0) -> VideoEmbeds:
     """`video` with the tokens `media.reduce.reduce_video_tokens` drops removed ('none': as is;
-    `min_keep`: the fraction that stays at least).
+    `max_unseen`: the most steps in a row a patch may be dropped, 0 no limit).
 
     The result's `keep` records which tokens stayed; `video_prompt_ids(tok, result.n_tokens,
     ...)` gives the shorter prompt and `mrope_position_ids` the kept tokens' original
@@ -250,7 +250,7 @@ def reduce_video(video: VideoEmbeds, method: str = "none", threshold: float = 0.
 
     if method == "none" or video.keep is not None:
         return video
-    keep = reduce_video_tokens(video.embeds, video.grid_thw, method, threshold, MERGE, min_keep)  # [Nv] bool
+    keep = reduce_video_tokens(video.embeds, video.grid_thw, method, threshold, MERGE, max_unseen)  # [Nv] bool
     return replace(video, embeds=video.embeds[keep], keep=keep)  # [Nk, D]
 
 
@@ -574,7 +574,7 @@ def vision_tag(model) -> str:
 
 
 def embed_video_file(model, path: str, sampling, cache=None, tag: str = "", reduction: str = "none",
-                     threshold: float = 0.0, chunk_frames: int = 0, min_keep: float = 0.0) -> VideoEmbeds:
+                     threshold: float = 0.0, chunk_frames: int = 0, max_unseen: int = 0) -> VideoEmbeds:
     """Decode, sample, patchify and encode (no grad, `chunk_frames` at a time) the video at
     `path`, then drop redundant tokens (`reduce_video`; 'none' keeps all).
 
@@ -589,20 +589,20 @@ def embed_video_file(model, path: str, sampling, cache=None, tag: str = "", redu
         clip = load_clip(path, sampling)
         with torch.no_grad():
             video = encode_frames(model, clip.frames, seconds_per_grid(clip.timestamps), chunk_frames)
-        return video_tensors(reduce_video(video, reduction, threshold, min_keep))
+        return video_tensors(reduce_video(video, reduction, threshold, max_unseen))
 
-    key = cache_key(path, reduction_key(sampling.key(), reduction, threshold, min_keep), tag) if cache is not None else ""
+    key = cache_key(path, reduction_key(sampling.key(), reduction, threshold, max_unseen), tag) if cache is not None else ""
     found = compute() if cache is None else cache.get_or_compute(key, compute)
     return video_from_tensors(found)
 
 
-def reduction_key(sampling: dict, reduction: str, threshold: float, min_keep: float = 0.0) -> dict:
+def reduction_key(sampling: dict, reduction: str, threshold: float, max_unseen: int = 0) -> dict:
     """The cache's sampling dict with the token reduction added (unchanged for 'none', so
-    caches written before reduction existed still hit; min_keep only when set)."""
+    caches written before reduction existed still hit; max_unseen only when set)."""
     if reduction == "none":
         return sampling
     key = {**sampling, "reduction": reduction, "drop_threshold": float(threshold)}
-    return {**key, "min_keep": float(min_keep)} if min_keep > 0 else key
+    return {**key, "max_unseen": int(max_unseen)} if max_unseen > 0 else key
 
 
 def video_tensors(video: VideoEmbeds) -> dict[str, torch.Tensor]:

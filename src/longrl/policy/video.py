@@ -70,7 +70,7 @@ class VideoPolicy:
         self.task, self.train_vision = task, cfg.video.train_vision
         self.backprop, self.chunk, self.temperature = cfg.train.backprop, cfg.train.stream_chunk, train_temperature(cfg)
         self.streambp = cfg.train.backprop == "streambp"
-        self.reduction = (cfg.video.token_reduction, cfg.video.drop_threshold, cfg.video.min_keep)
+        self.reduction = (cfg.video.token_reduction, cfg.video.drop_threshold, cfg.video.max_unseen)
         self.encode_chunk = cfg.video.encode_chunk
         if cfg.rollout.backend == "vllm":  # every pass numbers positions as the engine does
             from longrl.models import vlm_rope
