@@ -28,13 +28,11 @@ Departures from TimeChat-Online:
 - A refresh (`max_unseen`, `video.max_unseen`, default 1 in the config): a patch dropped for
   `max_unseen` steps in a row is kept at the next step whatever the threshold says, like a
   codec's periodic keyframe (`refresh`). Why: on the tiny example model at 32 frames the
-  threshold alone kept 26% of the tokens and RL gained +0.11 / +0.17 (seeds 0 / 1) against
-  +0.47 / +0.37 unreduced; with every still patch seen at least every other step (about 55%
-  kept) all three seeds reached the unreduced runs' accuracy after RL, while putting tokens
-  back to a flat 50% or 55% budget (the longest unseen runs split first, wherever they were)
-  did so on one or two of three (BENCHMARKS.md): the model needs to see each part of the
-  picture regularly, not a share of tokens. 0: the threshold alone (an hour-long still
-  video keeps ~0.1%).
+  threshold alone kept 26% of the tokens and RL reached the unreduced runs' accuracy on
+  none of 2 seeds; with the refresh (58% kept) on 2 of 3, and a flat 50% budget of tokens
+  put back wherever a patch went unseen longest did so on 1 of 3 (BENCHMARKS.md): the model
+  needs to see each part of the picture regularly more than a share of tokens. 0: the
+  threshold alone (an hour-long still video keeps ~0.1%).
 - The query-aware budget of QuoTA (arXiv 2503.08689) is not implemented; methods are
   registered by name (`METHODS`) so one can be added without touching the callers.
 """
