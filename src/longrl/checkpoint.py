@@ -103,6 +103,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from longrl.models import lora
     from longrl.parallel import dist, fsdp
 
     ckpt_dir = Path(run_dir) / "checkpoints"
@@ -114,7 +115,9 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_
         if main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=ckpt_dir, prefix=f".{final.name}.tmp"))
-            save_policy(fsdp.replica(model, clone=False), tokenizer, tmp)  # before state_dict reshards
+            # before state_dict reshards; a LoRA model saves through models.lora (merged weights
+            # and the adapter, read without state_dict()'s resharding hooks)
+            save_policy(model if lora.has_lora(model) else fsdp.replica(model, clone=False), tokenizer, tmp)
         tmp = Path(dist.broadcast_object(str(tmp) if main else None))
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state["state"]}, checkpoint_id=str(tmp / DCP_DIR))

@@ -200,8 +200,9 @@ class ToolsConfig:
     """Tools the model may call in multi-turn episodes (`tools/`; needs rollout.max_turns >= 2)."""
 
     enabled: list[str] = field(default_factory=list)
-    """Tools offered: any of 'search' (BM25 over tools.search_corpus, or the task's own corpus)
-    and 'python' (the code reward's sandbox). Empty: single-turn rollouts."""
+    """Tools offered: any of 'search' (BM25 over tools.search_corpus, or the task's own corpus),
+    'python' (the code reward's sandbox) and, on video tasks, 'video_frames' (look again at
+    seconds start-end of the video at tools.video_fps). Empty: single-turn rollouts."""
     format: str = "auto"
     """Tool-call format: 'tags' (`<call>name: args</call>` -> `<result>...</result>`; the tiny
     model gets one token per tag), 'hermes' (Qwen's `<tool_call>{json}</tool_call>`), or
@@ -216,6 +217,12 @@ class ToolsConfig:
     """Longer tool results are cut here (counted: agent/truncated_results)."""
     python_timeout: float = 5.0
     """Seconds of CPU/wall for one 'python' call inside the sandbox."""
+    video_fps: float = 4.0
+    """Frames per second at which 'video_frames' decodes the segment it is asked for (the
+    frames' size follows video.max_pixels)."""
+    video_max_frames: int = 8
+    """Most frames one 'video_frames' call returns (a longer segment is sampled uniformly);
+    each costs video tokens in the context (counted in rollout.max_new_tokens)."""
 
 
 @dataclass
@@ -282,8 +289,18 @@ class RolloutConfig:
 
 @dataclass
 class RLConfig:
-    steps: int = 60
-    """GRPO steps (each: rollout, reward, advantages, PPO epochs, weight sync)."""
+    steps: int = 120
+    """Most GRPO steps (each: rollout, reward, advantages, PPO epochs, weight sync). With
+    rl.stop_when_flat (the default) the run may end sooner, at a window's end, once neither its
+    training reward nor its held-out accuracy still rises; with rl.stop_when_flat=false it runs
+    exactly this many."""
+    stop_when_flat: bool = True
+    """End RL early once it has stopped improving (`recipes.common.reward_plateau`): at the end
+    of every 20-step window from step 40 on, the run stops when neither the training reward
+    (the mean of the window's last 10 steps) nor the held-out accuracy (evaluated there) is at
+    least 0.02 above its best earlier value; a line says so, and summary.json's rl_steps and
+    rl_stop say where and why. A task that keeps improving runs on to rl.steps; runs shorter
+    than 40 steps never stop early."""
     algorithm: str = "grpo"
     """'grpo' (group advantages, PPO-clip or GSPO) or 'dpo': online DPO on verifier-labelled
     pairs, the best and the worst of each group's G samples when their rewards differ,
@@ -315,9 +332,12 @@ class RLConfig:
     """Passes over each step's rollouts."""
     micro_batch_size: int = 64
     """Sequences per forward/backward; gradients accumulate to one optimizer step."""
-    lr: float = 5e-5
+    lr: float = 0.0
     """Peak learning rate (AdamW). Far below SFT's: one update per rollout batch has no
-    trust region (the ratio is 1), and Adam turns noisy policy gradients into full-size steps."""
+    trust region (the ratio is 1), and Adam turns noisy policy gradients into full-size steps.
+    0 (the default): by the model (`rl_lr`): 5e-5 for a model built from scratch (the tiny
+    default, after its SFT), 1e-5 for a checkpoint given by model.path (what SmolLM2-135M
+    needed); reported in one line and written to the run's config.yaml."""
     warmup_steps: int = 5
     """Linear LR warm-up steps."""
     dynamic_sampling: bool = False
@@ -335,8 +355,9 @@ class RLConfig:
     as the reference, and merges it into the base at the round's end."""
     eval_every: int = -1
     """Held-out accuracy every this many RL steps (0 = only at the end); -1 (the default): a
-    third of rl.steps, rounded up (`eval_cadence`: 20 at the default 60 steps), so a run of any
-    length has held-out points at a third, two thirds and the end."""
+    third of rl.steps, rounded up, so a run of any length has held-out points at a third, two
+    thirds and the end; 20 when rl.stop_when_flat may end the run early (rl.steps >= 40), one
+    at every point where it may stop (`eval_cadence`)."""
 
 
 @dataclass
@@ -441,9 +462,9 @@ class VideoConfig:
     """With token_reduction=diff: a patch is dropped for at most this many temporal steps in
     a row; the next step keeps it whatever the threshold says (a codec's keyframe refresh,
     `media/reduce.py`). At 1 a still patch is seen every other step, so a still video keeps
-    half its tokens: that kept the example task's RL gain at 32 frames, where the threshold
-    alone (26% kept) lost most of it. 0: no limit, the threshold alone (an hour-long still
-    video then keeps ~0.1%)."""
+    half its tokens; on the example task at 32 frames (58% kept) RL reached the unreduced
+    accuracy on 2 of 3 seeds, the threshold alone (26% kept) on none (BENCHMARKS.md). 0: no
+    limit, the threshold alone (an hour-long still video then keeps ~0.1%)."""
 
 
 @dataclass
@@ -573,7 +594,7 @@ def _check_tools(cfg: "Config") -> None:
         t.enabled = [s.strip() for s in t.enabled.split(",") if s.strip()]
     for name in t.enabled:
         if ":" not in name:  # 'file.py:Class' / 'module:Class' is a user's tool, loaded with the run
-            _choice("tools.enabled", name, ["search", "python"])
+            _choice("tools.enabled", name, ["search", "python", "video_frames"])
     _choice("tools.format", t.format, ["auto", "tags", "hermes"])
     if cfg.rollout.max_turns < 1 or cfg.rollout.max_turn_tokens < 0:
         raise UserError(f"rollout.max_turns={cfg.rollout.max_turns} must be >= 1 and rollout.max_turn_tokens="
@@ -585,16 +606,33 @@ def _check_tools(cfg: "Config") -> None:
         raise UserError(f"rollout.max_turns={cfg.rollout.max_turns}: a turn ends only by calling a tool; set "
                         "tools.enabled (search, python) or rollout.max_turns=1")
     for key, value in [("tools.search_top_k", t.search_top_k), ("tools.timeout", t.timeout),
-                       ("tools.max_result_chars", t.max_result_chars), ("tools.python_timeout", t.python_timeout)]:
+                       ("tools.max_result_chars", t.max_result_chars), ("tools.python_timeout", t.python_timeout),
+                       ("tools.video_fps", t.video_fps), ("tools.video_max_frames", t.video_max_frames)]:
         if value <= 0:
             raise UserError(f"{key}={value} must be positive")
     if not 0.0 <= cfg.reward.search_penalty <= 1.0 or cfg.reward.tool_error_penalty < 0:
         raise UserError(f"reward.search_penalty={cfg.reward.search_penalty} must be in [0, 1] and "
                         f"reward.tool_error_penalty={cfg.reward.tool_error_penalty} >= 0")
-    if t.enabled and cfg.task.name == "videos":
-        raise UserError("tools.enabled: multi-turn episodes run on text tasks only (video_frames is not built yet)")
+    _check_video_tools(cfg)
     if t.enabled and cfg.rl.algorithm == "dpo":
         raise UserError("tools.enabled: multi-turn episodes train with rl.algorithm=grpo (DPO pairs of episodes are not built)")
+
+
+def _check_video_tools(cfg: "Config") -> None:
+    """Tools on video tasks: 'video_frames' only (and only there), on the settings its
+    segments support."""
+    t, videos = cfg.tools, cfg.task.name == "videos"
+    if "video_frames" in t.enabled and not videos:
+        raise UserError("tools.enabled=video_frames needs a video task (task.name=videos)")
+    if not videos or not t.enabled:
+        return
+    if t.enabled != ["video_frames"]:
+        raise UserError(f"tools.enabled={','.join(t.enabled)}: a video task's episodes offer video_frames only")
+    if cfg.video.token_reduction != "none":
+        raise UserError("tools.enabled=video_frames with video.token_reduction=diff is not supported; set "
+                        "video.token_reduction=none")
+    if cfg.parallel.sp_size > 1 or cfg.rollout.backend != "hf":
+        raise UserError("tools.enabled=video_frames runs on rollout.backend=hf with parallel.sp_size=1")
 
 
 def _check_video(v: VideoConfig) -> None:
@@ -636,9 +674,6 @@ def _check_fsdp(p: ParallelConfig, task_name: str, backend: str) -> None:
     if p.zero_optimizer:
         raise UserError("parallel.fsdp=true already shards the optimizer state (and the weights and gradients); "
                         "drop parallel.zero_optimizer=true")
-    if task_name == "videos":
-        raise UserError("parallel.fsdp=true is not wired into the video policy yet; train video models with plain "
-                        "data parallelism (parallel.fsdp=false), optionally parallel.zero_optimizer=true")
 
 
 def _check_lora_and_precision(cfg: "Config") -> None:
@@ -676,11 +711,9 @@ def _check_lora_and_precision(cfg: "Config") -> None:
         return
     if importlib.util.find_spec("peft") is None:
         raise UserError('model.lora.r > 0 needs peft: pip install -e ".[lora]" (or pip install "peft>=0.13")')
-    if getattr(cfg.parallel, "fsdp", False):
-        raise UserError("model.lora with parallel.fsdp=true is not supported yet: use one of them "
-                        "(LoRA's optimizer state is already small: data parallel without FSDP works)")
-    if cfg.task.name == "videos":
-        raise UserError("model.lora is for text models for now; train the video model with model.lora.r=0")
+    if cfg.task.name == "videos" and cfg.video.train_vision:  # the reference would see the policy's embeddings
+        raise UserError("model.lora adapts the video model's language model and keeps the vision tower frozen; "
+                        "drop video.train_vision=true (or train every weight with model.lora.r=0)")
 
 
 def _choice(key: str, value: str, options: list[str]) -> None:
@@ -728,8 +761,9 @@ def check_survivable(cfg: "Config") -> None:
               ("rl.overlong_buffer", cfg.rl.overlong_buffer), ("train.threads", cfg.train.threads),
               ("task.n_train", cfg.task.n_train), ("model.gla.softmax_every", cfg.model.gla.softmax_every))
     for key, lr in (("sft.lr", cfg.sft.lr), ("rl.lr", cfg.rl.lr)):
-        if lr <= 0:
-            raise UserError(f"{key}={lr} must be positive (AdamW's peak learning rate, e.g. {key}=1e-4)")
+        if lr < 0 or (lr == 0 and key == "sft.lr"):
+            hint = " (or 0: chosen by the model, `rl_lr`)" if key == "rl.lr" else ""
+            raise UserError(f"{key}={lr} must be positive{hint} (AdamW's peak learning rate, e.g. {key}=1e-4)")
     for key, value in (("rl.kl_coef", cfg.rl.kl_coef), ("train.grad_clip", cfg.train.grad_clip),
                        ("train.weight_decay", cfg.train.weight_decay), ("video.fps", cfg.video.fps)):
         if value < 0:
@@ -1078,12 +1112,48 @@ def resolve_response_budgets(cfg: Config, lengths: list[int], sections: tuple[st
             f"(99th percentile {q}, longest {max(lengths)}, plus margin; floor {BUDGET_FLOOR}); set it to override")
 
 
+PLATEAU_WINDOW = 20
+"""rl.stop_when_flat: steps per window of the plateau rule (`recipes.common.reward_plateau`)."""
+PLATEAU_DELTA = 0.02
+"""rl.stop_when_flat: how much a window's late training reward, or the held-out accuracy at its
+end, must beat its best earlier value to go on; about one standard error of the difference of
+two 10-step means of 128 binary rewards (0.5 * sqrt(2 / 1280) = 0.020)."""
+
+
 def eval_cadence(cfg: Config) -> int:
     """RL steps between held-out evaluations: rl.eval_every, or for -1 a third of rl.steps
-    rounded up (at least 1), so every run has evaluations at about 1/3, 2/3 and its end."""
+    rounded up (at least 1), so every run has evaluations at about 1/3, 2/3 and its end; a run
+    that rl.stop_when_flat may end early (>= 2 windows) evaluates at every window's end instead,
+    where the rule reads the held-out accuracy."""
     if cfg.rl.eval_every >= 0:
         return cfg.rl.eval_every
+    if cfg.rl.stop_when_flat and cfg.rl.steps >= 2 * PLATEAU_WINDOW:
+        return PLATEAU_WINDOW
     return max(1, math.ceil(cfg.rl.steps / 3))
+
+
+RL_LR_SCRATCH = 5e-5
+"""rl.lr=0 on a model built from scratch: the rate the default run (`addition`) was tuned at."""
+RL_LR_CHECKPOINT = 1e-5
+"""rl.lr=0 on a checkpoint (model.path): what SmolLM2-135M-Instruct learned chain_sum at (its
+example, BENCHMARKS.md); the scratch rate is 5x what a pretrained model's full fine-tuning takes."""
+
+
+def rl_lr(cfg: Config) -> float:
+    """The RL learning rate: rl.lr, or for 0 `RL_LR_CHECKPOINT` when model.path names a
+    checkpoint and `RL_LR_SCRATCH` for the tiny model built from scratch."""
+    if cfg.rl.lr > 0:
+        return cfg.rl.lr
+    return RL_LR_CHECKPOINT if cfg.model.path else RL_LR_SCRATCH
+
+
+def resolve_rl_lr(cfg: Config) -> str | None:
+    """Set rl.lr=0 to `rl_lr(cfg)` in place; the line a run reports at its start, or None when set."""
+    if cfg.rl.lr > 0:
+        return None
+    cfg.rl.lr = rl_lr(cfg)
+    kind = "a checkpoint (model.path)" if cfg.model.path else "a model built from scratch"
+    return f"longrl: rl.lr = {cfg.rl.lr:g} for {kind}; set rl.lr to override"
 
 
 def lora_sft(cfg: Config) -> bool:

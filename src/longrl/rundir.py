@@ -42,8 +42,8 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "chec
              "tensorboard", "wandb", "mlruns")
 """What a run writes into its directory (the trackers' folders included): the only entries
 run.overwrite=true deletes."""
-SAFE_ON_RESUME = ("rl.steps", "rl.eval_every", "run.save_every", "run.keep_checkpoints", "run.progress",
-                  "run.log_every", "run.report_to")
+SAFE_ON_RESUME = ("rl.steps", "rl.stop_when_flat", "rl.eval_every", "run.save_every", "run.keep_checkpoints",
+                  "run.progress", "run.log_every", "run.report_to")
 """Keys a resumed run may change: how long it runs and how often it evaluates, saves and
 reports. Everything else would make the resumed run a different run from the one saved."""
 _IGNORED_ON_RESUME = ("resume", "run.overwrite")

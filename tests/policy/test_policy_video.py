@@ -53,12 +53,13 @@ def test_video_train_end_to_end_writes_summary_and_counts_saved_encodes(tmp_path
         assert k in summary
     # Frozen tower: each of the 8 videos is encoded once in the whole run (eval encodes are
     # not counted); a pixel pipeline would encode G per rollout and once per sequence per
-    # pass: 2 SFT steps x 3 + 2 RL steps x 2 prompts x 2 samples x (rollout, old, reference, update).
+    # pass: 2 SFT steps x 3 + 2 RL steps x 2 prompts x 2 samples x (rollout, reference, update;
+    # on-policy the old log-probs are the update's own, `grpo.on_policy_update`).
     assert summary["video_encodes"] <= 6
-    assert summary["video_encodes"] + summary["video_encodes_saved"] == 2 * 3 + 2 * 2 * 2 * 4
+    assert summary["video_encodes"] + summary["video_encodes_saved"] == 2 * 3 + 2 * 2 * 2 * 3
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in recs if r["phase"] == "rl" and r["step"] > 0]
-    assert [r["video/encodes_saved"] for r in rl] == [16, 16] and all(r["video/encodes"] == 0 for r in rl)
+    assert [r["video/encodes_saved"] for r in rl] == [12, 12] and all(r["video/encodes"] == 0 for r in rl)
     assert all(r["logprob/engine_trainer_gap"] < 1e-4 for r in rl)  # rollout log-probs == trainer's
     assert (run / "checkpoints" / "step_2" / "model.safetensors").is_file()
 

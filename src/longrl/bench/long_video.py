@@ -266,6 +266,7 @@ def measure_uncached(a, frames: int) -> dict:
     import torch
 
     from longrl.bench import video_cache
+    from longrl.config import rl_lr
     from longrl.policy.video import load_video_policy
     from longrl.utils import pick_device
 
@@ -280,7 +281,7 @@ def measure_uncached(a, frames: int) -> dict:
     def build():
         torch.manual_seed(cfg.train.seed)
         model, _ = load_video_policy(cfg.model, device)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.rl.lr)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rl_lr(cfg))  # rl.lr=0: by the model
         video_cache.grpo_step(model, opt, warm, 1.0, QUESTION, "uncached", ns, video_cache.Phases(device), gen)
         return model, opt
 

@@ -76,11 +76,12 @@ class TinyVLMShape:
     max_position_embeddings: int = 32768
 
 
-def build_vlm_tokenizer():
-    """The tiny character tokenizer plus Qwen's vision tokens (one id each)."""
+def build_vlm_tokenizer(extra_tokens: tuple[str, ...] = ()):
+    """The tiny character tokenizer (with `extra_tokens`, e.g. tool-call tags) plus Qwen's
+    vision tokens (one id each)."""
     from longrl.models.tiny import build_tiny_tokenizer
 
-    tok = build_tiny_tokenizer()
+    tok = build_tiny_tokenizer(extra_tokens)
     tok.add_tokens([VISION_START, VISION_END, VIDEO_PAD, IMAGE_PAD], special_tokens=True)
     return tok
 
@@ -120,10 +121,11 @@ def build_tiny_vlm(tokenizer, shape: TinyVLMShape = TinyVLMShape()):
     return model.to(torch.float32)
 
 
-def load_vlm(path: str = "", shape: TinyVLMShape = TinyVLMShape()):
-    """(model, tokenizer) from a local Qwen2.5-VL directory, or the tiny one when `path` is empty."""
+def load_vlm(path: str = "", shape: TinyVLMShape = TinyVLMShape(), extra_tokens: tuple[str, ...] = ()):
+    """(model, tokenizer) from a local Qwen2.5-VL directory, or the tiny one when `path` is
+    empty (`extra_tokens` added to its tokenizer)."""
     if not path:
-        tok = build_vlm_tokenizer()
+        tok = build_vlm_tokenizer(extra_tokens)
         return build_tiny_vlm(tok, shape), tok
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -333,7 +335,10 @@ def _reduced_positions(model, input_ids: torch.Tensor, video: VideoEmbeds,
 
 
 def video_inputs_embeds(model, input_ids: torch.Tensor, video: VideoEmbeds) -> torch.Tensor:
-    """Token embeddings [B, T, D] with every row's video pads replaced by `video.embeds`."""
+    """Token embeddings [B, T, D] with every row's video pads replaced by `video.embeds`
+    (several videos at their own columns: `models.vlm_segments.VideoSequence`)."""
+    if not isinstance(video, VideoEmbeds):
+        return video.inputs_embeds(model, input_ids)
     emb = model.get_input_embeddings()(input_ids)  # [B, T, D]
     is_video = video_token_mask(model, input_ids, video.n_tokens)  # [B, T]
     fill = video.embeds.to(emb.dtype).repeat(input_ids.shape[0], 1)  # [B*Nv, D]
@@ -474,7 +479,8 @@ def _prefill(model, video: VideoEmbeds, prompt_ids: list[int], positions: torch.
 
 
 def shared_prompt_hidden(model, video: VideoEmbeds, prompt_ids: list[int], positions: torch.Tensor,
-                         responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         responses: torch.Tensor, response_embeds: torch.Tensor | None = None,
+                         response_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced hidden states of n responses to ONE prompt, the prompt run once.
 
     The prompt (with the video) goes through the language model once; its KV cache is
@@ -482,6 +488,8 @@ def shared_prompt_hidden(model, video: VideoEmbeds, prompt_ids: list[int], posit
     lets a real token see the padding after it) attend to it. The numbers equal n full
     `video_hidden` rows (tested), at the cost of one prompt instead of n. Gradients flow
     into the shared prompt (and the video embeddings) summed over the rows, as they must.
+    `response_embeds` [n, R, D] / `response_positions` [3, n, R]: responses that hold videos of
+    their own (`models.vlm_segments.rows_hidden`); default their token embeddings, numbered on.
     -> (prompt hidden [1, P, D], response hidden [n, R, D])
     """
     n, R = responses.shape
@@ -489,7 +497,9 @@ def shared_prompt_hidden(model, video: VideoEmbeds, prompt_ids: list[int], posit
     cache.batch_repeat_interleave(n)
     start = int(positions[0, -1]) + 1
     pos = (start + torch.arange(R, device=responses.device)).view(1, 1, R).expand(3, n, R)  # [3, n, R]
-    h_resp = model.model.language_model(inputs_embeds=model.get_input_embeddings()(responses), position_ids=pos,
+    pos = pos if response_positions is None else response_positions
+    emb = model.get_input_embeddings()(responses) if response_embeds is None else response_embeds
+    h_resp = model.model.language_model(inputs_embeds=emb, position_ids=pos,
                                         **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state
     return h_prompt, h_resp
 
@@ -515,13 +525,16 @@ def _pad_cache_left(caches: list, width: int, config):
 @torch.no_grad()
 def sample_prompts(model, videos: list[VideoEmbeds], prompts: list[list[int]], positions: list[torch.Tensor],
                    n: int, max_new_tokens: int, eos_id: int, temperature: float = 1.0,
-                   generator: torch.Generator | None = None, top_p: float = 1.0) -> tuple[list[list[int]], list[list[float]]]:
+                   generator: torch.Generator | None = None, top_p: float = 1.0,
+                   stop_ids: tuple[int, ...] = ()) -> tuple[list[list[int]], list[list[float]]]:
     """`n` samples for each of N video prompts, decoded together in one batch of N*n rows.
 
     Each prompt is prefilled once on its own (no padding inside a prefill); the caches are
     stacked right-aligned and repeated n times, and every decode step runs all rows. Rows
     are grouped per prompt (prompt i's samples are rows i*n ... i*n+n-1). temperature 0 is
-    greedy. -> (responses, their log-probs), a response ending at (and including) `eos_id`.
+    greedy. -> (responses, their log-probs), a response ending at (and including) `eos_id` or
+    one of `stop_ids` (the end of a tool call). A prompt's `video` may be a
+    `models.vlm_segments.VideoSequence` (a multi-turn context with several videos).
     """
     lm, head, embed = model.model.language_model, model.get_output_embeddings(), model.get_input_embeddings()
     last, caches = [], []
@@ -544,7 +557,7 @@ def sample_prompts(model, videos: list[VideoEmbeds], prompts: list[list[int]], p
         tok, logp = sample_next(head(h), temperature, top_p, generator)  # [N*n], [N*n]
         tokens.append(torch.where(done, torch.full_like(tok, -1), tok))
         logps.append(logp)
-        done |= tok == eos_id
+        done |= (tok == eos_id) | (torch.isin(tok, torch.tensor(stop_ids, device=device)) if stop_ids else False)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], 1)
@@ -567,9 +580,12 @@ def vision_tag(model) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for name, p in sorted(model.model.visual.state_dict().items()):
+    # The tower's parameters (all of its state_dict: its buffers are not persistent), read
+    # without state_dict()'s hooks: FSDP2's would reshard a sharded model (parallel/fsdp.py);
+    # hashed from a copy, as .numpy() pins a weight's storage and FSDP2 frees it later.
+    for name, p in sorted(model.model.visual.named_parameters(remove_duplicate=False)):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).clone().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -311,12 +311,8 @@ def replica(model: nn.Module, clone: bool = True) -> nn.Module:
     once). A plain model gives `copy.deepcopy(model)` / itself."""
     import copy
 
-    from longrl.models.lora import has_lora
-
     if not is_sharded(model):
         return copy.deepcopy(model) if clone else model
-    if has_lora(model) and not clone:  # saved through models.lora (merged weights, adapter), which
-        return model  # reads the gathered tensors without state_dict()'s resharding hooks
     gather(model)
     base = next(c for c in type(model).__mro__ if c.__module__.split(".")[0] != "torch" and
                 not c.__name__.startswith("FSDP"))

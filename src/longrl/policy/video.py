@@ -25,6 +25,12 @@ so the SFT, GRPO and DPO loops are the text ones:
   over the group's ranks and the embeddings all-gathered once (`parallel.mrsp_encode`);
   the passes run Ulysses on whole rows (`parallel.sp_video`), so the shared-prompt saving
   is not used there.
+- Multi-turn episodes with the `video_frames` tool (`tools/video_frames.py`): a row's
+  `Example.media[1:]` are the segments spliced into its response (specs, `media.segments`;
+  their columns in `meta["media_offsets"]`). A segment is encoded once per step through the
+  same cache as whole videos (keyed by file, range and sampling), when the episode's next
+  turn is requested (`VideoPrompt.continued`); every pass reuses it, and splices every
+  video of a row in order (`models.vlm_segments`).
 
 Letters: b rows of a micro-batch, T tokens, D hidden, P prompt.
 
@@ -36,6 +42,7 @@ combined with sequence parallelism; APRIL and the vLLM backend take token-only r
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -44,18 +51,36 @@ from longrl.data.example import Example
 from longrl.parallel import dist
 from longrl.rollout.base import RolloutRequest
 
+SEGMENTS_IN_MEMORY = 64
+"""Room in the embedding cache's memory for the segments of `tools.video_frames` calls."""
+
 
 @dataclass
 class VideoPrompt:
     """What a rollout backend needs to decode a video prompt: the cached embeddings and the
     prompt's M-RoPE positions [3, P]."""
 
-    video: object  # models.vlm.VideoEmbeds
+    video: object  # models.vlm.VideoEmbeds (a later turn's: models.vlm_segments.VideoSequence)
     positions: torch.Tensor
+    continuation: object = None
+    """(prompt, context ids, [(segment spec, response offset)]) -> the next turn's VideoPrompt
+    (`rollout.episodes`: a multi-turn episode continues from its token ids)."""
+    prompt_len: int = 0
+    """A later turn's: how many of its ids are the prompt (0: a first turn, all of them)."""
+
+    def continued(self, context_ids: list[int], media: list[tuple[str, int]]) -> "VideoPrompt":
+        """The media of the episode's next turn: the whole context so far, every video in it."""
+        return self.continuation(self, context_ids, media)
 
 
 def _key(ex: Example) -> tuple[str, str]:
     return ex.media[0], ex.prompt
+
+
+def _segments(ex: Example) -> list[tuple[str, int]]:
+    """The segments a tool spliced into this row's response: [(spec, response offset)]
+    (`rollout.episodes.episode_example`)."""
+    return list(zip(ex.media[1:], ex.meta.get("media_offsets", [])))
 
 
 class VideoPolicy:
@@ -78,7 +103,7 @@ class VideoPolicy:
             vlm_rope.set_numbering(model, "vllm")
         # Frozen tower: embeddings are constants, cached for the whole run (and on disk).
         self.cache = None if self.train_vision else EmbeddingCache(cfg.video.embed_cache_dir or None,
-                                                                   max_items=len(task.clips) + 1)
+                                                                   max_items=len(task.clips) + 1 + SEGMENTS_IN_MEMORY)
         self._tag = ""
         # Keyed by (video path, prompt text): ids may repeat across a train and an eval file.
         self._prompts: dict[tuple[str, str], list[int]] = {}
@@ -120,7 +145,7 @@ class VideoPolicy:
         from longrl.models.vlm import encode_frames, reduce_video
         from longrl.parallel.mrsp_encode import mrsp_encode_frames
 
-        clip = self.task.clips[path]
+        clip = self._clip(path)
         lay = dist.layout()
         with torch.set_grad_enabled(grad):
             if lay.sp_size == 1:
@@ -128,6 +153,30 @@ class VideoPolicy:
             else:  # each rank patchifies and encodes only its own frames, in chunks
                 video = mrsp_encode_frames(model, clip.frames, clip.second_per_grid, lay.sp_group, self.encode_chunk)
             return reduce_video(video, *self.reduction)
+
+    def _clip(self, media: str):
+        """The decoded frames of a task's video, or of a segment spec (`media.segments`)."""
+        if media in self.task.clips:
+            return self.task.clips[media]
+        from longrl.data.video_task import VideoClip
+        from longrl.media.segments import decode_segment
+        from longrl.models.vlm import seconds_per_grid
+
+        clip = decode_segment(media)
+        return VideoClip(clip.frames, seconds_per_grid(clip.timestamps))
+
+    def _cache_key(self, media: str) -> str:
+        """A whole video's key: its file, the task's sampling and token reduction; a segment's:
+        its file, range and sampling (segments are never reduced)."""
+        from longrl.media.cache import cache_key
+        from longrl.media.segments import Segment, is_segment
+        from longrl.models.vlm import reduction_key
+
+        if is_segment(media):
+            seg = Segment.parse(media)
+            return cache_key(seg.path, seg.cache_sampling(), self._tag)
+        sampling = reduction_key(self.task.sampling.key(), *self.reduction)  # the reduction is cached too
+        return cache_key(media, sampling, self._tag)
 
     def _cached(self, key: str, compute):
         """`cache.get_or_compute`; under SP the group agrees on hit or miss first, since the
@@ -144,8 +193,7 @@ class VideoPolicy:
     def _video(self, model, path: str):
         """This step's embeddings of `path`: encoded at most once per step (never again
         with a frozen tower, whose embeddings are cached across steps)."""
-        from longrl.media.cache import cache_key
-        from longrl.models.vlm import VideoEmbeds, reduction_key, vision_tag
+        from longrl.models.vlm import VideoEmbeds, vision_tag
 
         if path in self._step:
             return self._step[path]
@@ -162,8 +210,7 @@ class VideoPolicy:
                 out = {"embeds": v.embeds, "grid_thw": v.grid_thw, "spg": torch.tensor(v.second_per_grid, dtype=torch.float64)}
                 return out if v.keep is None else {**out, "keep": v.keep}
 
-            sampling = reduction_key(self.task.sampling.key(), *self.reduction)  # the reduction is cached too
-            t = self._cached(cache_key(path, sampling, self._tag), compute)
+            t = self._cached(self._cache_key(path), compute)
             self.totals["cache_hits"] += self.cache.hits - hits
             device = next(model.parameters()).device
             keep = t["keep"].bool().to(device) if "keep" in t else None
@@ -207,8 +254,35 @@ class VideoPolicy:
             self.totals["naive_encodes"] += sum(counts)  # a pixel pipeline encodes in every rollout
         prompts = [self._prompt(ex, v) for ex, v in zip(examples, videos)]  # after: a reduced prompt needs its video
         videos = [v.detached() for v in videos]
-        return [RolloutRequest(p, c, VideoPrompt(v, self._positions_of(model, ex, v)))
+        go_on = partial(self._continue, eval=eval)
+        return [RolloutRequest(p, c, VideoPrompt(v, self._positions_of(model, ex, v), go_on))
                 for p, c, ex, v in zip(prompts, counts, examples, videos)]
+
+    def _continue(self, prompt: VideoPrompt, context_ids: list[int], media: list[tuple[str, int]], *,
+                  eval: bool) -> VideoPrompt:
+        """A multi-turn episode's next turn: the context (prompt + response so far) with the
+        prompt's video and every segment a tool spliced in (`media`: [(spec, response
+        offset)]), its M-RoPE positions over the whole context. A segment is encoded here, in
+        the rollout loop's thread, once per step (`_video`: the cache every pass reuses)."""
+        first = prompt.video.videos[0] if prompt.prompt_len else prompt.video
+        P = prompt.prompt_len or prompt.positions.shape[1]
+        get = self._eval_video if eval else self._video
+        with torch.set_grad_enabled(self.train_vision and not eval):  # the update reuses this encode's graph
+            segments = [get(self.model, spec) for spec, _ in media]
+        if not eval:  # a pixel pipeline encodes every video of the context in every generate call
+            self.totals["naive_encodes"] += 1 + len(media)
+        seq = self._sequence(context_ids, P, [first, *segments], [at for _, at in media]).detached()
+        with torch.no_grad():
+            ids = torch.tensor([context_ids], device=first.embeds.device)  # [1, T]
+            return replace(prompt, video=seq, positions=seq.positions(self.model, ids)[:, 0], prompt_len=P)
+
+    def _sequence(self, ids, P: int, videos: list, offsets: list[int]):
+        """`models.vlm_segments.VideoSequence` of a row: the prompt's video at its pads (within
+        the P prompt ids), each segment at P + its response offset."""
+        from longrl.models.vlm_segments import VideoSequence
+
+        start = list(ids[:P]).index(self.model.config.video_token_id)
+        return VideoSequence(videos, [start, *[P + at for at in offsets]])
 
     # ---- teacher-forced passes ----------------------------------------------------------
 
@@ -216,6 +290,7 @@ class VideoPolicy:
         """Final hidden states [b, T, D] of the micro-batch, laid out like `mb` (right-padded);
         each distinct prompt is run once for all its rows."""
         from longrl.models.vlm import shared_prompt_hidden
+        from longrl.models.vlm_segments import rows_hidden
 
         b, T = mb.input_ids.shape
         groups: dict[tuple[str, str], list[int]] = {}
@@ -227,11 +302,19 @@ class VideoPolicy:
             prompt = self._prompts[key]
             P = len(prompt)
             video = videos[ex.media[0]]
-            h_p, h_r = shared_prompt_hidden(model, video, prompt, self._positions_of(model, ex, video),
-                                            mb.input_ids[idx, P:])  # [1, P, D], [n, T-P, D]
+            if any(_segments(examples[i]) for i in idx):  # a tool spliced segments into some rows
+                rows_seq = [self._row_sequence(examples[i], mb.input_ids[i], P, videos) for i in idx]
+                h_p, h_r = rows_hidden(model, rows_seq, prompt, self._positions_of(model, ex, video), mb.input_ids[idx])
+            else:
+                h_p, h_r = shared_prompt_hidden(model, video, prompt, self._positions_of(model, ex, video),
+                                                mb.input_ids[idx, P:])  # [1, P, D], [n, T-P, D]
             for j, i in enumerate(idx):
                 rows[i] = torch.cat([h_p[0], h_r[j]])  # [T, D]
         return torch.stack(rows)  # [b, T, D]
+
+    def _row_sequence(self, ex: Example, ids: torch.Tensor, P: int, videos: dict):
+        """Row `ids` [T] of `ex` (which holds segments) as a VideoSequence over `videos`."""
+        return self._sequence(ids.tolist(), P, [videos[m] for m in ex.media], [at for _, at in _segments(ex)])
 
     def logprobs(self, mb, examples: list[Example], model=None, temperature: float | None = None) -> torch.Tensor:
         """Teacher-forced log-probs [b, T] of `mb` (no grad), on the step's embeddings;
@@ -242,10 +325,11 @@ class VideoPolicy:
         model = self.model if model is None else model
         chunk, temperature = self.chunk, self.temperature if temperature is None else temperature
 
-        self.totals["naive_encodes"] += len(examples)  # one encode per sequence in a pixel pipeline
+        # A pixel pipeline encodes every video (and segment) of every sequence in every pass.
+        self.totals["naive_encodes"] += sum(len(ex.media) for ex in examples)
         lay = dist.layout()
         with torch.no_grad():
-            videos = {ex.media[0]: self._detached(model, ex.media[0]) for ex in examples}
+            videos = {m: self._detached(model, m) for ex in examples for m in ex.media}  # segments too
             if lay.sp_size > 1:  # Ulysses on whole rows; every rank gets all [b, T] log-probs
                 return sp_video_logprobs(model, [videos[ex.media[0]] for ex in examples], mb, lay.sp_group,
                                          chunk, temperature)
@@ -269,9 +353,9 @@ class VideoPolicy:
 
         model, chunk = self.model, self.chunk
         temperature = self.temperature if temperature is None else temperature
-        self.totals["naive_encodes"] += len(examples)
+        self.totals["naive_encodes"] += sum(len(ex.media) for ex in examples)
         with torch.set_grad_enabled(self.train_vision):
-            full = {ex.media[0]: self._video(model, ex.media[0]) for ex in examples}
+            full = {m: self._video(model, m) for ex in examples for m in ex.media}  # segments too
         leaves = {p: as_leaf(v) if self.train_vision else v for p, v in full.items()}
         lay = dist.layout()
         if lay.sp_size > 1:
@@ -295,18 +379,23 @@ class VideoPolicy:
                     v.embeds.backward(grad, retain_graph=True)
         return loss, metrics, logp
 
-    @staticmethod
-    def _streambp(model, mb, examples: list[Example], videos: dict, loss_fn, chunk: int, temperature: float):
+    def _streambp(self, model, mb, examples: list[Example], videos: dict, loss_fn, chunk: int, temperature: float):
         """StreamBP on whole rows: each row's token embeddings with its video spliced in and
         its M-RoPE positions, then `streambp.logprobs.streambp_loss_and_backward` (gradients flow on into
-        the embeddings: the token table and, when trainable, the video leaves)."""
+        the embeddings: the token table and, when trainable, the video leaves). A row with
+        segments from a tool gets its own layout (`_row_sequence`)."""
         from longrl.models.vlm import mrope_position_ids, video_inputs_embeds
         from longrl.streambp.logprobs import streambp_loss_and_backward
 
         embeds, positions = [None] * len(examples), [None] * len(examples)
         by_video: dict[str, list[int]] = {}
         for i, ex in enumerate(examples):
-            by_video.setdefault(ex.media[0], []).append(i)
+            if _segments(ex):
+                seq = self._row_sequence(ex, mb.input_ids[i], len(self._prompts[_key(ex)]), videos)
+                embeds[i] = seq.inputs_embeds(model, mb.input_ids[i : i + 1])[0]  # [T, D]
+                positions[i] = seq.positions(model, mb.input_ids[i : i + 1])[:, 0]  # [3, T]
+            else:
+                by_video.setdefault(ex.media[0], []).append(i)
         for path, idx in by_video.items():
             ids = mb.input_ids[idx]  # [n, T]
             e = video_inputs_embeds(model, ids, videos[path])  # [n, T, D]
@@ -350,9 +439,10 @@ class VideoPolicy:
         return out
 
 
-def load_video_policy(cfg: ModelConfig, device, train_vision: bool = False):
+def load_video_policy(cfg: ModelConfig, device, train_vision: bool = False, extra_tokens: tuple[str, ...] = ()):
     """(model, tokenizer): a local Qwen2.5-VL directory or the tiny one shaped by `cfg.tiny`
-    (text model) with the default small vision tower; frozen tower unless `train_vision`."""
+    (text model) with the default small vision tower; frozen tower unless `train_vision`;
+    with `cfg.lora.r > 0` a fresh LoRA adapter on the language model."""
     from longrl.models.load import DTYPES
     from longrl.models.vlm import TinyVLMShape, load_vlm
 
@@ -360,8 +450,12 @@ def load_video_policy(cfg: ModelConfig, device, train_vision: bool = False):
     shape = replace(TinyVLMShape(), hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
                     num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size,
                     max_position_embeddings=t.max_position_embeddings)
-    model, tok = load_vlm(cfg.path, shape)
+    model, tok = load_vlm(cfg.path, shape, extra_tokens)  # extra_tokens: the tiny tokenizer's tool-call tags
     model = model.to(device=device, dtype=DTYPES[cfg.dtype])
     model.model.visual.requires_grad_(train_vision)
     model.config.use_cache = False
+    if cfg.lora.r > 0:  # a fresh adapter on the language model; the tower stays frozen (`models.lora`)
+        from longrl.models.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora)
     return model, tok

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from longrl.config import Config, phase_lr
+from longrl.config import Config, phase_lr, rl_lr
 from longrl.data.example import Example
 from longrl.data.registry import TaskData
 from longrl.eval.accuracy import decode_response
@@ -43,8 +43,9 @@ from longrl.rl.advantages import constant_groups, group_advantages, overlong_sof
 from longrl.rl.losses import policy_loss
 from longrl.rollout.april import AprilScheduler, offpolicy_mask, tis_weights
 from longrl.rollout.base import RolloutBackend, SamplingParams, rows_to_requests
-from longrl.rollout.episodes import AprilEpisodes, NoTools, TurnLimits, episode_metrics, model_text, run_episodes
-from longrl.streambp.logprobs import make_batch
+from longrl.rollout.episodes import (AprilEpisodes, NoTools, TurnLimits, episode_example, episode_metrics, model_text,
+                                     run_episodes)
+from longrl.streambp.logprobs import make_batch, row_separable
 
 
 @dataclass
@@ -119,7 +120,7 @@ def init_state(model, cfg: Config, n_train: int, backend: RolloutBackend | None 
                episodes: AprilEpisodes | None = None) -> GRPOState:
     """Optimizer, schedule, sampler, data position; with rollout.partial, APRIL's scheduler
     on `backend` (which must support submit/step/abort), running `episodes` (multi-turn)."""
-    lr = phase_lr(cfg, cfg.rl.lr, adapters=has_lora(model))  # LoRA: model.lora.lr_scale x rl.lr
+    lr = phase_lr(cfg, rl_lr(cfg), adapters=has_lora(model))  # LoRA: model.lora.lr_scale x rl.lr (0: by the model)
     optimizer = make_optimizer(model, lr, cfg.train.weight_decay, shard=cfg.parallel.zero_optimizer)
     scheduler = make_scheduler(optimizer, cfg.rl.warmup_steps, cfg.rl.steps, decay=False)
     # Data-parallel ranks share the prompt order but sample with their own streams.
@@ -183,7 +184,7 @@ def rollout(policy: Policy, backend: RolloutBackend, examples: list[Example], ta
         env = task.environment or NoTools()
         eps = run_episodes(backend, mine_requests, env, [examples[j] for j, _ in runs], sampling, sampler,
                            turn_limits(cfg), policy.tokenizer)
-        b_examples = [examples[i // G] for i in mine]
+        b_examples = [episode_example(examples[i // G], e.media) for i, e in zip(mine, eps)]  # + a tool's media
         b_prompts = [requests[i // G].prompt_ids for i in mine]
         part = _score(task, cfg, b_examples, b_prompts, [e.response_ids for e in eps], [e.logprobs for e in eps],
                       [[version] * len(e.response_ids) for e in eps], [e.finish_reason for e in eps],
@@ -385,14 +386,18 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
 
     # Old (and reference) log-probs from the trainer, before any update; the engine's own
     # log-probs are only compared (and used for TIS weights), never trusted as "old".
+    # Exactly on-policy, the old log-probs are the update pass's own, detached: no pass here.
+    skip_old = on_policy_update(cfg)
     old, ref, is_w, gap_sum, gap_n, n_dropped = {}, {}, {}, 0.0, 0, 0
     mb_examples = [[roll.examples[i] for i in rows.tolist()] for rows in micro]  # a video row needs its example
     for k, rows in enumerate(micro):
         mb = b_batch[rows]
         width = mb.input_ids.shape[1]
-        old[k] = policy.logprobs(mb, mb_examples[k])  # [b, T]
         if state.reference is not None:
             ref[k] = reference_logprobs(policy, state.reference, mb, mb_examples[k])
+        if skip_old:
+            continue
+        old[k] = policy.logprobs(mb, mb_examples[k])  # [b, T]
         behaviour = b_behaviour[rows, :width]  # [b, T]
         if cfg.rollout.offpolicy == "tis":
             is_w[k] = tis_weights(old[k], behaviour, cfg.rollout.tis_clip)
@@ -411,11 +416,22 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
             mb = b_batch[rows]
             adv = b_adv[rows].to(device)
 
-            def loss_fn(logp, mb=mb, adv=adv, k=k):
-                return policy_loss(logp, old[k], adv, mb.mask, normalizer=normalizer, loss_agg=rcfg.loss_agg,
-                                   kind=rcfg.loss, clip_low=rcfg.clip_low, clip_high=rcfg.clip_high,
-                                   ref_logprobs=ref.get(k), kl_coef=rcfg.kl_coef, kl_estimator=rcfg.kl_estimator,
-                                   is_weights=is_w.get(k))
+            behaviour = b_behaviour[rows, : mb.input_ids.shape[1]]  # [b, T]
+
+            @row_separable  # every term is one row's, the normaliser fixed for the step
+            def loss_fn(logp, mb=mb, adv=adv, k=k, behaviour=behaviour):
+                o = old[k] if k in old else logp.detach()  # [b, T]; on-policy: ratio exactly 1
+                w = is_w.get(k)
+                if k not in old and cfg.rollout.offpolicy == "tis":
+                    w = tis_weights(o, behaviour, cfg.rollout.tis_clip)
+                loss, m = policy_loss(logp, o, adv, mb.mask, normalizer=normalizer, loss_agg=rcfg.loss_agg,
+                                      kind=rcfg.loss, clip_low=rcfg.clip_low, clip_high=rcfg.clip_high,
+                                      ref_logprobs=ref.get(k), kl_coef=rcfg.kl_coef, kl_estimator=rcfg.kl_estimator,
+                                      is_weights=w)
+                if k not in old:  # the engine/trainer gap, per valid token (token-weighted below)
+                    on = mb.mask != 0
+                    m["logprob/engine_trainer_gap"] = float(((behaviour - o).abs() * on).sum()) / max(1, int(on.sum()))
+                return loss, m
 
             _, m, _ = policy.loss_and_backward(mb, mb_examples[k], loss_fn)
             w = m.pop("tokens/valid", 0.0)
@@ -433,15 +449,28 @@ def grpo_step(policy: Policy, backend: RolloutBackend, task: TaskData, cfg: Conf
     n_tok, n_ep = max(1.0, sums.pop("_tokens", 1.0)), rcfg.ppo_epochs
     for key, v in sums.items():
         metrics[key] = v / n_ep if key.startswith("loss/") else v / n_tok
+    if not skip_old:
+        metrics["logprob/engine_trainer_gap"] = gap_sum / max(1, gap_n)
     metrics.update({
         "advantage/abs_mean": float(b_adv.abs().mean()),
-        "logprob/engine_trainer_gap": gap_sum / max(1, gap_n),
         "rollout/mismatch_masked_frac": n_dropped / B,
         "grad/norm": grad_norm, "lr": lr,
         "train/skipped_steps": skipped_steps(state.optimizer), "train/no_signal_steps": no_signal_steps(state.optimizer),
         "time/rollout": t_rollout, "time/train": time.time() - t1, "time/step": time.time() - t0,
     })
     return reduce_metrics(metrics)
+
+
+def on_policy_update(cfg: Config) -> bool:
+    """Is the update pass's own log-probs, detached, exactly the old log-probs? Then the separate
+    no-grad old pass is skipped (as TRL does on-policy): the ratio is exactly 1 and the gradient
+    the same. Yes with one PPO epoch (one optimizer step per rollout batch: the weights the pass
+    runs are those the old pass would have run) unless something reads the old log-probs
+    before the update: engine-mismatch masking (rollout.mismatch_threshold) drops responses
+    from the loss by them. APRIL (rollout.partial) keeps the pass too: its samples come from
+    older policies, and we keep the proven path there. TIS weights and the engine/trainer gap
+    are computed inside the pass from the same numbers."""
+    return cfg.rl.ppo_epochs == 1 and cfg.rollout.mismatch_threshold == 0 and not cfg.rollout.partial
 
 
 def no_update(model, backend, cfg: Config, state: GRPOState, metrics: dict, t0: float, t_rollout: float) -> dict:

@@ -1,7 +1,9 @@
 """The main job: CoT-SFT, then GRPO, with held-out accuracy after each phase.
 
     load task -> build/load policy -> SFT -> eval -> checkpoint step_0
-             -> GRPO steps (eval every rl.eval_every, checkpoint every run.save_every)
+             -> GRPO steps (eval every rl.eval_every, checkpoint every run.save_every), up to
+                rl.steps or, with rl.stop_when_flat, the first window where training reward and
+                held-out accuracy are both flat
              -> eval -> final checkpoint -> summary.json, curves.png
 
 `resume=runs/<name>` reloads the newest `checkpoints/step_<N>/` (weights, optimizer,
@@ -20,14 +22,15 @@ import torch
 
 from longrl.checkpoint import (DCP_DIR, latest_checkpoint, load_sharded_state, load_trainer_state, save_checkpoint,
                               save_sharded_checkpoint)
-from longrl.config import (Config, config_to_dict, config_to_yaml, eval_cadence, lora_sft, resolve_response_budgets,
-                           response_budget)
+from longrl.config import (PLATEAU_DELTA, PLATEAU_WINDOW, Config, config_to_dict, config_to_yaml, eval_cadence, lora_sft,
+                           resolve_response_budgets, resolve_rl_lr, response_budget)
 from longrl.errors import UserError
 from longrl.eval.accuracy import evaluate
 from longrl.metrics import MetricsLog, Progress, plot_curves
 from longrl.models.load import load_policy
 from longrl.parallel import dist, fsdp
 from longrl.parallel.sp_train import check_sp_model
+from longrl.recipes.common import reward_plateau
 from longrl.recipes.dpo import check_preference_data, dpo_step
 from longrl.models import lora
 from longrl.recipes.grpo import (DataCursor, GRPOState, april_episodes, grpo_step, init_state, make_reference,
@@ -61,6 +64,7 @@ def train(cfg: Config) -> dict:
     if cfg.resume:
         cfg, run_dir, resume_ckpt = _resume_config(cfg.resume, cfg)
     cfg.rl.eval_every = eval_cadence(cfg)  # -1: a third of rl.steps; resolved here, written to config.yaml
+    lr_line = resolve_rl_lr(cfg)  # rl.lr=0: by the model; resolved here, written to config.yaml
     ctx = dist.init_from_env()  # torchrun: one process per rank; otherwise a single process
     if cfg.parallel.fsdp:
         fsdp.check_world(ctx.world if ctx.backend else None)
@@ -92,8 +96,9 @@ def train(cfg: Config) -> dict:
         task = with_environment(task, cfg, tokenizer)  # tools: their environment (needs the tokenizer's tags)
         policy, backend = as_policy(model, tokenizer), make_backend(cfg, model, tokenizer)
         budgets = derive_response_budgets(cfg, task, tokenizer)  # before config.yaml: it holds the numbers
-        if budgets and main:
-            print(budgets)
+        for line in (budgets, lr_line, rl_length_line(cfg)):
+            if line and main:
+                print(line)
         warning = demonstration_length_warning(task, tokenizer, cfg) if main else None
         if warning:
             print(warning, file=sys.stderr)
@@ -171,25 +176,34 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
     bar = Progress(cfg.rl.steps, cfg.rl.algorithm, cfg.run.progress, cfg.run.log_every, enabled=main,
                    initial=state.step)
     t_rl, zero_rewards = time.time(), 0
-    while state.step < cfg.rl.steps:
+    # The plateau rule's input, checkpointed: reward/mean of every RL step, held-out accuracy by step.
+    history = results.setdefault("rl_history", {"reward": [], "held_out": {0: results["accuracy_after_sft"]}})
+    stop = results.get("rl_stop") if cfg.rl.stop_when_flat else None  # a resumed run that had stopped stays stopped
+    while state.step < cfg.rl.steps and not stop:
         metrics = step_fn(policy, backend, task, cfg, state)
         metrics.update(policy.step_metrics())  # e.g. video encodes run / saved this step
         zero_rewards = zero_rewards + 1 if metrics.get("reward/mean", 1.0) == 0 else 0
         if zero_rewards == ZERO_REWARD_STEPS and main:
             print(zero_reward_warning(state.step, zero_rewards), file=sys.stderr)
         step = state.step
-        if cfg.rl.eval_every and step % cfg.rl.eval_every == 0 and step < cfg.rl.steps:
+        if (cfg.rl.eval_every and step % cfg.rl.eval_every == 0) or step == cfg.rl.steps:
             metrics.update(held_out(step))
-        if step == cfg.rl.steps:
-            final = held_out(step)
-            metrics.update(final)
-            results["accuracy_after_rl"] = final["eval/accuracy"]
-            results["eval_after_rl"] = _split_metrics(final)
+        flat = plateau(cfg, history, metrics, step)
+        last = step == cfg.rl.steps or flat is not None
+        if flat:
+            stop = results["rl_stop"] = f"stopped at RL step {step} of at most {cfg.rl.steps}: {flat}"
+            if main:
+                print(f"longrl: {stop}")
+        if last:
+            if "eval/accuracy" not in metrics:  # stopped between held-out points (rl.eval_every set by hand)
+                metrics.update(held_out(step))
+            results["accuracy_after_rl"] = metrics["eval/accuracy"]
+            results["eval_after_rl"] = _split_metrics(metrics)
         log({"phase": "rl", "step": step, **metrics})
         if "eval/accuracy" in metrics:
             redraw()
         bar.update(step, metrics)
-        if step % cfg.run.save_every == 0 or step == cfg.rl.steps:
+        if step % cfg.run.save_every == 0 or last:
             results["wall_seconds"] = wall0 + time.time() - t_start
             checkpoint(run_dir, step, model, tokenizer, state, results, cfg)
     bar.close()
@@ -204,7 +218,8 @@ def _run(cfg, task, load, as_policy, policy, backend, run_dir, resume_ckpt, devi
         "accuracy_after_sft": results["accuracy_after_sft"],
         "accuracy_after_rl": results["accuracy_after_rl"],
         "rl_gain": results["accuracy_after_rl"] - results["accuracy_after_sft"],
-        "rl_steps": cfg.rl.steps,
+        "rl_steps": state.step,
+        "rl_stop": results.get("rl_stop"),
         "sft_steps": cfg.sft.steps,
         "n_eval": len(task.eval),
         "wall_seconds": wall0 + time.time() - t_start,  # the whole run, across resumes
@@ -280,6 +295,29 @@ def _saved_rank_state(saved: dict, ckpt: Path, cfg: Config) -> dict:
     return {**ranks[0], "sampler": torch.Generator().manual_seed(cfg.train.seed + 1 + dist.rank()).get_state()}
 
 
+def rl_length_line(cfg: Config) -> str | None:
+    """The line a run reports at its start when rl.stop_when_flat may end it early."""
+    if not cfg.rl.stop_when_flat or cfg.rl.dpo_rounds > 1 or cfg.rl.steps < 2 * PLATEAU_WINDOW:
+        return None
+    return (f"longrl: rl.steps = {cfg.rl.steps} at most: from step {2 * PLATEAU_WINDOW}, at every "
+            f"{PLATEAU_WINDOW}-step window's end, RL stops once neither the training reward (mean of the window's "
+            f"last {PLATEAU_WINDOW // 2} steps) nor the held-out accuracy is {PLATEAU_DELTA:g} above its best "
+            "earlier value; rl.stop_when_flat=false runs exactly rl.steps")
+
+
+def plateau(cfg: Config, history: dict, metrics: dict, step: int) -> str | None:
+    """Record this step's training reward and held-out accuracy; the plateau rule's reason to
+    stop here, or None. Off for multi-round DPO (a round must end where it merges) and when the
+    history has a gap (a checkpoint from before the history was kept)."""
+    if "reward/mean" in metrics:
+        history["reward"].append(float(metrics["reward/mean"]))
+    if "eval/accuracy" in metrics:
+        history["held_out"][step] = float(metrics["eval/accuracy"])
+    if not cfg.rl.stop_when_flat or cfg.rl.dpo_rounds > 1 or len(history["reward"]) != step:
+        return None
+    return reward_plateau(history["reward"], history["held_out"], PLATEAU_WINDOW, PLATEAU_DELTA)
+
+
 ZERO_REWARD_STEPS = 5
 """RL steps in a row with reward 0 on every sample before `longrl train` warns (once per streak)."""
 
@@ -351,8 +389,11 @@ def load_task_and_policy(cfg: Config, device=None):
         task = video_task.load_video_task(cfg, answer_scorer("mcq" if cfg.reward.correctness in ("auto", "judge")
                                                              else cfg.reward.correctness, cfg.reward.extract))
 
-        def load(model_cfg, device):
-            return load_video_policy(model_cfg, device, train_vision=cfg.video.train_vision)
+        from longrl.models.tiny import TOOL_TOKENS
+
+        def load(model_cfg, device):  # tools.enabled: the tiny tokenizer gets one token per tool-call tag
+            return load_video_policy(model_cfg, device, train_vision=cfg.video.train_vision,
+                                     extra_tokens=tuple(TOOL_TOKENS) if cfg.tools.enabled else ())
 
         def as_policy(model, tok):
             return VideoPolicy(model, tok, task, cfg)

@@ -26,7 +26,9 @@ width: the no-grad passes to save padding, and the 'chunked' training pass
 (`row_groups_backward`) so that only one group's activations exist at a time. Step 1 then runs
 over the whole batch first (or is handed the log-probs: GRPO's old log-probs, same weights),
 g is taken once, and each group back-propagates sum(logp * g): exact for any loss of the
-whole batch, one no-grad forward more than a single pass unless handed the log-probs.
+whole batch, one no-grad forward more than a single pass unless handed the log-probs. A loss
+marked `row_separable` (a sum of per-row terms) needs neither: each group takes g at its own
+rows right after its forward (`separable_groups_backward`).
 """
 
 from __future__ import annotations
@@ -280,8 +282,12 @@ def row_groups_backward(model, batch: TokenBatch, loss_fn: LossFn, *, chunk: int
       3. per row group: body forward with grad, `head_backward` with that group's g, body
          backward. Rows without a masked target are never run.
 
-    Costs one no-grad forward more than the single-pass backward unless `logprobs` is given.
+    Costs one no-grad forward more than the single-pass backward unless `logprobs` is given
+    or `loss_fn` is marked `row_separable` (then `separable_groups_backward`, no such pass).
     Returns (loss, metrics, logprobs [B, T])."""
+    if logprobs is None and getattr(loss_fn, "row_separable", False):
+        return separable_groups_backward(model, batch, loss_fn, chunk=chunk, temperature=temperature,
+                                         max_tokens=max_tokens)
     if logprobs is None:
         logprobs = sequence_logprobs(model, batch, chunk, temperature, max_tokens)  # [B, T]
     loss, metrics, g = loss_grad(loss_fn, logprobs)
@@ -292,6 +298,39 @@ def row_groups_backward(model, batch: TokenBatch, loss_fn: LossFn, *, chunk: int
         width = sub.input_ids.shape[1]
         hidden.backward(head_backward(hidden, weight, bias, sub.targets, sub.mask, g[rows, :width], chunk, temperature))
     return loss, metrics, logprobs
+
+
+def row_separable(loss_fn: LossFn) -> LossFn:
+    """Mark `loss_fn` as a sum of per-row terms: dL/dlogp at row i depends on row i's log-probs
+    only (GRPO's token losses once the step's normaliser is fixed, with the old log-probs the
+    rows' own, detached). A row-grouped training pass then needs no no-grad pass first."""
+    loss_fn.row_separable = True
+    return loss_fn
+
+
+def separable_groups_backward(model, batch: TokenBatch, loss_fn: LossFn, *, chunk: int, temperature: float,
+                              max_tokens: int):
+    """`row_groups_backward` for a `row_separable` loss: each row group runs once (body forward
+    with grad, its log-probs from the detached hidden states, g at its rows, head and body
+    backward), so no group waits for the whole batch's log-probs. g at a group's rows is taken
+    on a [B, T] buffer holding the log-probs found so far: by separability the other rows'
+    values (zeros for the groups not yet run) do not enter it. The loss and metrics are those
+    of the whole buffer at the end. Returns (loss, metrics, logprobs [B, T])."""
+    weight, bias = lm_head_params(model)
+    logp = torch.zeros(batch.mask.shape, device=batch.mask.device,
+                       dtype=torch.promote_types(weight.dtype, torch.float32))  # [B, T]
+    for rows in row_groups(batch, max_tokens):
+        sub = batch[rows]  # cut to the group's width
+        width = sub.input_ids.shape[1]
+        hidden = final_hidden(model, sub.input_ids)  # [b, w, D]
+        logp[rows, :width] = chunked_logprobs(hidden.detach(), weight, bias, sub.targets, sub.mask, chunk,
+                                              temperature)
+        _, _, g = loss_grad(loss_fn, logp)  # [B, T]; exact at `rows`
+        hidden.backward(head_backward(hidden, weight, bias, sub.targets, sub.mask, g[rows, :width], chunk, temperature))
+    with torch.no_grad():
+        out = loss_fn(logp)
+    loss, metrics = out if isinstance(out, tuple) else (out, {})
+    return loss.detach(), metrics, logp
 
 
 def streambp_loss_and_backward(
