@@ -14,3 +14,28 @@ def assert_close(chosen, tol, where=("world",)):
         bad = {k: v for k, v in r["errs"].items() if not v <= tol}
         place = " ".join(f"{k}={r.get(k)}" for k in where)
         assert not bad, f"{r['kind']} {place} rank={r['rank']}: {bad}"
+
+
+def torchrun_train(nproc, *overrides, timeout=300):
+    """`torchrun --nproc-per-node nproc -m longrl train ...` on a free port, one thread per
+    process; fails the calling test (with the end of stderr) unless it exits 0."""
+    import os
+    import subprocess
+    import sys
+
+    from longrl.parallel.local_spawn import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(free_port()), "-m", "longrl", "train", *overrides]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def metric_records(run, phase=None, drop=("time/",)):
+    """A run directory's metrics.jsonl records (of `phase`, or all), without keys starting
+    with `drop` (timings differ between two otherwise equal runs)."""
+    import json
+
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in recs if phase is None or r["phase"] == phase]

@@ -25,9 +25,10 @@ import pytest
 import torch
 
 from longrl.cli import main
-from longrl.parallel.local_spawn import free_port, spawn_local
+from longrl.parallel.local_spawn import spawn_local
 
-from _records import assert_close as _assert_close, select as _select  # noqa: E402
+from _records import assert_close as _assert_close, metric_records, select as _select  # noqa: E402
+from _records import torchrun_train as _torchrun  # noqa: E402
 
 WORKER = Path(__file__).with_name("_worker_fsdp.py")
 TOL = {"torch.float64": 1e-10, "torch.float32": 1e-5}
@@ -147,17 +148,8 @@ TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.inte
         "run.progress=false", "parallel.fsdp=true"]
 
 
-def _torchrun(nproc, *overrides):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(free_port()), "-m", "longrl", "train", *overrides]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
 def _records(run):
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in recs]
+    return metric_records(run)
 
 
 def _crash_after_step_2(full, crashed):

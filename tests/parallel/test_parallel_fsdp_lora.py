@@ -14,18 +14,14 @@
   rl.algorithm=dpo rl.dpo_rounds=2` (full SFT, then two DPO rounds, each merged in place):
   stopped after its step-2 checkpoint, it resumes to the same metrics and weights.
 """
-import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from longrl.parallel.local_spawn import free_port
 
-from _records import assert_close as _assert_close, select as _select  # noqa: E402
+from _records import assert_close as _assert_close, metric_records, select as _select  # noqa: E402
+from _records import torchrun_train as _torchrun  # noqa: E402
 
 pytest.importorskip("peft")
 
@@ -99,17 +95,8 @@ TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.inte
         "rl.dpo_rounds=2"]
 
 
-def _torchrun(nproc, *overrides):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(free_port()), "-m", "longrl", "train", *overrides]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
 def _rl_records(run):
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in recs if r["phase"] == "rl"]
+    return metric_records(run, "rl")
 
 
 @pytest.mark.slow

@@ -11,11 +11,7 @@
   (`model.lora.r=4`): stopped after its step-2 checkpoint, it resumes to the same metrics
   and weights.
 """
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,9 +19,9 @@ import torch
 
 pytest.importorskip("av", reason="video tests need PyAV (pip install -e '.[video]')")
 
-from longrl.parallel.local_spawn import free_port  # noqa: E402
 
-from _records import assert_close, select as _select  # noqa: E402
+from _records import assert_close, metric_records, select as _select  # noqa: E402
+from _records import torchrun_train as _torchrun  # noqa: E402
 
 WORKER = Path(__file__).with_name("_worker_fsdp_video.py")
 TOL = 1e-10  # float64
@@ -90,17 +86,8 @@ TINY = ["task.name=videos", "task.n_train=6", "task.n_eval=2", "task.kwargs.kind
         "rollout.max_new_tokens=6", "eval.max_new_tokens=6", "run.progress=false", "parallel.fsdp=true"]
 
 
-def _torchrun(nproc, *overrides):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(free_port()), "-m", "longrl", "train", *overrides]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
 def _rl_records(run):
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "video/"))} for r in recs if r["phase"] == "rl"]
+    return metric_records(run, "rl", drop=("time/", "video/"))
 
 
 # LoRA: full SFT long enough that rewards vary (the adapter starts at B = 0, so a step whose
