@@ -39,3 +39,17 @@ def metric_records(run, phase=None, drop=("time/",)):
 
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in recs if phase is None or r["phase"] == phase]
+
+
+def crash_after_step_2(full, crashed, records: int = 1):
+    """A copy of the finished run `full` at `crashed` as if it had died after its step-2
+    checkpoint: the step-4 checkpoint, the last `records` metrics records (those of the steps
+    after 2) and summary.json removed. Returns `crashed`."""
+    import shutil
+
+    shutil.copytree(full, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step_4")
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(lines[:-records]) + "\n")
+    (crashed / "summary.json").unlink()
+    return crashed

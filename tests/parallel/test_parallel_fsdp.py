@@ -16,7 +16,6 @@
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from longrl.cli import main
 from longrl.parallel.local_spawn import spawn_local
 
 from _records import assert_close as _assert_close, metric_records, select as _select  # noqa: E402
-from _records import torchrun_train as _torchrun  # noqa: E402
+from _records import crash_after_step_2 as _crash_after_step_2, torchrun_train as _torchrun  # noqa: E402
 
 WORKER = Path(__file__).with_name("_worker_fsdp.py")
 TOL = {"torch.float64": 1e-10, "torch.float32": 1e-5}
@@ -150,15 +149,6 @@ TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.inte
 
 def _records(run):
     return metric_records(run)
-
-
-def _crash_after_step_2(full, crashed):
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "step_4")
-    lines = (crashed / "metrics.jsonl").read_text().splitlines()
-    (crashed / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # the step-4 record
-    (crashed / "summary.json").unlink()
-    return crashed
 
 
 def _weights(run, step=4):

@@ -14,14 +14,13 @@
   rl.algorithm=dpo rl.dpo_rounds=2` (full SFT, then two DPO rounds, each merged in place):
   stopped after its step-2 checkpoint, it resumes to the same metrics and weights.
 """
-import shutil
 
 import pytest
 import torch
 
 
 from _records import assert_close as _assert_close, metric_records, select as _select  # noqa: E402
-from _records import torchrun_train as _torchrun  # noqa: E402
+from _records import crash_after_step_2, torchrun_train as _torchrun  # noqa: E402
 
 pytest.importorskip("peft")
 
@@ -116,12 +115,7 @@ def test_torchrun_fsdp_lora_dpo_rounds_resume_exactly(tmp_path):
     assert merged.keys() == step0.keys() and not any("lora_" in k or "base_layer" in k for k in merged)
     assert any(not torch.equal(merged[k], step0[k]) for k in merged)  # the rounds' adapters, merged
 
-    crashed = tmp_path / "crashed"
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "step_4")
-    lines = (crashed / "metrics.jsonl").read_text().splitlines()
-    (crashed / "metrics.jsonl").write_text("\n".join(lines[:-2]) + "\n")  # the step-3 and step-4 records
-    (crashed / "summary.json").unlink()
+    crashed = crash_after_step_2(full, tmp_path / "crashed", records=2)  # the step-3 and step-4 records
     _torchrun(2, f"resume={crashed}", "run.progress=false")
     assert _rl_records(crashed) == recs
     for name in ("model.safetensors", lora.BASE_FILE, f"{lora.ADAPTER_DIR}/adapter_model.safetensors"):

@@ -11,7 +11,6 @@
   (`model.lora.r=4`): stopped after its step-2 checkpoint, it resumes to the same metrics
   and weights.
 """
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ pytest.importorskip("av", reason="video tests need PyAV (pip install -e '.[video
 
 
 from _records import assert_close, metric_records, select as _select  # noqa: E402
-from _records import torchrun_train as _torchrun  # noqa: E402
+from _records import crash_after_step_2, torchrun_train as _torchrun  # noqa: E402
 
 WORKER = Path(__file__).with_name("_worker_fsdp_video.py")
 TOL = 1e-10  # float64
@@ -118,12 +117,7 @@ def test_torchrun_fsdp_video_run_trains_and_resumes_exactly(tmp_path, extra):
         assert load_file(full / "checkpoints" / "step_4" / "model.safetensors")
         return
 
-    crashed = tmp_path / "crashed"
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "step_4")
-    lines = (crashed / "metrics.jsonl").read_text().splitlines()
-    (crashed / "metrics.jsonl").write_text("\n".join(lines[:-2]) + "\n")  # the step-3 and step-4 records
-    (crashed / "summary.json").unlink()
+    crashed = crash_after_step_2(full, tmp_path / "crashed", records=2)  # the step-3 and step-4 records
     _torchrun(2, f"resume={crashed}", "run.progress=false")
     assert _rl_records(crashed) == recs
     want = load_file(full / "checkpoints" / "step_4" / "model.safetensors")
