@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from longrl.models import vlm_rope
 from longrl.models.compat import cache_kwargs
 from longrl.errors import UserError
 from longrl.rollout.sampling import sample_next
@@ -292,8 +293,6 @@ def mrope_position_ids(model, input_ids: torch.Tensor, video: VideoEmbeds,
     """
     if video.keep is not None:
         return _reduced_positions(model, input_ids, video, attention_mask)
-    from longrl.models import vlm_rope
-
     if vlm_rope.numbering(model) == "vllm":  # rollouts on vLLM: number as the engine does (models/vlm_rope.py)
         return vlm_rope.vllm_rope_index(model.config, input_ids, video_token_mask(model, input_ids, video.n_tokens),
                                         video.grid_thw, attention_mask)
