@@ -77,11 +77,14 @@ def _request(positions_rule: str):
 def test_engine_prompt_carries_the_cached_embeddings_and_grid():
     req, video = _request("vllm")
     p = engine_prompt(req, CONFIG)
-    assert p["prompt_token_ids"] == req.prompt_ids
+    # One pad where the policy's prompt has the video's 8: vLLM's processor expands it to 8 again.
+    assert p["prompt_token_ids"] == [1, 2, PAD, 3, 4] and len(req.prompt_ids) == 12
     v = p["multi_modal_data"]["video"]
     assert set(v) == {"video_embeds", "video_grid_thw"}
     assert torch.equal(v["video_embeds"], video.embeds) and v["video_grid_thw"].tolist() == [[2, 4, 4]]
     assert engine_prompt(RolloutRequest([5, 6], 1), CONFIG) == {"prompt_token_ids": [5, 6]}
+    with pytest.raises(ValueError, match="config"):  # a video's pad id and grid rule come from it
+        engine_prompt(req, None)
 
 
 def test_engine_prompt_refuses_positions_vllm_would_not_use_and_reduced_videos():

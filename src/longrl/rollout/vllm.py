@@ -93,6 +93,7 @@ class VLLMBackend:
             _require_vllm_vlm()
             mm = {"enable_mm_embeds": True, "limit_mm_per_prompt": {"image": 0, "video": 0},
                   "skip_tokenizer_init": False}  # limit 0 + embeds: no vision tower in the engine
+        _require_cpu_head_size(model.config)
         self.temperature = cfg.rollout.temperature if cfg is not None else 1.0
         self.top_p = cfg.rollout.top_p if cfg is not None else 1.0
         if cfg is not None:
@@ -173,6 +174,9 @@ class VLLMBackend:
         outs = self.llm.generate([engine_prompt(r, self._config) for r in requests], params, use_tqdm=False)
         gens, enders = [], (self.eos_id, *sampling.stop_ids)
         for r, out in zip(requests, outs):
+            if r.media is not None and list(out.prompt_token_ids) != list(r.prompt_ids):
+                raise RuntimeError("vLLM expanded the video prompt differently from the policy's "
+                                   f"({len(out.prompt_token_ids)} ids, the policy's {len(r.prompt_ids)})")
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 gens.append(Generation(ids, _token_logprobs(ids, c.logprobs), _finish(c.finish_reason, ids, enders)))
@@ -248,10 +252,29 @@ def _save_for_engine(model, tokenizer, out_dir: str) -> None:
             seen.add(key)
             unique[k] = v
     model.config.save_pretrained(out_dir)
+    _write_architecture(model, out_dir)
     save_file(unique, f"{out_dir}/model.safetensors", metadata={"format": "pt"})
     tokenizer.save_pretrained(out_dir)
     if hasattr(model.config, "vision_config"):
         write_processor_configs(model.config, out_dir)
+
+
+def _write_architecture(model, out_dir: str) -> None:
+    """`architectures` in the written config.json when the config lacks it (a model built in
+    code, like the tiny Qwen2.5-VL: `config.save_pretrained` then writes none, and vLLM guesses
+    the bare `Qwen2_5_VLModel`, a pooling model that cannot generate). The name is the model's
+    transformers class, under any LoRA or FSDP2 wrapping."""
+    import json
+
+    if getattr(model.config, "architectures", None):
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = next(c.__name__ for c in type(base).__mro__ if c.__module__.startswith("transformers."))
+    path = f"{out_dir}/config.json"
+    with open(path) as f:
+        body = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**body, "architectures": [name]}, f, indent=2)
 
 
 def _sync_state(model, state: dict) -> dict:
@@ -266,13 +289,18 @@ def _sync_state(model, state: dict) -> dict:
 
 def engine_prompt(request: RolloutRequest, config=None) -> dict:
     """A request as vLLM takes it: token ids, plus for a video the trainer's cached embeddings
-    (`video_embeds` [Nv, D], `video_grid_thw` [1, 3]). With the model's `config`, the
-    positions the policy trains with are checked to be the ones vLLM gives this prompt
-    (`models/vlm_rope.py`)."""
+    (`video_embeds` [Nv, D], `video_grid_thw` [1, 3]) and the prompt with ONE video pad where
+    the policy's has Nv: vLLM's Qwen2.5-VL processor expands each pad of a token prompt to
+    the video's Nv tokens itself (an already expanded prompt would get Nv - 1 extra pads, read
+    as text). The positions the policy trains with are checked to be the ones vLLM gives this
+    prompt (`models/vlm_rope.py`); `config`: the model's, needed for a video."""
     prompt = {"prompt_token_ids": list(request.prompt_ids)}
     if request.media is None:
         return prompt
     from longrl.models.vlm import VideoEmbeds
+
+    if config is None:
+        raise ValueError("a video request needs the model's config (its video pad id and grid rule)")
 
     video, positions = request.media.video, request.media.positions
     if not isinstance(video, VideoEmbeds):
@@ -280,15 +308,16 @@ def engine_prompt(request: RolloutRequest, config=None) -> dict:
                          "use rollout.backend=hf for video tools")
     if video.keep is not None:
         raise ValueError("a token-reduced video cannot go to vLLM (it places the whole grid): video.token_reduction=none")
-    if config is not None:
-        from longrl.models import vlm_rope
+    from longrl.models import vlm_rope
 
-        ids = torch.tensor([list(request.prompt_ids)])
-        expected = vlm_rope.vllm_rope_index(config, ids, ids == config.video_token_id, video.grid_thw)[:, 0]
-        if not torch.equal(expected, positions.cpu().long()):
-            raise ValueError("the video prompt's rotary positions are not vLLM's: number them with "
-                             "models.vlm_rope.set_numbering(model, 'vllm') (the video policy does under "
-                             "rollout.backend=vllm)")
+    ids = torch.tensor([list(request.prompt_ids)])
+    expected = vlm_rope.vllm_rope_index(config, ids, ids == config.video_token_id, video.grid_thw)[:, 0]
+    if not torch.equal(expected, positions.cpu().long()):
+        raise ValueError("the video prompt's rotary positions are not vLLM's: number them with "
+                         "models.vlm_rope.set_numbering(model, 'vllm') (the video policy does under "
+                         "rollout.backend=vllm)")
+    start = request.prompt_ids.index(config.video_token_id)  # vllm_rope_index checked: one contiguous run of Nv
+    prompt["prompt_token_ids"] = [*request.prompt_ids[: start + 1], *request.prompt_ids[start + video.n_tokens :]]
     prompt["multi_modal_data"] = {"video": {"video_embeds": video.embeds.detach(),
                                             "video_grid_thw": video.grid_thw.view(1, 3).long()}}
     return prompt
@@ -314,6 +343,27 @@ def write_processor_configs(config, out_dir: str) -> None:
     for name, body in files.items():
         with open(f"{out_dir}/{name}", "w") as f:
             json.dump(body, f, indent=1)
+
+
+def _require_cpu_head_size(config) -> None:
+    """On the CPU, a clear refusal for a head size vLLM's CPU attention has no kernel for (it
+    would fail only at the first request, deep in the engine): e.g. the 64-wide tiny VLM of
+    examples/video_grpo.yaml has 16-wide heads."""
+    if torch.cuda.is_available():
+        return
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # another vLLM build: nothing to check here
+        return
+    from longrl.errors import UserError
+
+    text = config.get_text_config()
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in sizes:
+        raise UserError(f"rollout.backend=vllm on the CPU: the model's head size {head} (hidden_size / num_heads) "
+                        f"has no vLLM CPU attention kernel (sizes {sizes}); e.g. model.tiny.hidden_size="
+                        f"{sizes[0] * text.num_attention_heads}, or rollout.backend=hf")
 
 
 def _require_vllm_vlm() -> None:
