@@ -63,6 +63,27 @@ def test_the_numbering_switch_reaches_the_models_positions():
         vlm_rope.set_numbering(model, "other")
 
 
+def test_the_numbering_is_saved_with_the_model(tmp_path):
+    """A checkpoint carries its numbering: evaluated later, the model numbers positions the
+    way it was trained (through a LoRA wrapper too, which shares the config)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from longrl.models.vlm import build_tiny_vlm, build_vlm_tokenizer
+
+    tok = build_vlm_tokenizer()
+    model = build_tiny_vlm(tok)
+    assert vlm_rope.numbering(model) == "transformers"
+    vlm_rope.set_numbering(model, "vllm")
+    model.save_pretrained(tmp_path / "m")
+    loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert vlm_rope.numbering(loaded) == "vllm"
+    assert vlm_rope.numbering(build_tiny_vlm(tok)) == "transformers"  # a fresh model: the default
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(build_tiny_vlm(tok), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    vlm_rope.set_numbering(wrapped, "vllm")
+    assert vlm_rope.numbering(wrapped.get_base_model()) == "vllm"
+
+
 def _request(positions_rule: str):
     ids = [1, 2] + [PAD] * 8 + [3, 4]
     video = VideoEmbeds(torch.randn(8, 16), torch.tensor([2, 4, 4]), 0.5)

@@ -23,6 +23,10 @@ engine then agree, and the vLLM backend checks each request's positions against
 numbering it is served with. Default ("transformers"): the model's own `get_rope_index`, so
 the passes match its ordinary forward (tests/models/test_models_vlm.py).
 
+The choice is kept in the model's config (`longrl_rope_numbering`), so a checkpoint's
+config.json carries it: `longrl eval` of a model trained on vLLM numbers its prompts the way
+it was trained whichever backend evaluates it.
+
 Letters: B rows, T columns, Nv video tokens, (t, h, w) the merged grid.
 """
 
@@ -31,19 +35,20 @@ from __future__ import annotations
 import torch
 
 NUMBERINGS = ("transformers", "vllm")
-_ATTR = "_longrl_rope_numbering"
+CONFIG_KEY = "longrl_rope_numbering"
+"""The config attribute (and config.json key) that holds a model's numbering."""
 
 
 def set_numbering(model, numbering: str) -> None:
-    """Choose the rule `models.vlm.mrope_position_ids` uses for this model (not saved with it)."""
+    """Choose the rule `models.vlm.mrope_position_ids` uses for this model; saved with its
+    config (a LoRA or FSDP2 wrapper shares the base model's config object)."""
     if numbering not in NUMBERINGS:
         raise ValueError(f"rope numbering {numbering!r}: one of {NUMBERINGS}")
-    # On the innermost model: a LoRA (peft) wrapper reads missing attributes through to it.
-    setattr(model.get_base_model() if hasattr(model, "get_base_model") else model, _ATTR, numbering)
+    setattr(model.config, CONFIG_KEY, numbering)
 
 
 def numbering(model) -> str:
-    return getattr(model, _ATTR, "transformers")
+    return getattr(model.config, CONFIG_KEY, "transformers")
 
 
 def merged_grid(config, grid_thw: torch.Tensor) -> tuple[int, int, int]:
