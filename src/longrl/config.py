@@ -465,6 +465,12 @@ class VideoConfig:
     half its tokens; on the example task at 32 frames (58% kept) RL reached the unreduced
     accuracy on 2 of 3 seeds, the threshold alone (26% kept) on none (BENCHMARKS.md). 0: no
     limit, the threshold alone (an hour-long still video then keeps ~0.1%)."""
+    proportional_attention: bool = True
+    """With token_reduction=diff: each kept token's attention logits as a key get + log(the
+    number of unreduced tokens it stands for), so a patch keeps about the attention mass of
+    its dropped copies (ToMe's proportional attention; `media/reduce.py`). Costs an additive
+    [T, T] mask per prompt in the language model's passes (under SP every rank holds the
+    whole rows' mask)."""
 
 
 @dataclass

@@ -32,7 +32,10 @@ activations once, its KV cache repeated to the rows) and `streambp` on whole row
 `parallel.sp_size` P, Ulysses on whole rows (T/P tokens per rank, the all-to-all's full
 sequence for H/P heads). `--video-keep` is the fraction of video tokens token reduction
 keeps (content-dependent: the planner cannot know it; measure it with the bench); with
-token reduction on, at least 1 / (1 + `video.max_unseen`) (the refresh).
+token reduction on, at least 1 / (1 + `video.max_unseen`) (the refresh). Proportional
+attention (`video.proportional_attention`, with reduction) adds its additive masks:
+`_bias_masks` (a [P, P] one per prompt prefill, [b, R, T] for the responses; whole rows'
+[T, T] per row under SP; float instead of boolean chunk masks under StreamBP).
 
 Checked against measured peaks on a CPU (peak resident growth per rank): the long-video
 bench's rows at 256 / 1,024 / 3,600 frames are within 0.85-1.06 of the estimate
@@ -336,6 +339,24 @@ def _update(cfg: Config, shape: ModelShape, s: StepShape, b: int, act: int, chun
     return acts + ulysses + logits + rows_embeds + tokens * 2 * D * act  # + the gradient flowing down
 
 
+def _bias_masks(cfg: Config, shape: ModelShape, s: StepShape, b: int, act: int, chunk: int, mode: str) -> dict:
+    """Bytes of proportional attention's additive masks per phase (`models.vlm.bias_mask`:
+    the float mask plus its boolean `allowed` while it is built); 0 without it."""
+    if not (shape.is_vlm and cfg.video.token_reduction != "none" and cfg.video.proportional_attention):
+        return {"rollout": 0, "logprobs": 0, "update": 0}
+    P, R, T, sp = s.prompt_len, s.response_len, s.seq, cfg.parallel.sp_size
+    prefill = P * P * (act + 1)
+    if sp > 1:  # every rank holds the whole padded rows' [T, T] mask (Ulysses applies it after the all-to-all)
+        rows = b * (-(-T // sp) * sp) ** 2 * (act + 1)
+        return {"rollout": prefill, "logprobs": rows, "update": rows}
+    responses = b * R * T * (act + 1)
+    if mode == "streambp":  # each chunk's mask is float, not boolean
+        update = b * min(chunk, T) * T * (act - 1)
+    else:  # the prompt's mask is kept for the backward of every layer (one tensor), the rows' too
+        update = min(s.prompts, -(-b // s.group)) * P * P * act + P * P + responses
+    return {"rollout": prefill, "logprobs": prefill + responses, "update": update}
+
+
 def estimate(cfg: Config, shape: ModelShape, *, world_size: int | None = None, video_keep: float = 1.0,
              uncached: bool = False, prompt_tokens: int | None = None) -> dict:
     """Bytes per rank of each piece and phase of one GRPO step; `peak_bytes` their peak."""
@@ -357,6 +378,8 @@ def estimate(cfg: Config, shape: ModelShape, *, world_size: int | None = None, v
         "logprobs": _logprobs(cfg, shape, s, b, act, chunk) + gathered,
         "update": _update(cfg, shape, s, b, act, chunk, mode) + grads + gathered,
     }
+    for k, v in _bias_masks(cfg, shape, s, b, act, chunk, mode).items():
+        phases[k] += v
     if uncached:  # every pass re-encodes: the encode's transient sits on top of each pass's
         for k in ("rollout", "logprobs", "update"):
             phases[k] += phases["encode"]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from longrl.media.reduce import METHODS, reduce_video_tokens
+from longrl.media.reduce import METHODS, reduce_video_tokens, token_counts
 
 
 def unit(deg: float) -> list[float]:
@@ -102,3 +102,18 @@ def test_reduce_video_tokens_applies_the_refresh_and_checks_it():
     assert int(reduce_video_tokens(still, (8, 4, 4), "diff", 0.05, max_unseen=1).sum()) == 16  # steps 0, 2, 4, 6
     with pytest.raises(ValueError, match="max_unseen"):
         reduce_video_tokens(still, (8, 4, 4), "diff", 0.05, max_unseen=-1)
+
+
+def test_token_counts_give_each_kept_token_the_dropped_ones_after_it():
+    """Grid 4 steps x 2 patches (merge 1): patch 0 kept at steps 0 and 2, patch 1 at step 0 only."""
+    keep = torch.tensor([[True, True], [False, False], [True, False], [False, False]])  # [Tg, S]
+    counts = token_counts(keep.reshape(-1), (4, 2, 1), merge=1)
+    # kept tokens in (t, s) order: (0,0) stands for steps 0-1, (0,1) for 0-3, (2,0) for 2-3
+    assert counts.tolist() == [2.0, 4.0, 2.0]
+    assert counts.sum() == keep.numel()
+    assert token_counts(torch.ones(6, dtype=torch.bool), (3, 2, 1), merge=1).tolist() == [1.0] * 6
+    # tokens before a patch's first kept one count towards it
+    late = torch.tensor([[True, False], [True, True]]).reshape(-1)
+    assert token_counts(late, (2, 2, 1), merge=1).tolist() == [1.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="at least one token"):
+        token_counts(torch.tensor([True, False, True, False]), (2, 2, 1), merge=1)

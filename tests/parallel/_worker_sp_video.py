@@ -136,11 +136,17 @@ def _replica_collect(policy, backend, task, cfg, state):
     return grpo._select_groups(_fixed_rollouts(policy, task), keep, G), {}
 
 
-def grpo_case(task, train_vision):
+REDUCED = ["video.token_reduction=diff", "video.drop_threshold=2.0", "video.max_unseen=0"]
+"""Token reduction keeping only each patch's first temporal step, with proportional attention
+(the default): every kept token of a multi-step clip carries a key bias log(steps)."""
+
+
+def grpo_case(task, train_vision, extra=()):
     epochs, kl = (1, 0.0) if train_vision else (2, 0.1)  # a trainable tower: one epoch, no reference
     cfg = load_config(None, [*OVERRIDES, f"rl.group_size={G}", f"rl.prompts_per_step={N_PROMPTS}",
                              "rl.micro_batch_size=4", f"rl.ppo_epochs={epochs}", f"rl.kl_coef={kl}", "rl.lr=3e-2",
-                             "rl.warmup_steps=0", "rollout.max_new_tokens=2", f"video.train_vision={train_vision}"])
+                             "rl.warmup_steps=0", "rollout.max_new_tokens=2", f"video.train_vision={train_vision}",
+                             *extra])
     model, tok = _policy(cfg)
     state = grpo.init_state(model, cfg, n_train=N_PROMPTS)
     policy, backend = VideoPolicy(model, tok, task, cfg), HFBackend(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
@@ -153,8 +159,9 @@ def grpo_case(task, train_vision):
         restore()
     keys = [k for k in metrics if k.startswith("loss/")] + ["grad/norm"]
     keys += ["logprob/engine_trainer_gap"] if dist.layout().dp_size == 1 else []
+    biased = any(getattr(v, "key_bias", None) is not None and float(v.key_bias.max()) > 0 for v in policy._step.values())
     return {"grads": grads, "params": _params(model), "metrics": {k: metrics[k] for k in keys},
-            "clip_frac": metrics["clip/frac_low"] + metrics["clip/frac_high"]}
+            "clip_frac": metrics["clip/frac_low"] + metrics["clip/frac_high"], "biased": biased}
 
 
 def rollout_case(task):
@@ -182,6 +189,7 @@ def references(task):
     REF["encode"] = encode_case(task)
     REF["sft"] = {tv: sft_case(task, tv) for tv in (False, True)}
     REF["grpo"] = {tv: grpo_case(task, tv) for tv in (False, True)}
+    REF["grpo_reduced"] = grpo_case(task, False, REDUCED)
     REF["rollout"] = rollout_case(task)
 
 
@@ -196,6 +204,9 @@ def run_layout(task, ctx, sp_size):
         records.append(dict(base, kind="sft", train_vision=tv, errs=_compare(sft_case(task, tv), REF["sft"][tv])))
         records.append(dict(base, kind="grpo", train_vision=tv, clip_frac=REF["grpo"][tv]["clip_frac"],
                             errs=_compare(grpo_case(task, tv), REF["grpo"][tv])))
+    reduced = grpo_case(task, False, REDUCED)
+    records.append(dict(base, kind="grpo_reduced", biased=reduced["biased"] and REF["grpo_reduced"]["biased"],
+                        errs=_compare(reduced, REF["grpo_reduced"])))
     roll = rollout_case(task)
     want = _replica_rows(REF["rollout"], N_PROMPTS - 1)
     behaviour_err = max(abs(a - b) for ra, rb in zip(roll["behaviour"], want["behaviour"]) for a, b in zip(ra, rb))

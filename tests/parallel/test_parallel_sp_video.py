@@ -72,6 +72,17 @@ def test_grpo_step_equals_one_process(records, sp_size, train_vision):
     _assert_close(chosen)
 
 
+@pytest.mark.parametrize("sp_size", [2, 1])
+def test_grpo_step_on_reduced_videos_with_proportional_attention_equals_one_process(records, sp_size):
+    """Token reduction with proportional attention: under SP the key bias rides in an additive
+    mask over the whole rows that Ulysses' attention applies after its all-to-all."""
+    chosen = _select(records, kind="grpo_reduced", sp_size=sp_size)
+    assert chosen and all(r["biased"] for r in chosen)
+    for r in chosen:
+        assert "loss/policy" in r["errs"] and "grad1_model.language_model.embed_tokens.weight" in r["errs"]
+    _assert_close(chosen)
+
+
 def test_rollouts_are_split_over_sp_ranks_and_shared(records):
     """Greedy, 3 prompts x 3 samples: each SP rank samples its share (5 | 4 rows, one prompt
     split between them) and both hold one process's 9 rows; data-parallel replicas hold

@@ -2,7 +2,12 @@
 today, the kept tokens' positions == the unreduced sequence's, gradients through the kept
 tokens == a model fed the kept embeddings and positions by hand, a video with static
 stretches loses at least half its tokens at the default threshold, and the policy's
-rollouts, passes, cache and metrics all use the one reduced sequence."""
+rollouts, passes, cache and metrics all use the one reduced sequence.
+
+Proportional attention (`video.proportional_attention`): a kept token whose key carries
++ log(count) is, to a query, exactly its dropped copies (checked where that identity is
+exact: identical copies at one position, one layer); a zero bias is the plain causal path;
+rollouts and every training pass apply the same bias; switching it off changes them."""
 
 import numpy as np
 import pytest
@@ -17,8 +22,10 @@ from longrl.errors import UserError  # noqa: E402
 from longrl.media.encode import write_video  # noqa: E402
 from longrl.media.frames import FrameSampling, load_clip  # noqa: E402
 from longrl.models.vlm import (  # noqa: E402
-    as_leaf, backward_vision, build_tiny_vlm, build_vlm_tokenizer, encode_frames, encode_video, mrope_position_ids,
-    patchify, reduce_video, seconds_per_grid, video_loss_and_backward, video_prompt_ids,
+    TinyVLMShape, as_leaf, backward_vision, bias_mask, build_tiny_vlm, build_vlm_tokenizer, encode_frames,
+    encode_video, lm_hidden, mrope_position_ids, patchify, prompt_positions, reduce_video, sample_prompts,
+    seconds_per_grid, shared_prompt_hidden, video_hidden, video_inputs_embeds, video_loss_and_backward,
+    video_prompt_ids, video_token_mask,
 )
 from longrl.streambp.logprobs import make_batch  # noqa: E402
 
@@ -330,3 +337,119 @@ def test_an_hour_long_video_at_3600_frames(model, tmp_path):
     cols = torch.cat([torch.arange(start), start + red.keep.nonzero().view(-1), torch.arange(start + 7200, len(ids))])
     assert torch.equal(pos, full[..., cols])  # every kept token and the text at their unreduced positions
     assert int(pos[0, 0, start + red.n_tokens - 1]) > 1000  # the last kept token is late in the hour
+
+
+# ---- proportional attention ----------------------------------------------------------
+
+
+def one_layer(tok):
+    torch.manual_seed(0)
+    return build_tiny_vlm(tok, TinyVLMShape(num_layers=1)).double()
+
+
+def still_video(model, steps: int = 5):
+    """A video of `steps` identical temporal steps (the tower attends within a step, with
+    spatial positions only, so every step's tokens are the same) -> (full, reduced with bias)."""
+    g = torch.Generator().manual_seed(1)
+    frame = torch.randint(0, 256, (1, 56, 56, 3), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        full = encode_frames(model, frame.expand(2 * steps, -1, -1, -1).contiguous(), 1.0)
+    S = full.n_tokens // steps
+    assert torch.equal(full.embeds[:S].repeat(steps, 1), full.embeds)  # exact repeats
+    red = reduce_video(full, "diff", 0.0, 0, proportional=True)  # only the first step stays
+    assert red.n_tokens == S and torch.allclose(red.key_bias, torch.full((S,), float(steps)).log().double())
+    return full, red, S
+
+
+def test_a_kept_token_with_log_count_bias_attends_like_its_copies(tok):
+    """One layer, identical copies at one position: the text after the video sees exactly
+    what it sees in the unreduced row. Without the bias it does not."""
+    model = one_layer(tok)
+    steps = 5
+    full, red, S = still_video(model, steps)
+    answer = tok("B. blue", add_special_tokens=False)["input_ids"]
+    ids_red = torch.tensor([video_prompt_ids(tok, red.n_tokens, QUESTION) + answer])  # [1, Tr]
+    ids_full = torch.tensor([video_prompt_ids(tok, full.n_tokens, QUESTION) + answer])  # [1, Tf]
+    # The unreduced row with every copy at its first step's position (then its key and value
+    # are the kept token's exactly); text keeps the positions both rows give it.
+    pos = mrope_position_ids(model, ids_full, full).clone()  # [3, 1, Tf]
+    start = int(video_token_mask(model, ids_full, full.n_tokens)[0].int().argmax())
+    for t in range(1, steps):
+        pos[:, :, start + t * S : start + (t + 1) * S] = pos[:, :, start : start + S]
+    with torch.no_grad():
+        ref = lm_hidden(model, video_inputs_embeds(model, ids_full, full), pos)[0, start + full.n_tokens :]
+        got = video_hidden(model, red, ids_red)[0, start + red.n_tokens :]
+        plain = video_hidden(model, reduce_video(full, "diff", 0.0, 0), ids_red)[0, start + red.n_tokens :]
+    assert torch.equal(mrope_position_ids(model, ids_red, red)[:, 0, start + red.n_tokens :],
+                       pos[:, 0, start + full.n_tokens :])
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
+    assert float((plain - ref).abs().max()) > 1e-3  # dropping without the bias is not the same
+
+
+def test_a_zero_bias_is_the_plain_causal_path(tok):
+    """bias_mask with zeros == the model's own causal (and padding) masking, in the full-row,
+    shared-prompt and batched-sampling passes."""
+    torch.manual_seed(0)
+    model = build_tiny_vlm(tok).double()
+    full, red, S = still_video(model, 4)
+    zero = type(red)(red.embeds, red.grid_thw, red.second_per_grid, red.keep, torch.zeros_like(red.key_bias))
+    none = type(red)(red.embeds, red.grid_thw, red.second_per_grid, red.keep)
+    prompt = video_prompt_ids(tok, red.n_tokens, QUESTION)
+    ids = torch.tensor([prompt + [5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(video_hidden(model, zero, ids), video_hidden(model, none, ids), atol=1e-12, rtol=0)
+        pos = prompt_positions(model, prompt, red)
+        resp = torch.tensor([[5, 6, 7], [8, 9, 10]])
+        for a, b in zip(shared_prompt_hidden(model, zero, prompt, pos, resp),
+                        shared_prompt_hidden(model, none, prompt, pos, resp)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+        # two prompts of different lengths: left-padded caches, a [rows, K] padding mask
+        short = video_prompt_ids(tok, red.n_tokens, "Colour?")
+        args = ([prompt, short], [pos, prompt_positions(model, short, red)], 2, 4, tok.eos_token_id)
+        a = sample_prompts(model, [zero, zero], *args, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        b = sample_prompts(model, [none, none], *args, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert a[0] == b[0]
+    for x, y in zip(a[1], b[1]):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-10, rtol=0)
+    # the mask itself: causal by index, padding never attended, the bias on what is allowed
+    m = bias_mask(torch.tensor([[0.0, 1.0, 2.0]]), 2, torch.tensor([[False, True, True]]), torch.float64)[0, 0]
+    low = torch.finfo(torch.float64).min
+    assert m.tolist() == [[low, 1.0, low], [low, 1.0, 2.0]]
+
+
+def test_rollouts_and_every_pass_apply_the_bias_and_switching_it_off_changes_them(tmp_path):
+    """The policy on reduced videos: sampled rollouts' log-probs == the trainer's under the
+    bias (shared-prompt pass), StreamBP == the chunked update under the bias, and
+    video.proportional_attention=false gives other log-probs."""
+    from longrl.recipes.grpo import rollout
+    from longrl.rollout.hf import HFBackend
+
+    task = make_task(tmp_path)
+    on, cfg = policy_for(tmp_path, task, "video.token_reduction=diff", "video.max_unseen=0")
+    off, _ = policy_for(tmp_path, task, "video.token_reduction=diff", "video.max_unseen=0",
+                        "video.proportional_attention=false")
+    ex = task.train[:2]
+    videos = [on._video(on.model, e.media[0]) for e in ex]
+    assert all(v.key_bias is not None and float(v.key_bias.max()) > 0 for v in videos)  # something was dropped
+    assert all(off._video(off.model, e.media[0]).key_bias is None for e in ex)
+
+    backend = HFBackend(on.model, eos_id=on.tokenizer.eos_token_id, pad_id=on.tokenizer.pad_token_id)
+    cfg.rollout.max_new_tokens = 5
+    roll = rollout(on, backend, ex, task, cfg, torch.Generator().manual_seed(0), version=0)
+    batch = make_batch(roll.prompt_ids, roll.response_ids, on.tokenizer.pad_token_id)
+    assert off.encode_prompts(roll.examples) == roll.prompt_ids  # the same reduced prompts
+    logp_on, logp_off = on.logprobs(batch, roll.examples), off.logprobs(batch, roll.examples)
+    for i, lp in enumerate(roll.behaviour_logprobs):
+        torch.testing.assert_close(logp_on[i][batch.mask[i] > 0], torch.tensor(lp, dtype=torch.float64),
+                                   atol=1e-9, rtol=0)
+    assert float((logp_on - logp_off).abs().max()) > 1e-4
+
+    a = one_update(policy_for(tmp_path, task, "video.token_reduction=diff", "video.max_unseen=0")[0], task)
+    b = one_update(policy_for(tmp_path, task, "video.token_reduction=diff", "video.max_unseen=0",
+                              "train.backprop=streambp", "train.stream_chunk=5")[0], task)
+    c = one_update(off, task)
+    torch.testing.assert_close(b[1], a[1], atol=1e-10, rtol=0)
+    for n in a[2]:
+        err = float((b[2][n] - a[2][n]).abs().max()) / max(float(a[2][n].abs().max()), 1e-6)
+        assert err < 1e-7, (n, err)
+    assert float((a[1] - c[1]).abs().max()) > 1e-4

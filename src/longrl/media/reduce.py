@@ -33,6 +33,13 @@ Departures from TimeChat-Online:
   put back wherever a patch went unseen longest did so on 1 of 3 (BENCHMARKS.md): the model
   needs to see each part of the picture regularly more than a share of tokens. 0: the
   threshold alone (an hour-long still video keeps ~0.1%).
+- Proportional attention (`video.proportional_attention`, on by default with a reduction;
+  from ToMe, arXiv 2210.09461): each kept token stands for itself and the dropped tokens of
+  its patch that follow it (`token_counts`), and its attention logit as a key gets
+  + log(count), so a query gives a patch about the attention mass its unreduced copies had
+  (exactly so for identical copies at one position: tested on a 1-layer model). Without it
+  a still shape shown once competes with the text as one token where the unreduced video
+  had many copies.
 - The query-aware budget of QuoTA (arXiv 2503.08689) is not implemented; methods are
   registered by name (`METHODS`) so one can be added without touching the callers.
 """
@@ -90,6 +97,22 @@ def refresh(keep: torch.Tensor, max_unseen: int) -> torch.Tensor:
         out[t] |= over
         run[over] = 0
     return out
+
+
+def token_counts(keep: torch.Tensor, grid_thw, merge: int = 2) -> torch.Tensor:
+    """How many of the unreduced video's tokens each kept token stands for: itself and the
+    dropped tokens of its patch after it, up to the patch's next kept token (tokens dropped
+    before a patch's first kept one count towards that one). keep [Nv] bool -> [Nk] float,
+    in the kept tokens' order; the counts sum to Nv."""
+    t, h, w = (int(v) for v in grid_thw)
+    S = (h // merge) * (w // merge)
+    k = keep.view(t, S)  # [Tg, S]
+    if not bool(k.any(0).all()):
+        raise ValueError("every patch must keep at least one token")
+    group = (k.long().cumsum(0) - 1).clamp(min=0)  # [Tg, S] which kept token of its patch each belongs to
+    sizes = torch.zeros(t, S, dtype=torch.float32, device=keep.device).scatter_add_(
+        0, group, torch.ones(t, S, dtype=torch.float32, device=keep.device))  # [Tg, S]: row g = group g's size
+    return sizes.gather(0, group)[k]  # [Nk]
 
 
 def reduce_video_tokens(embeds: torch.Tensor, grid_thw, method: str = "diff", threshold: float = 0.05,

@@ -195,6 +195,9 @@ class VideoEmbeds:
     keep: torch.Tensor | None = None
     """Which of the unreduced video's tokens `embeds` holds (`reduce_video`). [Nv_full] bool;
     None: all of them. The kept tokens keep their positions in the unreduced sequence."""
+    key_bias: torch.Tensor | None = None
+    """Added to each token's attention logits as a key (proportional attention: log of the
+    unreduced tokens it stands for, `with_key_bias`). [Nv] float; None: no bias."""
 
     @property
     def n_tokens(self) -> int:
@@ -240,7 +243,8 @@ def encode_frames(model, frames: torch.Tensor, second_per_grid: float, chunk_fra
     return VideoEmbeds(parts[0] if len(parts) == 1 else torch.cat(parts), grid, second_per_grid)  # [Nv, D]
 
 
-def reduce_video(video: VideoEmbeds, method: str = "none", threshold: float = 0.0, max_unseen: int = 0) -> VideoEmbeds:
+def reduce_video(video: VideoEmbeds, method: str = "none", threshold: float = 0.0, max_unseen: int = 0,
+                 proportional: bool = False) -> VideoEmbeds:
     """`video` with the tokens `media.reduce.reduce_video_tokens` drops removed ('none': as is;
     `max_unseen`: the most steps in a row a patch may be dropped, 0 no limit).
 
@@ -254,7 +258,45 @@ def reduce_video(video: VideoEmbeds, method: str = "none", threshold: float = 0.
     if method == "none" or video.keep is not None:
         return video
     keep = reduce_video_tokens(video.embeds, video.grid_thw, method, threshold, MERGE, max_unseen)  # [Nv] bool
-    return replace(video, embeds=video.embeds[keep], keep=keep)  # [Nk, D]
+    reduced = replace(video, embeds=video.embeds[keep], keep=keep)  # [Nk, D]
+    return with_key_bias(reduced) if proportional else reduced
+
+
+def with_key_bias(video: VideoEmbeds) -> VideoEmbeds:
+    """`video` with proportional attention: each kept token's key bias is log(the number of
+    unreduced tokens it stands for, `media.reduce.token_counts`), so attention gives a patch
+    about the mass its dropped copies had. An unreduced video is returned as is (no bias)."""
+    from longrl.media.reduce import token_counts
+
+    if video.keep is None or video.key_bias is not None:
+        return video
+    counts = token_counts(video.keep, video.grid_thw, MERGE)  # [Nk]
+    return replace(video, key_bias=counts.to(device=video.embeds.device, dtype=video.embeds.dtype).log())
+
+
+def key_bias_columns(model, input_ids: torch.Tensor, video: VideoEmbeds) -> torch.Tensor | None:
+    """[B, T] float: each column's key bias (the video's at its tokens, 0 elsewhere), or None
+    when the video has none."""
+    if getattr(video, "key_bias", None) is None:
+        return None
+    bias = torch.zeros(input_ids.shape, dtype=video.key_bias.dtype, device=input_ids.device)  # [B, T]
+    is_video = video_token_mask(model, input_ids, video.n_tokens)  # [B, T]
+    return bias.masked_scatter(is_video, video.key_bias.repeat(input_ids.shape[0]))
+
+
+def bias_mask(key_bias: torch.Tensor, q_len: int, key_keep: torch.Tensor | None, dtype) -> torch.Tensor:
+    """Additive attention mask [B, 1, Q, K] for the last `q_len` of K keys as queries:
+    causal by index, `key_keep` [B, K] bool (False: padding, never attended), plus
+    `key_bias` [B, K] on every logit a query may take. Hugging Face models take a 4-D mask
+    as it is (`create_causal_mask`), so this reaches every attention layer unchanged."""
+    B, K = key_bias.shape
+    q_idx = torch.arange(K - q_len, K, device=key_bias.device)  # [Q] the queries' key indices
+    allowed = torch.arange(K, device=key_bias.device)[None, :] <= q_idx[:, None]  # [Q, K]
+    allowed = allowed.expand(B, -1, -1)  # [B, Q, K]
+    if key_keep is not None:
+        allowed = allowed & key_keep.bool()[:, None, :]
+    bias = key_bias.to(dtype)[:, None, :].expand(B, q_len, K)  # [B, Q, K]
+    return torch.where(allowed, bias, torch.finfo(dtype).min)[:, None]  # [B, 1, Q, K]
 
 
 def video_prompt_ids(tokenizer, n_video_tokens: int, question: str) -> list[int]:
@@ -345,8 +387,11 @@ def video_inputs_embeds(model, input_ids: torch.Tensor, video: VideoEmbeds) -> t
 
 
 def lm_hidden(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
-              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Text model on precomputed embeddings -> final hidden states [B, T, D] (no logits)."""
+              attention_mask: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Text model on precomputed embeddings -> final hidden states [B, T, D] (no logits);
+    `key_bias` [B, T]: added to every attention logit per key (`bias_mask`)."""
+    if key_bias is not None:
+        attention_mask = bias_mask(key_bias, inputs_embeds.shape[1], attention_mask, inputs_embeds.dtype)
     out = model.model.language_model(
         inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
     )
@@ -357,7 +402,8 @@ def video_hidden(model, video: VideoEmbeds, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Hidden states [B, T, D] for rows that share one cached video."""
     positions = mrope_position_ids(model, input_ids, video, attention_mask)  # [3, B, T]
-    return lm_hidden(model, video_inputs_embeds(model, input_ids, video), positions, attention_mask)
+    return lm_hidden(model, video_inputs_embeds(model, input_ids, video), positions, attention_mask,
+                     key_bias_columns(model, input_ids, video))
 
 
 def video_logprobs(model, video: VideoEmbeds, batch, chunk: int = 256, temperature: float = 1.0) -> torch.Tensor:
@@ -428,14 +474,15 @@ def sample_with_video(model, video: VideoEmbeds, prompt_ids: list[int], n: int, 
     positions = mrope_position_ids(model, ids, video)  # [3, 1, P]
     embeds = video_inputs_embeds(model, ids, video)  # [1, P, D]
     cache = DynamicCache(config=model.config.text_config)
+    P = ids.shape[1]
+    bias = key_bias_columns(model, ids, video)  # [1, P] or None (no proportional attention)
+    rows = 1 if share_prefill else n
+    prefill_mask = None if bias is None else bias_mask(bias.expand(rows, P), P, None, embeds.dtype)
+    h = lm(inputs_embeds=embeds.expand(rows, -1, -1), position_ids=positions.expand(3, rows, P),
+           attention_mask=prefill_mask, **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state
     if share_prefill:
-        h = lm(inputs_embeds=embeds, position_ids=positions, **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state
         cache.batch_repeat_interleave(n)
-        h = h[:, -1].expand(n, -1)  # [n, D]
-    else:
-        P = ids.shape[1]
-        h = lm(inputs_embeds=embeds.expand(n, -1, -1), position_ids=positions.expand(3, n, P),
-               **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state[:, -1]  # [n, D]
+    h = h[:, -1].expand(n, -1)  # [n, D]
     next_pos = int(positions[0, 0, -1]) + 1  # the prompt ends in text: all three axes agree
     tokens, logps = [], []
     done = torch.zeros(n, dtype=torch.bool)
@@ -447,7 +494,9 @@ def sample_with_video(model, video: VideoEmbeds, prompt_ids: list[int], n: int, 
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         pos = torch.full((3, n, 1), next_pos + step)
-        h = lm(inputs_embeds=model.get_input_embeddings()(tok[:, None]), position_ids=pos,
+        mask = None if bias is None else bias_mask(
+            torch.nn.functional.pad(bias.expand(n, P), (0, step + 1)), 1, None, embeds.dtype)  # [n, 1, 1, P+step+1]
+        h = lm(inputs_embeds=model.get_input_embeddings()(tok[:, None]), position_ids=pos, attention_mask=mask,
                **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state[:, -1]
     tok_mat, lp_mat = torch.stack(tokens, 1), torch.stack(logps, 1)  # [n, steps]
     responses = [[t for t in row if t >= 0] for row in tok_mat.tolist()]
@@ -472,7 +521,10 @@ def _prefill(model, video: VideoEmbeds, prompt_ids: list[int], positions: torch.
 
     ids = torch.tensor([prompt_ids], device=video.embeds.device)  # [1, P]
     cache = DynamicCache(config=model.config.text_config)
-    h = model.model.language_model(inputs_embeds=video_inputs_embeds(model, ids, video), position_ids=positions[:, None],
+    embeds = video_inputs_embeds(model, ids, video)  # [1, P, D]
+    bias = key_bias_columns(model, ids, video)  # [1, P] or None
+    mask = None if bias is None else bias_mask(bias, ids.shape[1], None, embeds.dtype)
+    h = model.model.language_model(inputs_embeds=embeds, position_ids=positions[:, None], attention_mask=mask,
                                    **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state
     return h, cache
 
@@ -498,7 +550,9 @@ def shared_prompt_hidden(model, video: VideoEmbeds, prompt_ids: list[int], posit
     pos = (start + torch.arange(R, device=responses.device)).view(1, 1, R).expand(3, n, R)  # [3, n, R]
     pos = pos if response_positions is None else response_positions
     emb = model.get_input_embeddings()(responses) if response_embeds is None else response_embeds
-    h_resp = model.model.language_model(inputs_embeds=emb, position_ids=pos,
+    bias = key_bias_columns(model, torch.tensor([prompt_ids], device=responses.device), video)  # [1, P] or None
+    mask = None if bias is None else bias_mask(torch.nn.functional.pad(bias.expand(n, -1), (0, R)), R, None, emb.dtype)
+    h_resp = model.model.language_model(inputs_embeds=emb, position_ids=pos, attention_mask=mask,
                                         **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state
     return h_prompt, h_resp
 
@@ -547,6 +601,13 @@ def sample_prompts(model, videos: list[VideoEmbeds], prompts: list[list[int]], p
     device = last[0].device
     lengths = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(n)  # [N*n]
     mask = (torch.arange(width, device=device)[None] >= (width - lengths)[:, None]).long()  # [N*n, width]
+    biases = [key_bias_columns(model, torch.tensor([ids], device=device), v) for v, ids in zip(videos, prompts)]
+    bias = None  # [N*n, width]: each prompt's key bias right-aligned like its cache (proportional attention)
+    if any(b is not None for b in biases):
+        bias = torch.cat([torch.nn.functional.pad(torch.zeros(1, len(ids), device=device, dtype=last[0].dtype)
+                                                  if b is None else b,
+                                                  (width - len(ids), 0)) for b, ids in zip(biases, prompts)])
+        bias = bias.repeat_interleave(n, 0)
     next_pos = torch.tensor([int(p[0, -1]) + 1 for p in positions], device=device).repeat_interleave(n)  # [N*n]
     h = torch.cat(last).repeat_interleave(n, 0)  # [N*n, D]
     rows = h.shape[0]
@@ -561,7 +622,11 @@ def sample_prompts(model, videos: list[VideoEmbeds], prompts: list[list[int]], p
             break
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], 1)
         pos = (next_pos + step).view(1, rows, 1).expand(3, rows, 1)  # [3, N*n, 1]
-        h = lm(inputs_embeds=embed(tok[:, None]), position_ids=pos, attention_mask=mask,
+        step_mask = mask
+        if bias is not None:
+            bias = torch.nn.functional.pad(bias, (0, 1))  # [N*n, K]
+            step_mask = bias_mask(bias, 1, mask, h.dtype)  # [N*n, 1, 1, K]
+        h = lm(inputs_embeds=embed(tok[:, None]), position_ids=pos, attention_mask=step_mask,
                **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state[:, -1]
     tok_mat, lp_mat = torch.stack(tokens, 1), torch.stack(logps, 1)  # [N*n, steps]
     responses = [[t for t in row if t >= 0] for row in tok_mat.tolist()]

@@ -25,31 +25,44 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from longrl.models.vlm import VideoEmbeds, mrope_position_ids, video_inputs_embeds
+from longrl.models.vlm import VideoEmbeds, bias_mask, key_bias_columns, mrope_position_ids, video_inputs_embeds
 from longrl.parallel.ulysses import enable_ulysses, gather_sequence, shard_batch, shard_for_sp, sp_body_loss_and_backward
 from longrl.streambp.logprobs import LossFn, TokenBatch, chunked_logprobs, lm_head_params
 
 
 def _video_shard(model, videos, batch: TokenBatch, group):
-    """This rank's (TokenBatch shard, inputs_embeds [B, L, D], positions [3, B, L]).
-    `videos`: one VideoEmbeds for every row, or a list with each row's own."""
+    """This rank's (TokenBatch shard, inputs_embeds [B, L, D], positions [3, B, L], mask).
+    `videos`: one VideoEmbeds for every row, or a list with each row's own. `mask`: None, or
+    with proportional attention (videos with a key bias) the additive [B, 1, P*L, P*L] mask of
+    the whole padded rows, which Ulysses' attention applies after its all-to-all."""
     rank, P = dist.get_rank(group), dist.get_world_size(group)
+    B, T = batch.input_ids.shape
+    per_row = [videos] * B if isinstance(videos, VideoEmbeds) else list(videos)
+    if len(per_row) != B:
+        raise ValueError(f"{len(per_row)} videos for {B} rows")
     if isinstance(videos, VideoEmbeds):
         positions = mrope_position_ids(model, batch.input_ids, videos)  # [3, B, T]
         embeds = video_inputs_embeds(model, batch.input_ids, videos)  # [B, T, D]
     else:
-        if len(videos) != batch.input_ids.shape[0]:
-            raise ValueError(f"{len(videos)} videos for {batch.input_ids.shape[0]} rows")
-        rows = [batch.input_ids[i : i + 1] for i in range(len(videos))]
-        positions = torch.cat([mrope_position_ids(model, r, v) for r, v in zip(rows, videos)], dim=1)  # [3, B, T]
-        embeds = torch.cat([video_inputs_embeds(model, r, v) for r, v in zip(rows, videos)])  # [B, T, D]
+        rows = [batch.input_ids[i : i + 1] for i in range(B)]
+        positions = torch.cat([mrope_position_ids(model, r, v) for r, v in zip(rows, per_row)], dim=1)  # [3, B, T]
+        embeds = torch.cat([video_inputs_embeds(model, r, v) for r, v in zip(rows, per_row)])  # [B, T, D]
+    mask = None
+    if any(getattr(v, "key_bias", None) is not None for v in per_row):
+        bias = torch.zeros(B, -(-T // P) * P, device=embeds.device, dtype=embeds.dtype)  # [B, P*L]; padding: none
+        for i, v in enumerate(per_row):
+            b = key_bias_columns(model, batch.input_ids[i : i + 1], v)
+            if b is not None:
+                bias[i, :T] = b[0]
+        mask = bias_mask(bias, bias.shape[1], None, embeds.dtype)  # [B, 1, P*L, P*L]
     shard, _ = shard_batch(batch, rank, P)
     pos = shard_for_sp(positions.permute(1, 2, 0), rank, P).permute(2, 0, 1).contiguous()  # [3, B, L]
-    return shard, shard_for_sp(embeds, rank, P), pos
+    return shard, shard_for_sp(embeds, rank, P), pos, mask
 
 
-def _language_model(model, embeds, positions):  # [B, L, D], [3, B, L] -> [B, L, D]
-    return model.model.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
+def _language_model(model, embeds, positions, mask=None):  # [B, L, D], [3, B, L] -> [B, L, D]
+    return model.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+                                      use_cache=False).last_hidden_state
 
 
 @torch.no_grad()
@@ -59,9 +72,9 @@ def sp_video_logprobs(model, videos, batch: TokenBatch, group=None, chunk: int =
     rows and videos (one for all rows, or one per row) and gets the full [B, T] log-probs
     (0 where unmasked)."""
     T = batch.input_ids.shape[1]
-    shard, embeds, positions = _video_shard(model, videos, batch, group)
+    shard, embeds, positions, mask = _video_shard(model, videos, batch, group)
     with enable_ulysses(model, group):
-        hidden = _language_model(model, embeds, positions)  # [B, L, D]
+        hidden = _language_model(model, embeds, positions, mask)  # [B, L, D]
     weight, bias = lm_head_params(model)
     logp = chunked_logprobs(hidden, weight, bias, shard.targets, shard.mask, chunk, temperature)  # [B, L]
     return gather_sequence(logp, group)[:, :T]  # [B, T]
@@ -73,6 +86,6 @@ def sp_video_loss_and_backward(model, videos, batch: TokenBatch, loss_fn: LossFn
     (rows of several videos in one micro-batch share one loss). Gradients are this rank's share
     (see the module docstring). -> (loss, metrics, logprobs [B, T]), the same on every rank."""
     T = batch.input_ids.shape[1]
-    shard, embeds, positions = _video_shard(model, videos, batch, group)
-    return sp_body_loss_and_backward(model, lambda: _language_model(model, embeds, positions), shard, T, loss_fn,
+    shard, embeds, positions, mask = _video_shard(model, videos, batch, group)
+    return sp_body_loss_and_backward(model, lambda: _language_model(model, embeds, positions, mask), shard, T, loss_fn,
                                      group, chunk=chunk, temperature=temperature)

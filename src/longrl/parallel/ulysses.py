@@ -146,12 +146,13 @@ def ulysses_attention(module, query, key, value, attention_mask, scaling=None, d
         raise RuntimeError("longrl_ulysses attention called outside `enable_ulysses(model, group)`")
     if sliding_window is not None:
         raise NotImplementedError("Ulysses attention does not support sliding-window layers")
-    if attention_mask is not None:
-        raise ValueError("Ulysses attention is causal over whole rows; pass no attention mask "
-                         "(right-pad sequences instead)")
     group = getattr(module, _GROUP_ATTR)
     P = dist.get_world_size(group)
     B, H, L, d = query.shape
+    if attention_mask is not None and not (attention_mask.ndim == 4 and attention_mask.is_floating_point()
+                                           and tuple(attention_mask.shape[-2:]) == (P * L, P * L)):
+        raise ValueError("Ulysses attention is causal over whole rows; pass no attention mask (right-pad "
+                         "sequences instead) or an additive [B, 1, T, T] mask over the whole padded rows")
     r = kv_repeats(H, key.shape[1], P)
     if r > 1:
         key, value = key.repeat_interleave(r, dim=1), value.repeat_interleave(r, dim=1)  # [B, Hkv*r, L, d]
@@ -161,7 +162,10 @@ def ulysses_attention(module, query, key, value, attention_mask, scaling=None, d
     recv = all_to_all(send, group)  # [P, B, hq+2hkv, L, d]; recv[i] = tokens of rank i
     full = recv.permute(1, 2, 0, 3, 4).reshape(B, hq + 2 * hkv, P * L, d)  # [B, hq+2hkv, T, d]
     q, k, v = full.split([hq, hkv, hkv], dim=1)  # [B, hq, T, d], [B, hkv, T, d] x2
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+    # An additive mask (e.g. proportional attention's key bias, `models.vlm.bias_mask`) covers
+    # the whole rows, as the heads here do; it carries the causal structure itself.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout,
+                                         is_causal=attention_mask is None, scale=scaling,
                                          enable_gqa=hq != hkv)  # [B, hq, T, d]
     back = all_to_all(out.view(B, hq, P, L, d).permute(2, 0, 1, 3, 4), group)  # [P, B, hq, L, d]; [j] = heads of rank j
     out = back.permute(1, 0, 2, 3, 4).reshape(B, H, L, d)  # [B, H, L, d]

@@ -96,6 +96,8 @@ class VideoPolicy:
         self.backprop, self.chunk, self.temperature = cfg.train.backprop, cfg.train.stream_chunk, train_temperature(cfg)
         self.streambp = cfg.train.backprop == "streambp"
         self.reduction = (cfg.video.token_reduction, cfg.video.drop_threshold, cfg.video.max_unseen)
+        # Proportional attention: a kept token's key counts for the dropped copies it stands for.
+        self.proportional = cfg.video.token_reduction != "none" and cfg.video.proportional_attention
         self.encode_chunk = cfg.video.encode_chunk
         if cfg.rollout.backend == "vllm":  # every pass numbers positions as the engine does
             from longrl.models import vlm_rope
@@ -215,6 +217,10 @@ class VideoPolicy:
             device = next(model.parameters()).device
             keep = t["keep"].bool().to(device) if "keep" in t else None
             video = VideoEmbeds(t["embeds"].to(device), t["grid_thw"].long().to(device), float(t["spg"]), keep)
+        if self.proportional:  # derived from the keep mask (the cache holds that, not the bias)
+            from longrl.models.vlm import with_key_bias
+
+            video = with_key_bias(video)
         self._step[path] = video
         self.totals["tokens_kept"] += video.n_tokens
         self.totals["tokens_full"] += video.n_full
@@ -384,10 +390,11 @@ class VideoPolicy:
         its M-RoPE positions, then `streambp.logprobs.streambp_loss_and_backward` (gradients flow on into
         the embeddings: the token table and, when trainable, the video leaves). A row with
         segments from a tool gets its own layout (`_row_sequence`)."""
-        from longrl.models.vlm import mrope_position_ids, video_inputs_embeds
+        from longrl.models.vlm import key_bias_columns, mrope_position_ids, video_inputs_embeds
         from longrl.streambp.logprobs import streambp_loss_and_backward
 
         embeds, positions = [None] * len(examples), [None] * len(examples)
+        biases = [torch.zeros(mb.input_ids.shape[1], device=mb.input_ids.device)] * len(examples)  # [T] each
         by_video: dict[str, list[int]] = {}
         for i, ex in enumerate(examples):
             if _segments(ex):
@@ -400,10 +407,15 @@ class VideoPolicy:
             ids = mb.input_ids[idx]  # [n, T]
             e = video_inputs_embeds(model, ids, videos[path])  # [n, T, D]
             p = mrope_position_ids(model, ids, videos[path])  # [3, n, T]
+            b = key_bias_columns(model, ids, videos[path])  # [n, T] or None
             for j, i in enumerate(idx):
                 embeds[i], positions[i] = e[j], p[:, j]
+                if b is not None:
+                    biases[i] = b[j]
+        key_bias = torch.stack(biases) if self.proportional else None  # [b, T]
         return streambp_loss_and_backward(model, mb, loss_fn, chunk=chunk, temperature=temperature,
-                                          inputs_embeds=torch.stack(embeds), position_ids=torch.stack(positions, 1))
+                                          inputs_embeds=torch.stack(embeds), position_ids=torch.stack(positions, 1),
+                                          key_bias=key_bias)
 
     # ---- evaluation and counts ----------------------------------------------------------
 

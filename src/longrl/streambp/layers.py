@@ -72,6 +72,7 @@ class AttentionInputs:
     sin: torch.Tensor  # [B or 1, T, d]
     key_keep: torch.Tensor | None  # [B, T] bool; False for padding keys
     segment: torch.Tensor | None  # [B, T] int; packed-sequence id (keys attend within one id)
+    key_bias: torch.Tensor | None = None  # [B, T] float added to every logit of a key (models.vlm.bias_mask)
 
 
 def decoder_body(model: nn.Module) -> nn.Module:
@@ -136,7 +137,9 @@ def layer_kv(layer: nn.Module, n: torch.Tensor, att: AttentionInputs, s: int) ->
 
 
 def chunk_mask(att: AttentionInputs, s: int, e: int, batch: int) -> torch.Tensor:
-    """Boolean mask `[B, 1, e-s, e]` for queries s..e-1 against keys 0..e-1 (True = attend).
+    """Boolean mask `[B, 1, e-s, e]` for queries s..e-1 against keys 0..e-1 (True = attend);
+    with `att.key_bias` an additive float mask instead (the bias where True, the dtype's
+    minimum elsewhere, as `models.vlm.bias_mask`).
 
     Causality is by index, as in Hugging Face's `create_causal_mask`."""
     device = att.cos.device
@@ -147,6 +150,9 @@ def chunk_mask(att: AttentionInputs, s: int, e: int, batch: int) -> torch.Tensor
         mask = mask & att.key_keep[:, None, :e]
     if att.segment is not None:
         mask = mask & (att.segment[:, s:e, None] == att.segment[:, None, :e])
+    if att.key_bias is not None:
+        bias = att.key_bias[:, None, :e].to(att.cos.dtype).expand(batch, e - s, e)  # [B, c, e]
+        return torch.where(mask, bias, torch.finfo(att.cos.dtype).min)[:, None]  # [B, 1, c, e]
     return mask[:, None]  # [B, 1, c, e]
 
 
@@ -293,7 +299,8 @@ def _segments(text_positions: torch.Tensor, batch: int) -> torch.Tensor | None:
 
 
 def attention_inputs(
-    body: nn.Module, h0: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+    body: nn.Module, h0: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+    key_bias: torch.Tensor | None = None,
 ) -> AttentionInputs:
     """Rotary tables and key masks, following the model's own forward.
 
@@ -320,7 +327,9 @@ def attention_inputs(
     keep = None
     if attention_mask is not None and not bool(attention_mask.all()):
         keep = attention_mask.to(device=h0.device, dtype=torch.bool)  # [B, T]
-    return AttentionInputs(cos=cos, sin=sin, key_keep=keep, segment=segment)
+    if key_bias is not None:
+        key_bias = key_bias.to(device=h0.device).expand(b, t)  # [B, T]
+    return AttentionInputs(cos=cos, sin=sin, key_keep=keep, segment=segment, key_bias=key_bias)
 
 
 def embedding_backward(emb: nn.Module, ids: torch.Tensor, grad: torch.Tensor) -> None:
@@ -354,6 +363,7 @@ def streambp_backward(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     chunk: int = 256,
+    key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward, loss and exact backward of a decoder LM without a full activation stack.
 
@@ -363,6 +373,8 @@ def streambp_backward(
     (call `zero_grad` yourself). Returns `(loss, grad)` where `grad` is dL/d inputs_embeds
     [B, T, D] when embeddings were given (e.g. with video features spliced in), else None
     (the token-embedding gradient has then gone into `embed_tokens.weight.grad`).
+    `key_bias` [B, T]: added to every attention logit of each key (proportional attention
+    on reduced videos, `models.vlm.bias_mask`).
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids or inputs_embeds")
@@ -375,7 +387,7 @@ def streambp_backward(
     # ---- forward without a graph, keeping each layer's input (the only O(L T) memory) ----
     with torch.no_grad():
         h = body.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.detach()  # [B, T, D]
-        att = attention_inputs(body, h, attention_mask, position_ids)
+        att = attention_inputs(body, h, attention_mask, position_ids, key_bias)
         # Layer inputs, except the embedding lookup (re-done in the backward: cheaper than
         # keeping it). Given `inputs_embeds` are the caller's: keeping them costs nothing.
         inputs = [None if input_ids is not None else h]

@@ -343,6 +343,7 @@ def streambp_loss_and_backward(
     inputs_embeds: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
 ):
     """`layers.streambp_backward` with the chunked head of this module (`backward_chunked_head`).
 
@@ -350,7 +351,8 @@ def streambp_loss_and_backward(
     `loss_fn(logprobs [B, T]) -> loss | (loss, metrics)`. Gradients accumulate in
     `.grad`. With `inputs_embeds` [B, T, D] (token embeddings with video features spliced
     in, say; `batch.input_ids` is then unused) the gradient flows on into whatever built
-    them if they require grad. Vision-language models need their M-RoPE `position_ids`.
+    them if they require grad. Vision-language models need their M-RoPE `position_ids`;
+    `key_bias` [B, T]: a per-key attention bias (proportional attention on reduced videos).
     Returns (loss, metrics, logprobs [B, T]) like `loss_and_backward`.
     """
     head = model.get_output_embeddings()
@@ -371,6 +373,7 @@ def streambp_loss_and_backward(
         attention_mask=attention_mask,
         position_ids=position_ids,
         chunk=chunk,
+        key_bias=key_bias,
     )
     if grad_embeds is not None and inputs_embeds.requires_grad:
         inputs_embeds.backward(grad_embeds)
