@@ -33,9 +33,9 @@ activations once, its KV cache repeated to the rows) and `streambp` on whole row
 sequence for H/P heads). `--video-keep` is the fraction of video tokens token reduction
 keeps (content-dependent: the planner cannot know it; measure it with the bench); with
 token reduction on, at least 1 / (1 + `video.max_unseen`) (the refresh). Proportional
-attention (`video.proportional_attention`, with reduction) adds its additive masks:
-`_bias_masks` (a [P, P] one per prompt prefill, [b, R, T] for the responses; whole rows'
-[T, T] per row under SP; float instead of boolean chunk masks under StreamBP).
+attention (`video.proportional_attention`, with reduction) costs one more head dimension
+in the attention inputs (`models.key_bias`, not counted: 1/head_dim of q and k) and, under
+StreamBP, float instead of boolean chunk masks (`_bias_masks`).
 
 Checked against measured peaks on a CPU (peak resident growth per rank): the long-video
 bench's rows at 256 / 1,024 / 3,600 frames are within 0.85-1.06 of the estimate
@@ -340,21 +340,13 @@ def _update(cfg: Config, shape: ModelShape, s: StepShape, b: int, act: int, chun
 
 
 def _bias_masks(cfg: Config, shape: ModelShape, s: StepShape, b: int, act: int, chunk: int, mode: str) -> dict:
-    """Bytes of proportional attention's additive masks per phase (`models.vlm.bias_mask`:
-    the float mask plus its boolean `allowed` while it is built); 0 without it."""
+    """Extra bytes of proportional attention per phase: StreamBP's chunk masks become float
+    (`streambp.layers.chunk_mask`); the other passes carry the bias in a head dimension."""
     if not (shape.is_vlm and cfg.video.token_reduction != "none" and cfg.video.proportional_attention):
-        return {"rollout": 0, "logprobs": 0, "update": 0}
-    P, R, T, sp = s.prompt_len, s.response_len, s.seq, cfg.parallel.sp_size
-    prefill = P * P * (act + 1)
-    if sp > 1:  # every rank holds the whole padded rows' [T, T] mask (Ulysses applies it after the all-to-all)
-        rows = b * (-(-T // sp) * sp) ** 2 * (act + 1)
-        return {"rollout": prefill, "logprobs": rows, "update": rows}
-    responses = b * R * T * (act + 1)
-    if mode == "streambp":  # each chunk's mask is float, not boolean
-        update = b * min(chunk, T) * T * (act - 1)
-    else:  # the prompt's mask is kept for the backward of every layer (one tensor), the rows' too
-        update = min(s.prompts, -(-b // s.group)) * P * P * act + P * P + responses
-    return {"rollout": prefill, "logprobs": prefill + responses, "update": update}
+        return {}
+    if mode != "streambp" or cfg.parallel.sp_size > 1:
+        return {}
+    return {"update": b * min(chunk, s.seq) * s.seq * (act - 1)}
 
 
 def estimate(cfg: Config, shape: ModelShape, *, world_size: int | None = None, video_keep: float = 1.0,

@@ -22,8 +22,8 @@ from longrl.errors import UserError  # noqa: E402
 from longrl.media.encode import write_video  # noqa: E402
 from longrl.media.frames import FrameSampling, load_clip  # noqa: E402
 from longrl.models.vlm import (  # noqa: E402
-    TinyVLMShape, as_leaf, backward_vision, bias_mask, build_tiny_vlm, build_vlm_tokenizer, encode_frames,
-    encode_video, lm_hidden, mrope_position_ids, patchify, prompt_positions, reduce_video, sample_prompts,
+    TinyVLMShape, as_leaf, backward_vision, build_tiny_vlm, build_vlm_tokenizer, encode_frames,
+    encode_video, lm_forward, lm_hidden, mrope_position_ids, patchify, prompt_positions, reduce_video, sample_prompts,
     seconds_per_grid, shared_prompt_hidden, video_hidden, video_inputs_embeds, video_loss_and_backward,
     video_prompt_ids, video_token_mask,
 )
@@ -411,10 +411,60 @@ def test_a_zero_bias_is_the_plain_causal_path(tok):
     assert a[0] == b[0]
     for x, y in zip(a[1], b[1]):
         torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-10, rtol=0)
-    # the mask itself: causal by index, padding never attended, the bias on what is allowed
-    m = bias_mask(torch.tensor([[0.0, 1.0, 2.0]]), 2, torch.tensor([[False, True, True]]), torch.float64)[0, 0]
-    low = torch.finfo(torch.float64).min
-    assert m.tolist() == [[low, 1.0, low], [low, 1.0, 2.0]]
+
+
+def explicit_mask(key_bias, q_len, key_keep=None):
+    """The additive [B, 1, Q, K] mask the bias column stands for: causal by index (the queries
+    are the last q_len keys), padding keys never attended, key_bias on what is allowed."""
+    B, K = key_bias.shape
+    q_idx = torch.arange(K - q_len, K)
+    allowed = (torch.arange(K)[None, :] <= q_idx[:, None]).expand(B, -1, -1)
+    if key_keep is not None:
+        allowed = allowed & key_keep.bool()[:, None, :]
+    return torch.where(allowed, key_bias[:, None, :].expand(B, q_len, K), torch.finfo(key_bias.dtype).min)[:, None]
+
+
+def test_the_bias_column_equals_an_explicit_additive_mask(tok):
+    """lm_forward's extra head dimension (models.key_bias) == the same bias added to the
+    logits through a [B, 1, Q, K] mask: full rows with left padding, and a cached decode step."""
+    from transformers import DynamicCache
+
+    from longrl.models.compat import cache_kwargs
+
+    torch.manual_seed(0)
+    model = build_tiny_vlm(tok).double()
+    lm = model.model.language_model
+    x = torch.randn(2, 7, model.config.text_config.hidden_size, dtype=torch.float64)  # [B, T, D]
+    pos = torch.arange(7)[None, None].expand(3, 2, 7)
+    bias = torch.rand(2, 8, dtype=torch.float64) * 2  # [B, K]: 7 prompt keys + 1 decoded
+    keep = torch.ones(2, 8, dtype=torch.long)
+    keep[1, :2] = 0  # row 1 left-padded
+    with torch.no_grad():
+        ref = lm(inputs_embeds=x, position_ids=pos, attention_mask=explicit_mask(bias[:, :7], 7, keep[:, :7]),
+                 use_cache=False).last_hidden_state
+        got = lm_forward(model, bias[:, :7], inputs_embeds=x, position_ids=pos, attention_mask=keep[:, :7],
+                         use_cache=False).last_hidden_state
+        torch.testing.assert_close(got[0], ref[0], atol=1e-12, rtol=0)
+        torch.testing.assert_close(got[1, 2:], ref[1, 2:], atol=1e-12, rtol=0)
+        plain = lm(inputs_embeds=x, position_ids=pos, attention_mask=keep[:, :7], use_cache=False).last_hidden_state
+        assert float((plain[0] - ref[0]).abs().max()) > 1e-3  # the bias matters
+        assert model.config.text_config._attn_implementation == "sdpa"  # the context restored it
+        step = torch.randn(2, 1, x.shape[-1], dtype=torch.float64)
+        outs = []
+        for biased in (True, False):
+            cache = DynamicCache(config=model.config.text_config)
+            if biased:
+                lm_forward(model, bias[:, :7], inputs_embeds=x, position_ids=pos, attention_mask=keep[:, :7],
+                           **cache_kwargs(lm, cache), use_cache=True)
+                outs.append(lm_forward(model, bias, inputs_embeds=step, position_ids=torch.full((3, 2, 1), 7),
+                                       attention_mask=keep, **cache_kwargs(lm, cache), use_cache=True).last_hidden_state)
+            else:
+                lm(inputs_embeds=x, position_ids=pos, attention_mask=explicit_mask(bias[:, :7], 7, keep[:, :7]),
+                   **cache_kwargs(lm, cache), use_cache=True)
+                outs.append(lm(inputs_embeds=step, position_ids=torch.full((3, 2, 1), 7),
+                               attention_mask=explicit_mask(bias, 1, keep), **cache_kwargs(lm, cache),
+                               use_cache=True).last_hidden_state)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-12, rtol=0)
 
 
 def test_rollouts_and_every_pass_apply_the_bias_and_switching_it_off_changes_them(tmp_path):

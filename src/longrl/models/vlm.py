@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from longrl.models import vlm_rope
+from longrl.models.key_bias import key_bias_attention
 from longrl.models.compat import cache_kwargs
 from longrl.errors import UserError
 from longrl.rollout.sampling import sample_next
@@ -284,19 +285,15 @@ def key_bias_columns(model, input_ids: torch.Tensor, video: VideoEmbeds) -> torc
     return bias.masked_scatter(is_video, video.key_bias.repeat(input_ids.shape[0]))
 
 
-def bias_mask(key_bias: torch.Tensor, q_len: int, key_keep: torch.Tensor | None, dtype) -> torch.Tensor:
-    """Additive attention mask [B, 1, Q, K] for the last `q_len` of K keys as queries:
-    causal by index, `key_keep` [B, K] bool (False: padding, never attended), plus
-    `key_bias` [B, K] on every logit a query may take. Hugging Face models take a 4-D mask
-    as it is (`create_causal_mask`), so this reaches every attention layer unchanged."""
-    B, K = key_bias.shape
-    q_idx = torch.arange(K - q_len, K, device=key_bias.device)  # [Q] the queries' key indices
-    allowed = torch.arange(K, device=key_bias.device)[None, :] <= q_idx[:, None]  # [Q, K]
-    allowed = allowed.expand(B, -1, -1)  # [B, Q, K]
-    if key_keep is not None:
-        allowed = allowed & key_keep.bool()[:, None, :]
-    bias = key_bias.to(dtype)[:, None, :].expand(B, q_len, K)  # [B, Q, K]
-    return torch.where(allowed, bias, torch.finfo(dtype).min)[:, None]  # [B, 1, Q, K]
+def lm_forward(model, key_bias: torch.Tensor | None = None, **kwargs):
+    """The language model's forward with `key_bias` [B, K] (one value per key, the cache's
+    included) added to every attention logit of each key (`models.key_bias`: no [Q, K] mask);
+    None: the plain forward."""
+    lm = model.model.language_model
+    if key_bias is None:
+        return lm(**kwargs)
+    with key_bias_attention(lm):
+        return lm(key_bias=key_bias, **kwargs)
 
 
 def video_prompt_ids(tokenizer, n_video_tokens: int, question: str) -> list[int]:
@@ -389,12 +386,9 @@ def video_inputs_embeds(model, input_ids: torch.Tensor, video: VideoEmbeds) -> t
 def lm_hidden(model, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
               attention_mask: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Text model on precomputed embeddings -> final hidden states [B, T, D] (no logits);
-    `key_bias` [B, T]: added to every attention logit per key (`bias_mask`)."""
-    if key_bias is not None:
-        attention_mask = bias_mask(key_bias, inputs_embeds.shape[1], attention_mask, inputs_embeds.dtype)
-    out = model.model.language_model(
-        inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-    )
+    `key_bias` [B, T]: added to every attention logit per key (`lm_forward`)."""
+    out = lm_forward(model, key_bias, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                     attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
 
 
@@ -477,9 +471,8 @@ def sample_with_video(model, video: VideoEmbeds, prompt_ids: list[int], n: int, 
     P = ids.shape[1]
     bias = key_bias_columns(model, ids, video)  # [1, P] or None (no proportional attention)
     rows = 1 if share_prefill else n
-    prefill_mask = None if bias is None else bias_mask(bias.expand(rows, P), P, None, embeds.dtype)
-    h = lm(inputs_embeds=embeds.expand(rows, -1, -1), position_ids=positions.expand(3, rows, P),
-           attention_mask=prefill_mask, **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state
+    h = lm_forward(model, None if bias is None else bias.expand(rows, P), inputs_embeds=embeds.expand(rows, -1, -1),
+                   position_ids=positions.expand(3, rows, P), **cache_kwargs(lm, cache), use_cache=True).last_hidden_state
     if share_prefill:
         cache.batch_repeat_interleave(n)
     h = h[:, -1].expand(n, -1)  # [n, D]
@@ -494,10 +487,9 @@ def sample_with_video(model, video: VideoEmbeds, prompt_ids: list[int], n: int, 
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         pos = torch.full((3, n, 1), next_pos + step)
-        mask = None if bias is None else bias_mask(
-            torch.nn.functional.pad(bias.expand(n, P), (0, step + 1)), 1, None, embeds.dtype)  # [n, 1, 1, P+step+1]
-        h = lm(inputs_embeds=model.get_input_embeddings()(tok[:, None]), position_ids=pos, attention_mask=mask,
-               **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state[:, -1]
+        step_bias = None if bias is None else torch.nn.functional.pad(bias.expand(n, P), (0, step + 1))  # [n, P+step+1]
+        h = lm_forward(model, step_bias, inputs_embeds=model.get_input_embeddings()(tok[:, None]), position_ids=pos,
+                       **cache_kwargs(lm, cache), use_cache=True).last_hidden_state[:, -1]
     tok_mat, lp_mat = torch.stack(tokens, 1), torch.stack(logps, 1)  # [n, steps]
     responses = [[t for t in row if t >= 0] for row in tok_mat.tolist()]
     return responses, [lp_mat[i, : len(r)].tolist() for i, r in enumerate(responses)]
@@ -522,10 +514,8 @@ def _prefill(model, video: VideoEmbeds, prompt_ids: list[int], positions: torch.
     ids = torch.tensor([prompt_ids], device=video.embeds.device)  # [1, P]
     cache = DynamicCache(config=model.config.text_config)
     embeds = video_inputs_embeds(model, ids, video)  # [1, P, D]
-    bias = key_bias_columns(model, ids, video)  # [1, P] or None
-    mask = None if bias is None else bias_mask(bias, ids.shape[1], None, embeds.dtype)
-    h = model.model.language_model(inputs_embeds=embeds, position_ids=positions[:, None], attention_mask=mask,
-                                   **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state
+    h = lm_forward(model, key_bias_columns(model, ids, video), inputs_embeds=embeds, position_ids=positions[:, None],
+                   **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state
     return h, cache
 
 
@@ -551,9 +541,9 @@ def shared_prompt_hidden(model, video: VideoEmbeds, prompt_ids: list[int], posit
     pos = pos if response_positions is None else response_positions
     emb = model.get_input_embeddings()(responses) if response_embeds is None else response_embeds
     bias = key_bias_columns(model, torch.tensor([prompt_ids], device=responses.device), video)  # [1, P] or None
-    mask = None if bias is None else bias_mask(torch.nn.functional.pad(bias.expand(n, -1), (0, R)), R, None, emb.dtype)
-    h_resp = model.model.language_model(inputs_embeds=emb, position_ids=pos, attention_mask=mask,
-                                        **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state
+    bias = None if bias is None else torch.nn.functional.pad(bias.expand(n, -1), (0, R))  # [n, P+R]
+    h_resp = lm_forward(model, bias, inputs_embeds=emb, position_ids=pos,
+                        **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state
     return h_prompt, h_resp
 
 
@@ -622,11 +612,9 @@ def sample_prompts(model, videos: list[VideoEmbeds], prompts: list[list[int]], p
             break
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], 1)
         pos = (next_pos + step).view(1, rows, 1).expand(3, rows, 1)  # [3, N*n, 1]
-        step_mask = mask
         if bias is not None:
             bias = torch.nn.functional.pad(bias, (0, 1))  # [N*n, K]
-            step_mask = bias_mask(bias, 1, mask, h.dtype)  # [N*n, 1, 1, K]
-        h = lm(inputs_embeds=embed(tok[:, None]), position_ids=pos, attention_mask=step_mask,
+        h = lm_forward(model, bias, inputs_embeds=embed(tok[:, None]), position_ids=pos, attention_mask=mask,
                **cache_kwargs(model.model.language_model, cache), use_cache=True).last_hidden_state[:, -1]
     tok_mat, lp_mat = torch.stack(tokens, 1), torch.stack(logps, 1)  # [N*n, steps]
     responses = [[t for t in row if t >= 0] for row in tok_mat.tolist()]

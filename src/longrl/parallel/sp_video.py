@@ -25,16 +25,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from longrl.models.vlm import VideoEmbeds, bias_mask, key_bias_columns, mrope_position_ids, video_inputs_embeds
+from longrl.models.vlm import VideoEmbeds, key_bias_columns, mrope_position_ids, video_inputs_embeds
 from longrl.parallel.ulysses import enable_ulysses, gather_sequence, shard_batch, shard_for_sp, sp_body_loss_and_backward
 from longrl.streambp.logprobs import LossFn, TokenBatch, chunked_logprobs, lm_head_params
 
 
 def _video_shard(model, videos, batch: TokenBatch, group):
-    """This rank's (TokenBatch shard, inputs_embeds [B, L, D], positions [3, B, L], mask).
-    `videos`: one VideoEmbeds for every row, or a list with each row's own. `mask`: None, or
-    with proportional attention (videos with a key bias) the additive [B, 1, P*L, P*L] mask of
-    the whole padded rows, which Ulysses' attention applies after its all-to-all."""
+    """This rank's (TokenBatch shard, inputs_embeds [B, L, D], positions [3, B, L], key_bias).
+    `videos`: one VideoEmbeds for every row, or a list with each row's own. `key_bias`: None,
+    or with proportional attention (videos with a key bias) [B, P*L] over the whole padded
+    rows, which Ulysses' attention adds after its all-to-all (`models.key_bias`)."""
     rank, P = dist.get_rank(group), dist.get_world_size(group)
     B, T = batch.input_ids.shape
     per_row = [videos] * B if isinstance(videos, VideoEmbeds) else list(videos)
@@ -47,22 +47,23 @@ def _video_shard(model, videos, batch: TokenBatch, group):
         rows = [batch.input_ids[i : i + 1] for i in range(B)]
         positions = torch.cat([mrope_position_ids(model, r, v) for r, v in zip(rows, per_row)], dim=1)  # [3, B, T]
         embeds = torch.cat([video_inputs_embeds(model, r, v) for r, v in zip(rows, per_row)])  # [B, T, D]
-    mask = None
+    key_bias = None
     if any(getattr(v, "key_bias", None) is not None for v in per_row):
         bias = torch.zeros(B, -(-T // P) * P, device=embeds.device, dtype=embeds.dtype)  # [B, P*L]; padding: none
         for i, v in enumerate(per_row):
             b = key_bias_columns(model, batch.input_ids[i : i + 1], v)
             if b is not None:
                 bias[i, :T] = b[0]
-        mask = bias_mask(bias, bias.shape[1], None, embeds.dtype)  # [B, 1, P*L, P*L]
+        key_bias = bias
     shard, _ = shard_batch(batch, rank, P)
     pos = shard_for_sp(positions.permute(1, 2, 0), rank, P).permute(2, 0, 1).contiguous()  # [3, B, L]
-    return shard, shard_for_sp(embeds, rank, P), pos, mask
+    return shard, shard_for_sp(embeds, rank, P), pos, key_bias
 
 
-def _language_model(model, embeds, positions, mask=None):  # [B, L, D], [3, B, L] -> [B, L, D]
-    return model.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-                                      use_cache=False).last_hidden_state
+def _language_model(model, embeds, positions, key_bias=None):  # [B, L, D], [3, B, L] -> [B, L, D]
+    kwargs = {} if key_bias is None else {"key_bias": key_bias}  # read by Ulysses' attention
+    return model.model.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False,
+                                      **kwargs).last_hidden_state
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from longrl.models.key_bias import with_bias_column
 from longrl.streambp.logprobs import LossFn, TokenBatch, backward_chunked_head, chunked_logprobs, lm_head_params
 
 ATTN_NAME = "longrl_ulysses"
@@ -136,11 +137,13 @@ def _seq_to_heads(x: torch.Tensor, P: int) -> torch.Tensor:
 
 
 def ulysses_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                      sliding_window=None, **kwargs):
+                      sliding_window=None, key_bias=None, **kwargs):
     """The "longrl_ulysses" AttentionInterface function.
 
     query [B, H, L, d], key/value [B, Hkv, L, d] (this rank's tokens, rotary applied)
     -> (output [B, L, H, d], None), as transformers' own implementations return.
+    `key_bias` [B, P*L]: a per-key logit bias over the whole padded rows (proportional
+    attention, `models.key_bias`), added after the all-to-all.
     """
     if not hasattr(module, _GROUP_ATTR):  # the group itself may be None (the default group)
         raise RuntimeError("longrl_ulysses attention called outside `enable_ulysses(model, group)`")
@@ -149,10 +152,9 @@ def ulysses_attention(module, query, key, value, attention_mask, scaling=None, d
     group = getattr(module, _GROUP_ATTR)
     P = dist.get_world_size(group)
     B, H, L, d = query.shape
-    if attention_mask is not None and not (attention_mask.ndim == 4 and attention_mask.is_floating_point()
-                                           and tuple(attention_mask.shape[-2:]) == (P * L, P * L)):
-        raise ValueError("Ulysses attention is causal over whole rows; pass no attention mask (right-pad "
-                         "sequences instead) or an additive [B, 1, T, T] mask over the whole padded rows")
+    if attention_mask is not None:
+        raise ValueError("Ulysses attention is causal over whole rows; pass no attention mask "
+                         "(right-pad sequences instead)")
     r = kv_repeats(H, key.shape[1], P)
     if r > 1:
         key, value = key.repeat_interleave(r, dim=1), value.repeat_interleave(r, dim=1)  # [B, Hkv*r, L, d]
@@ -162,10 +164,11 @@ def ulysses_attention(module, query, key, value, attention_mask, scaling=None, d
     recv = all_to_all(send, group)  # [P, B, hq+2hkv, L, d]; recv[i] = tokens of rank i
     full = recv.permute(1, 2, 0, 3, 4).reshape(B, hq + 2 * hkv, P * L, d)  # [B, hq+2hkv, T, d]
     q, k, v = full.split([hq, hkv, hkv], dim=1)  # [B, hq, T, d], [B, hkv, T, d] x2
-    # An additive mask (e.g. proportional attention's key bias, `models.vlm.bias_mask`) covers
-    # the whole rows, as the heads here do; it carries the causal structure itself.
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout,
-                                         is_causal=attention_mask is None, scale=scaling,
+    scale = d ** -0.5 if scaling is None else scaling
+    if key_bias is not None:  # one more head dimension carries the bias (no [T, T] mask)
+        q, k = with_bias_column(q, k, key_bias, scale)  # [B, hq, T, d+1], [B, hkv, T, d+1]
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                         scale=scaling if key_bias is None else scale,
                                          enable_gqa=hq != hkv)  # [B, hq, T, d]
     back = all_to_all(out.view(B, hq, P, L, d).permute(2, 0, 1, 3, 4), group)  # [P, B, hq, L, d]; [j] = heads of rank j
     out = back.permute(1, 0, 2, 3, 4).reshape(B, H, L, d)  # [B, H, L, d]

@@ -72,7 +72,7 @@ class AttentionInputs:
     sin: torch.Tensor  # [B or 1, T, d]
     key_keep: torch.Tensor | None  # [B, T] bool; False for padding keys
     segment: torch.Tensor | None  # [B, T] int; packed-sequence id (keys attend within one id)
-    key_bias: torch.Tensor | None = None  # [B, T] float added to every logit of a key (models.vlm.bias_mask)
+    key_bias: torch.Tensor | None = None  # [B, T] float added to every logit of a key (models.key_bias)
 
 
 def decoder_body(model: nn.Module) -> nn.Module:
@@ -139,7 +139,7 @@ def layer_kv(layer: nn.Module, n: torch.Tensor, att: AttentionInputs, s: int) ->
 def chunk_mask(att: AttentionInputs, s: int, e: int, batch: int) -> torch.Tensor:
     """Boolean mask `[B, 1, e-s, e]` for queries s..e-1 against keys 0..e-1 (True = attend);
     with `att.key_bias` an additive float mask instead (the bias where True, the dtype's
-    minimum elsewhere, as `models.vlm.bias_mask`).
+    minimum elsewhere: proportional attention, `models.key_bias`; a chunk's mask is small).
 
     Causality is by index, as in Hugging Face's `create_causal_mask`."""
     device = att.cos.device
@@ -374,7 +374,7 @@ def streambp_backward(
     [B, T, D] when embeddings were given (e.g. with video features spliced in), else None
     (the token-embedding gradient has then gone into `embed_tokens.weight.grad`).
     `key_bias` [B, T]: added to every attention logit of each key (proportional attention
-    on reduced videos, `models.vlm.bias_mask`).
+    on reduced videos, `models.key_bias`).
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids or inputs_embeds")
