@@ -468,9 +468,8 @@ class VideoConfig:
     proportional_attention: bool = True
     """With token_reduction=diff: each kept token's attention logits as a key get + log(the
     number of unreduced tokens it stands for), so a patch keeps about the attention mass of
-    its dropped copies (ToMe's proportional attention; `media/reduce.py`). Costs an additive
-    [T, T] mask per prompt in the language model's passes (under SP every rank holds the
-    whole rows' mask)."""
+    its dropped copies (ToMe's proportional attention; `media/reduce.py`). The bias rides in
+    one more attention head dimension (`models/key_bias.py`: no [T, T] mask)."""
 
 
 @dataclass
