@@ -458,13 +458,13 @@ class VideoConfig:
     drop_threshold: float = 0.05
     """Cosine distance at or below which `token_reduction=diff` drops a token (0 drops
     only exact repeats)."""
-    max_unseen: int = 1
+    max_unseen: int = 0
     """With token_reduction=diff: a patch is dropped for at most this many temporal steps in
     a row; the next step keeps it whatever the threshold says (a codec's keyframe refresh,
-    `media/reduce.py`). At 1 a still patch is seen every other step, so a still video keeps
-    half its tokens; on the example task at 32 frames (58% kept) RL reached the unreduced
-    accuracy on 2 of 3 seeds, the threshold alone (26% kept) on none (BENCHMARKS.md). 0: no
-    limit, the threshold alone (an hour-long still video then keeps ~0.1%)."""
+    `media/reduce.py`); 0 (default): no limit, the threshold alone (an hour-long still video
+    then keeps ~0.1%). With proportional attention the threshold alone kept the example
+    task's RL gain at 32 frames (27% of the tokens kept; BENCHMARKS.md); without it, it did
+    not, and a refresh of 1 (58% kept) was the closest."""
     proportional_attention: bool = True
     """With token_reduction=diff: each kept token's attention logits as a key get + log(the
     number of unreduced tokens it stands for), so a patch keeps about the attention mass of

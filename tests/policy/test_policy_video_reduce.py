@@ -171,10 +171,11 @@ def test_a_video_with_static_stretches_loses_half_its_tokens_at_the_default_thre
     """The example task's kind of video, decoded (with its compression noise), sampled
     32 frames uniformly and encoded by the tiny tower: at video.drop_threshold's default at
     least half the tokens go, and every temporal step where the shape appears or vanishes
-    keeps tokens. With the default refresh (video.max_unseen=1: every patch seen at least
-    every other step) the still stretches shed half of their tokens, the whole video less
-    (the first step and the shape's steps stay)."""
-    default, unseen = VideoConfig().drop_threshold, VideoConfig().max_unseen
+    keeps tokens (video.max_unseen's default 0: the threshold alone). With a refresh of 1
+    (every patch seen at least every other step) the still stretches shed half of their
+    tokens, the whole video less (the first step and the shape's steps stay)."""
+    default, unseen = VideoConfig().drop_threshold, 1
+    assert VideoConfig().max_unseen == 0
     dropped, dropped_refreshed = [], []
     for i in range(3):
         clip = load_clip(scene_video(tmp_path / f"v{i}.mp4", i), FrameSampling(fps=None, max_frames=32, max_pixels=3136))

@@ -25,21 +25,20 @@ Departures from TimeChat-Online:
   step is always kept whole.
 - The unit is the merged token of one temporal step (2 frames in Qwen2.5-VL), since that is
   the smallest thing the language model sees.
-- A refresh (`max_unseen`, `video.max_unseen`, default 1 in the config): a patch dropped for
-  `max_unseen` steps in a row is kept at the next step whatever the threshold says, like a
-  codec's periodic keyframe (`refresh`). Why: on the tiny example model at 32 frames the
-  threshold alone kept 26% of the tokens and RL reached the unreduced runs' accuracy on
-  none of 2 seeds; with the refresh (58% kept) on 2 of 3, and a flat 50% budget of tokens
-  put back wherever a patch went unseen longest did so on 1 of 3 (BENCHMARKS.md): the model
-  needs to see each part of the picture regularly more than a share of tokens. 0: the
-  threshold alone (an hour-long still video keeps ~0.1%).
 - Proportional attention (`video.proportional_attention`, on by default with a reduction;
   from ToMe, arXiv 2210.09461): each kept token stands for itself and the dropped tokens of
   its patch that follow it (`token_counts`), and its attention logit as a key gets
   + log(count), so a query gives a patch about the attention mass its unreduced copies had
-  (exactly so for identical copies at one position: tested on a 1-layer model). Without it
-  a still shape shown once competes with the text as one token where the unreduced video
-  had many copies.
+  (exactly so for identical copies at one position: tested on a 1-layer model). Why: on the
+  tiny example model at 32 frames the threshold alone kept 26% of the tokens and RL reached
+  the unreduced runs' accuracy on none of 2 seeds (a still shape shown once competed with
+  the text as one token where the unreduced video had many copies); with proportional
+  attention the same 27% kept the unreduced gain within seed noise (BENCHMARKS.md).
+- An optional refresh (`max_unseen`, `video.max_unseen`, default 0 = off): a patch dropped
+  for `max_unseen` steps in a row is kept at the next step whatever the threshold says, like
+  a codec's periodic keyframe (`refresh`). It was the first remedy tried for the lost gain
+  (58% kept at 1: the unreduced accuracy on 2 of 3 seeds); proportional attention does
+  better at half the tokens.
 - The query-aware budget of QuoTA (arXiv 2503.08689) is not implemented; methods are
   registered by name (`METHODS`) so one can be added without touching the callers.
 """

@@ -6,11 +6,15 @@ attention logit as a key, for every query. An additive mask would do it but is [
 row: 1.4 GB in float32 for the 18.5k tokens of a reduced 3,600-frame video, where the causal
 SDPA kernel needs no mask at all. Instead this module appends one dimension to the heads:
 
-    q' = [q, 1],  k' = [k, bias / scale]   =>   scale * (q' . k') = scale * (q . k) + bias
+    q' = [q, 1, 0..],  k' = [k, bias / scale, 0..],  v' = [v, 0, 0..]
+    =>   scale * (q' . k') = scale * (q . k) + bias,  softmax(..) v' = [out, 0, 0..]
 
-so the kernel still runs causal (or with the caller's padding mask) on [B, H, T, d + 1]
-queries and keys, the values untouched; memory is O(T), the numbers the same as adding the
-bias to the logits (tested against an explicit mask).
+so the kernel still runs causal (or with the caller's padding mask) on [B, H, T, d'] inputs
+and the output's first d columns are the answer; memory is O(T), the numbers the same as
+adding the bias to the logits (tested against an explicit mask). The values get the extra
+columns too: with q/k wider than v the CPU kernel falls back to materialising [T, T] scores
+(2.5 GB at 8k tokens and 4 heads, against 12 MB). d' = d + 1 on the CPU, rounded up to a
+multiple of 8 elsewhere (the fused GPU kernels' head sizes).
 
     with key_bias_attention(language_model):
         language_model(..., key_bias=bias)   # bias [B, K]: one value per key, cache included
@@ -35,27 +39,36 @@ KEEP = ("longrl_ulysses",)
 """Attention implementations that apply `key_bias` themselves (left in place by the context)."""
 
 
-def with_bias_column(query: torch.Tensor, key: torch.Tensor, key_bias: torch.Tensor, scale: float):
-    """query [B, H, Q, d], key [B, Hk, K, d], key_bias [B, K] -> (query', key') [.., d + 1] whose
-    scaled dot products are scale * (q . k) + key_bias[k]."""
-    B, H, Q, _ = query.shape
-    K = key.shape[2]
+def with_bias_column(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_bias: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query [B, H, Q, d], key/value [B, Hk, K, d], key_bias [B, K] -> (q', k', v') [.., d'] whose
+    scaled dot products are scale * (q . k) + key_bias[k]; the attention output's first d
+    columns are the biased attention's."""
+    B, H, Q, d = query.shape
+    Hk, K = key.shape[1], key.shape[2]
     if tuple(key_bias.shape) != (B, K):
         raise ValueError(f"key_bias {tuple(key_bias.shape)} does not match {B} rows x {K} keys")
-    ones = query.new_ones(B, H, Q, 1)
-    column = (key_bias.to(key.dtype) / scale)[:, None, :, None].expand(B, key.shape[1], K, 1)
-    return torch.cat([query, ones], -1), torch.cat([key, column], -1)
+    width = d + 1 if query.device.type == "cpu" else -(-(d + 1) // 8) * 8
+    zeros = width - d - 1
+    q = torch.cat([query, query.new_ones(B, H, Q, 1), query.new_zeros(B, H, Q, zeros)], -1)
+    column = (key_bias.to(key.dtype) / scale)[:, None, :, None].expand(B, Hk, K, 1)
+    k = torch.cat([key, column, key.new_zeros(B, Hk, K, zeros)], -1)
+    v = torch.cat([value, value.new_zeros(B, Hk, K, width - d)], -1)
+    return q, k, v
 
 
 def key_bias_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                   key_bias: torch.Tensor | None = None, **kwargs):
-    """Transformers' SDPA attention with `key_bias` [B, K] added to every logit of each key."""
+    """Transformers' SDPA attention with `key_bias` [B, K] added to every logit of each key.
+    -> (output [B, Q, H, d], None)"""
     if key_bias is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    d = value.shape[-1]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    query, key = with_bias_column(query, key, key_bias, scale)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scale, **kwargs)
+    q, k, v = with_bias_column(query, key, value, key_bias, scale)
+    out, weights = sdpa_attention_forward(module, q, k, v, attention_mask, dropout=dropout, scaling=scale, **kwargs)
+    return out[..., :d], weights  # [B, Q, H, d]
 
 
 AttentionInterface.register(ATTN_NAME, key_bias_sdpa)

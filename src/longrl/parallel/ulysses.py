@@ -165,11 +165,11 @@ def ulysses_attention(module, query, key, value, attention_mask, scaling=None, d
     full = recv.permute(1, 2, 0, 3, 4).reshape(B, hq + 2 * hkv, P * L, d)  # [B, hq+2hkv, T, d]
     q, k, v = full.split([hq, hkv, hkv], dim=1)  # [B, hq, T, d], [B, hkv, T, d] x2
     scale = d ** -0.5 if scaling is None else scaling
-    if key_bias is not None:  # one more head dimension carries the bias (no [T, T] mask)
-        q, k = with_bias_column(q, k, key_bias, scale)  # [B, hq, T, d+1], [B, hkv, T, d+1]
+    if key_bias is not None:  # more head dimensions carry the bias (no [T, T] mask)
+        q, k, v = with_bias_column(q, k, v, key_bias, scale)  # [B, hq | hkv, T, d']
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                          scale=scaling if key_bias is None else scale,
-                                         enable_gqa=hq != hkv)  # [B, hq, T, d]
+                                         enable_gqa=hq != hkv)[..., :d].contiguous()  # [B, hq, T, d]
     back = all_to_all(out.view(B, hq, P, L, d).permute(2, 0, 1, 3, 4), group)  # [P, B, hq, L, d]; [j] = heads of rank j
     out = back.permute(1, 0, 2, 3, 4).reshape(B, H, L, d)  # [B, H, L, d]
     return out.transpose(1, 2).contiguous(), None  # [B, L, H, d]
