@@ -190,3 +190,17 @@ def test_the_example_learns_on_vllm(tmp_path):
                  "run.progress=false", f"run.out_dir={tmp_path}", "run.name=full"]) == 0
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["rl_gain"] >= 0.10 and summary["rollout_backend"] == "vllm"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU attention's head sizes")
+def test_the_examples_16_wide_heads_are_refused_on_the_cpu_with_the_fix():
+    """examples/video_grpo.yaml's tiny VLM (64 wide, 4 heads) has no vLLM CPU attention
+    kernel: refused at start with one message naming a width that works (the engine would
+    fail only at the first request, deep inside vLLM)."""
+    from longrl.errors import UserError
+    from longrl.models.vlm import build_tiny_vlm, build_vlm_tokenizer
+    from longrl.rollout.vllm import VLLMBackend
+
+    tok = build_vlm_tokenizer()
+    with pytest.raises(UserError, match="head size 16 .*model.tiny.hidden_size=128"):
+        VLLMBackend(build_tiny_vlm(tok), tok)
