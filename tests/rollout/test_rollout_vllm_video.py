@@ -204,3 +204,47 @@ def test_the_examples_16_wide_heads_are_refused_on_the_cpu_with_the_fix():
     tok = build_vlm_tokenizer()
     with pytest.raises(UserError, match="head size 16 .*model.tiny.hidden_size=128"):
         VLLMBackend(build_tiny_vlm(tok), tok)
+
+
+def test_a_lora_video_policy_is_served_merged():
+    """LoRA on the language model: the engine gets the merged weights (and no tower); greedy
+    == the native sampler on the adapted model, before and after the adapter moves."""
+    pytest.importorskip("peft")
+    from longrl.config import LoRAConfig
+    from longrl.models.lora import apply_lora
+    from longrl.models.vlm import TinyVLMShape, build_tiny_vlm, build_vlm_tokenizer, prompt_positions, video_prompt_ids
+    from longrl.policy.video import VideoPrompt
+    from longrl.rollout.base import RolloutRequest
+    from longrl.rollout.vllm import VLLMBackend
+
+    torch.manual_seed(1)
+    tok = build_vlm_tokenizer()
+    model = build_tiny_vlm(tok, TinyVLMShape(hidden_size=128))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".visual." not in f".{name}":
+                p.mul_(3.0)
+    model = apply_lora(model, LoRAConfig(r=4, alpha=8.0))
+    vlm_rope.set_numbering(model, "vllm")
+
+    def move_adapter():
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(0.3 * torch.randn_like(p))
+
+    move_adapter()
+    backend = VLLMBackend(model, tok, None, seed=0, max_model_len=256)
+    hf = HFBackend(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    requests = []
+    for _ in range(3):  # random embeddings on a (2, 4, 4) patch grid: 8 video tokens each
+        video = VideoEmbeds(torch.randn(8, 128), torch.tensor([2, 4, 4]), 0.5)
+        ids = video_prompt_ids(tok, video.n_tokens, "what colour?")
+        requests.append(RolloutRequest(ids, 1, VideoPrompt(video, prompt_positions(model, ids, video))))
+    greedy = SamplingParams(10, temperature=0.0)
+    for version in (1, 2):
+        ours, native = backend.generate(requests, greedy), hf.generate(requests, greedy)
+        assert [g.response_ids for g in ours] == [g.response_ids for g in native]
+        _assert_close(ours, [torch.tensor(g.logprobs) for g in native])
+        move_adapter()
+        backend.sync_weights(model, version)
