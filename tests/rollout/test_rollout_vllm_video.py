@@ -186,10 +186,10 @@ def test_train_on_vllm_then_eval_on_vllm_equals_eval_on_hf(tmp_path, data_dir):
 def test_the_example_learns_on_vllm(tmp_path):
     """The example config in full (128 wide) with rollouts on vLLM: RL gains held-out accuracy.
     Measured here: train.seed=1 0.540 -> 0.945, seeds 0 and 2 +0.185 and +0.395 (hf at 128
-    wide, seed 0: 0.530 -> 0.730). In a fresh process: an engine started earlier in the same
-    process leaves its thread binding behind (vLLM's CPU worker disables
-    torch.set_num_threads), which moves the float sums, and one seed's RL outcome with them
-    (seed 0 after this file's other tests: -0.03)."""
+    wide, seed 0: 0.530 -> 0.730); the CLI repeats them bit for bit. In a fresh process: run
+    in-process after this file's other tests, SFT's losses left the lone run's at step 28
+    (by 3e-8; the process state the earlier engines leave, not pinned down further) and seed
+    0's RL outcome moved with them, to -0.03."""
     import subprocess
     import sys
 
