@@ -139,17 +139,19 @@ class VLLMBackend:
             self.llm.wake_up(tags=["weights"])  # the weights' memory back first; the KV cache after the load
         state = _sync_state(model, _plain_state(model))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(state.items()))})
-        # The prefix cache's KV blocks were computed by the old weights: drop them. A video's
-        # embeddings stay valid (the tower is frozen, MR-SP's cache holds them), but the
-        # worker's reload empties its encoder and multimodal caches while the scheduler and
-        # the processor still count them as held ("Encoder cache miss"): reset both sides.
-        self.llm.reset_prefix_cache()
-        if self.vision:
-            self.llm.llm_engine.reset_encoder_cache()
-            self.llm.reset_mm_cache()
         if self._asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
+        # The prefix cache's KV blocks were computed by the old weights: drop them (vLLM keeps
+        # them, and says False, while requests run: none do here). A video's embeddings stay
+        # valid (the tower is frozen, MR-SP's cache holds them), but the worker's reload
+        # empties its encoder and multimodal caches while the scheduler and the processor
+        # still count them as held ("Encoder cache miss"): reset both sides.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM kept its prefix cache after the weight sync (requests still running)")
+        if self.vision:
+            self.llm.llm_engine.reset_encoder_cache()
+            self.llm.reset_mm_cache()
         self.policy_version = version
 
     def release_memory(self) -> None:
