@@ -2,6 +2,7 @@
 vLLM backend sends (rollout/vllm.py's engine_prompt): hand-worked positions, padding, the
 switch on a model, and the check that refuses positions vLLM would not use."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +28,14 @@ def test_hand_worked_positions_of_text_video_text():
         [0, 1, 2, 2, 3, 3, 2, 2, 3, 3, 5, 6],  # height
         [0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 5, 6],  # width
     ]
+    # The clip's real spacing, sent to vLLM as second_per_grid_ts: 2 s per step -> time 0, 4.
+    slow = vlm_rope.vllm_rope_index(CONFIG, ids, ids == PAD, torch.tensor([2, 4, 4]), second_per_grid=2.0)
+    assert slow[0, 0].tolist() == [0, 1, 2, 2, 2, 2, 6, 6, 6, 6, 7, 8]
+    assert torch.equal(slow[1:], pos[1:] + torch.tensor([0] * 10 + [2, 2]))  # text after moves with the time axis
+    # 0.75 s x 2 tokens per second = 1.5 per step: floored, as vLLM's int64 cast of the product
+    frac = vlm_rope.vllm_rope_index(CONFIG, torch.tensor([[PAD] * 12]), torch.tensor([[True] * 12]),
+                                    torch.tensor([3, 4, 4]), second_per_grid=0.75)
+    assert frac[0, 0, ::4].tolist() == [0, 1, 3]
 
 
 def test_padded_columns_get_one_and_attended_ones_the_unpadded_numbering():
@@ -50,14 +59,16 @@ def test_the_numbering_switch_reaches_the_models_positions():
 
     tok = build_vlm_tokenizer()
     model = build_tiny_vlm(tok)
-    video = VideoEmbeds(torch.zeros(8, model.config.text_config.hidden_size), torch.tensor([2, 4, 4]), 0.5)
+    # 4 temporal steps: transformers continues the text from the video's start plus a spatial
+    # extent, vLLM from 1 + the largest (time) position, so the rules differ after the video
+    video = VideoEmbeds(torch.zeros(16, model.config.text_config.hidden_size), torch.tensor([4, 4, 4]), 0.5)
     ids = video_prompt_ids(tok, video.n_tokens, "what colour?")
     hf = prompt_positions(model, ids, video)
     vlm_rope.set_numbering(model, "vllm")
     ours = prompt_positions(model, ids, video)
     t = torch.tensor([ids])
     assert torch.equal(ours, vlm_rope.vllm_rope_index(model.config, t, t == model.config.video_token_id,
-                                                      video.grid_thw)[:, 0])
+                                                      video.grid_thw, second_per_grid=0.5)[:, 0])
     assert not torch.equal(ours, hf)  # the two rules differ after the video: the switch matters
     with pytest.raises(ValueError, match="numbering"):
         vlm_rope.set_numbering(model, "other")
@@ -79,7 +90,9 @@ def test_the_numbering_is_saved_with_the_model(tmp_path):
     assert vlm_rope.numbering(loaded) == "vllm"
     assert vlm_rope.numbering(build_tiny_vlm(tok)) == "transformers"  # a fresh model: the default
     peft = pytest.importorskip("peft")
-    wrapped = peft.get_peft_model(build_tiny_vlm(tok), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question (as models/lora.py notes)
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = peft.get_peft_model(build_tiny_vlm(tok), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     vlm_rope.set_numbering(wrapped, "vllm")
     assert vlm_rope.numbering(wrapped.get_base_model()) == "vllm"
 
@@ -88,7 +101,7 @@ def _request(positions_rule: str):
     ids = [1, 2] + [PAD] * 8 + [3, 4]
     video = VideoEmbeds(torch.randn(8, 16), torch.tensor([2, 4, 4]), 0.5)
     t = torch.tensor([ids])
-    pos = vlm_rope.vllm_rope_index(CONFIG, t, t == PAD, video.grid_thw)[:, 0]
+    pos = vlm_rope.vllm_rope_index(CONFIG, t, t == PAD, video.grid_thw, second_per_grid=0.5)[:, 0]
     if positions_rule == "other":
         pos = pos.clone()
         pos[:, -2:] -= 3  # what the transformers rule would give: text after the video earlier
@@ -101,8 +114,9 @@ def test_engine_prompt_carries_the_cached_embeddings_and_grid():
     # One pad where the policy's prompt has the video's 8: vLLM's processor expands it to 8 again.
     assert p["prompt_token_ids"] == [1, 2, PAD, 3, 4] and len(req.prompt_ids) == 12
     v = p["multi_modal_data"]["video"]
-    assert set(v) == {"video_embeds", "video_grid_thw"}
+    assert set(v) == {"video_embeds", "video_grid_thw", "second_per_grid_ts"}
     assert torch.equal(v["video_embeds"], video.embeds) and v["video_grid_thw"].tolist() == [[2, 4, 4]]
+    assert v["second_per_grid_ts"].dtype == torch.float64 and v["second_per_grid_ts"].tolist() == [0.5]
     assert engine_prompt(RolloutRequest([5, 6], 1), CONFIG) == {"prompt_token_ids": [5, 6]}
     with pytest.raises(ValueError, match="config"):  # a video's pad id and grid rule come from it
         engine_prompt(req, None)

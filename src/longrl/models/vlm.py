@@ -334,7 +334,7 @@ def mrope_position_ids(model, input_ids: torch.Tensor, video: VideoEmbeds,
         return _reduced_positions(model, input_ids, video, attention_mask)
     if vlm_rope.numbering(model) == "vllm":  # rollouts on vLLM: number as the engine does (models/vlm_rope.py)
         return vlm_rope.vllm_rope_index(model.config, input_ids, video_token_mask(model, input_ids, video.n_tokens),
-                                        video.grid_thw, attention_mask)
+                                        video.grid_thw, attention_mask, second_per_grid=video.second_per_grid)
     B = input_ids.shape[0]
     mm_types = video_token_mask(model, input_ids, video.n_tokens).int() * 2  # [B, T]; 2 = video
     positions, _ = model.model.get_rope_index(

@@ -9,10 +9,11 @@ text AFTER a video:
     vLLM 0.32 (`get_mrope_input_positions`)  continues at 1 + the largest position so far, the
                                              original Qwen2.5-VL rule (18 for the same prompt)
 
-and vLLM's embeddings input (`{"video_embeds", "video_grid_thw"}`, what MR-SP hands it: the
-vision tower has already run) carries no `second_per_grid_ts`, so vLLM spaces the time axis
-at 1 s per temporal grid step (times `vision_config.tokens_per_second`), whatever the real
-frame spacing. A policy trained under one numbering and rolled out under the other samples
+and the time axis of both is grid step x seconds per step x `vision_config.tokens_per_second`
+(floored): vLLM's embeddings input (`{"video_embeds", "video_grid_thw", "second_per_grid_ts"}`,
+what MR-SP hands it: the vision tower has already run) takes the clip's real seconds per
+step beside the embeddings (without it vLLM assumes 1 s). A policy trained under one
+numbering and rolled out under the other samples
 from a different distribution, and the gap would show up only as a large
 `rollout/logprob_gap`.
 
@@ -68,16 +69,19 @@ def video_grid_positions(t: int, h: int, w: int, tokens_per_second: float, secon
 
 
 def vllm_rope_index(config, input_ids: torch.Tensor, video_mask: torch.Tensor, grid_thw: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                    attention_mask: torch.Tensor | None = None, second_per_grid: float = 1.0) -> torch.Tensor:
     """Positions [3, B, T] by vLLM's rule for rows that hold one video at `video_mask` [B, T]
-    (`config`: the model's config, for the merge size and tokens per second).
+    (`config`: the model's config, for the merge size and tokens per second;
+    `second_per_grid`: the seconds one temporal grid step spans, sent to the engine with the
+    embeddings).
 
     Per row, over its attended columns: text before the video 0..k-1 on all three axes; the
     video's grid positions + k; text after from 1 + the largest position so far. Columns
     outside the attention mask get 1, as transformers gives them."""
     B, T = input_ids.shape
     tps = float(getattr(config.vision_config, "tokens_per_second", 1.0))
-    grid = video_grid_positions(*merged_grid(config, grid_thw), tokens_per_second=tps)  # [3, Nv]
+    grid = video_grid_positions(*merged_grid(config, grid_thw), tokens_per_second=tps,
+                                second_per_grid=second_per_grid)  # [3, Nv]
     nv = grid.shape[1]
     out = torch.ones(3, B, T, dtype=torch.long)
     for b in range(B):

@@ -24,7 +24,7 @@ masking (`rollout.offpolicy`, `rollout.mismatch_threshold`).
 
 Departures and limits
 - Video (Qwen2.5-VL): MR-SP's cached embeddings go to vLLM as precomputed embeddings
-  (`multi_modal_data={"video": {"video_embeds", "video_grid_thw"}}`, `enable_mm_embeds`,
+  (`multi_modal_data={"video": {"video_embeds", "video_grid_thw", "second_per_grid_ts"}}`, `enable_mm_embeds`,
   video limit 0 so the engine loads no vision tower: the tower runs once per video, in the
   trainer, and rollouts and training passes see the same embeddings). The prompt goes with
   one video pad per video (vLLM's processor expands it to the video's tokens; the expanded
@@ -326,15 +326,20 @@ def engine_prompt(request: RolloutRequest, config=None) -> dict:
     from longrl.models import vlm_rope
 
     ids = torch.tensor([list(request.prompt_ids)])
-    expected = vlm_rope.vllm_rope_index(config, ids, ids == config.video_token_id, video.grid_thw)[:, 0]
+    expected = vlm_rope.vllm_rope_index(config, ids, ids == config.video_token_id, video.grid_thw,
+                                        second_per_grid=video.second_per_grid)[:, 0]
     if not torch.equal(expected, positions.cpu().long()):
         raise ValueError("the video prompt's rotary positions are not vLLM's: number them with "
                          "models.vlm_rope.set_numbering(model, 'vllm') (the video policy does under "
                          "rollout.backend=vllm)")
     start = request.prompt_ids.index(config.video_token_id)  # vllm_rope_index checked: one contiguous run of Nv
     prompt["prompt_token_ids"] = [*request.prompt_ids[: start + 1], *request.prompt_ids[start + video.n_tokens :]]
+    # float64: vLLM reads the seconds back with .item() and floors grid step x seconds x
+    # tokens per second exactly as vllm_rope_index does
     prompt["multi_modal_data"] = {"video": {"video_embeds": video.embeds.detach(),
-                                            "video_grid_thw": video.grid_thw.view(1, 3).long()}}
+                                            "video_grid_thw": video.grid_thw.view(1, 3).long(),
+                                            "second_per_grid_ts": torch.tensor([video.second_per_grid],
+                                                                               dtype=torch.float64)}}
     return prompt
 
 
