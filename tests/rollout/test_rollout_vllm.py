@@ -76,7 +76,11 @@ def test_sampled_logprobs_equal_teacher_forcing_and_seeds_repeat(setup):
 
 
 def test_weights_synced_after_three_updates_match_the_trainer(setup):
+    """Also a prompt longer than one 128-token KV block: without the prefix-cache reset in
+    sync_weights its first block, cached under the old weights, was reused after an update."""
     model, tok, backend, prompts = setup
+    prompts = [*prompts, tok("+".join(str(i) for i in range(60)) + "=")["input_ids"]]
+    assert len(prompts[-1]) > 128
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
     batch = make_batch(prompts, [[5, 6, 7, 8]] * len(prompts), tok.pad_token_id)
     seen = [[g.response_ids for g in _native_greedy(model, tok, prompts)]]
