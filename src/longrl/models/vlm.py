@@ -579,7 +579,7 @@ def sample_prompts(model, videos: list[VideoEmbeds], prompts: list[list[int]], p
     one of `stop_ids` (the end of a tool call). A prompt's `video` may be a
     `models.vlm_segments.VideoSequence` (a multi-turn context with several videos).
     """
-    lm, head, embed = model.model.language_model, model.get_output_embeddings(), model.get_input_embeddings()
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     last, caches = [], []
     for video, ids, pos in zip(videos, prompts, positions):
         h, cache = _prefill(model, video, ids, pos)
