@@ -10,6 +10,7 @@
 set -euo pipefail
 V=${1:?usage: .ci/vllm_video_venv.sh VENV_DIR}
 python3 -m venv "$V"
+V=$(cd "$V" && pwd)  # absolute: the last check runs from another directory
 # PyPI only: this machine's pip config adds a local index and a wheel folder whose CPU torch
 # would win over PyPI's build.
 export PIP_CONFIG_FILE=/dev/null
