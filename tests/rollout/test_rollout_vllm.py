@@ -187,7 +187,7 @@ def test_a_search_agent_trains_on_vllm(tmp_path):
         assert any(r.get("agent/tool_calls/search", 0) > 0 for r in rl)  # SFT taught it to search
 
 
-def test_a_lora_policy_is_served_merged():
+def test_a_lora_policy_is_served_merged(move_adapter):
     """With a LoRA adapter the engine samples from the merged weights the trainer trains:
     greedy == the native engine on the adapted model, before and after the adapter moves."""
     pytest.importorskip("peft")
@@ -203,19 +203,13 @@ def test_a_lora_policy_is_served_merged():
             p.mul_(3.0)
     model = apply_lora(model, LoRAConfig(r=4, alpha=8.0))
 
-    def move_adapter():
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.add_(0.3 * torch.randn_like(p))
-
-    move_adapter()
+    move_adapter(model)
     backend = VLLMBackend(model, tok, None, seed=0, max_model_len=256)
     prompts = [tok(x)["input_ids"] for x in ["12+34=", "5+5=", "999+1="]]
     for _ in range(2):
         ours = backend.generate([RolloutRequest(p) for p in prompts], SamplingParams(12, temperature=0.0))
         assert [g.response_ids for g in ours] == [g.response_ids for g in _native_greedy(model, tok, prompts)]
-        move_adapter()
+        move_adapter(model)
         backend.sync_weights(model, 1)
 
 

@@ -217,7 +217,7 @@ def test_the_examples_16_wide_heads_are_refused_on_the_cpu_with_the_fix():
         VLLMBackend(build_tiny_vlm(tok), tok)
 
 
-def test_a_lora_video_policy_is_served_merged():
+def test_a_lora_video_policy_is_served_merged(move_adapter):
     """LoRA on the language model: the engine gets the merged weights (and no tower); greedy
     == the native sampler on the adapted model, before and after the adapter moves."""
     pytest.importorskip("peft")
@@ -238,13 +238,7 @@ def test_a_lora_video_policy_is_served_merged():
     model = apply_lora(model, LoRAConfig(r=4, alpha=8.0))
     vlm_rope.set_numbering(model, "vllm")
 
-    def move_adapter():
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.add_(0.3 * torch.randn_like(p))
-
-    move_adapter()
+    move_adapter(model)
     backend = VLLMBackend(model, tok, None, seed=0, max_model_len=256)
     hf = HFBackend(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     requests = []
@@ -257,5 +251,5 @@ def test_a_lora_video_policy_is_served_merged():
         ours, native = backend.generate(requests, greedy), hf.generate(requests, greedy)
         assert [g.response_ids for g in ours] == [g.response_ids for g in native]
         _assert_close(ours, [torch.tensor(g.logprobs) for g in native])
-        move_adapter()
+        move_adapter(model)
         backend.sync_weights(model, version)

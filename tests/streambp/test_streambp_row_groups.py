@@ -65,9 +65,8 @@ def test_row_groups_match_full_logits_float64(tiny_qwen, budget, handed):
     _assert_same_update(loss, logp, g, loss_ref, logp_ref, g_ref)
 
 
-def test_row_groups_never_run_more_positions_than_the_budget(tiny_qwen, monkeypatch):
-    model = tiny_qwen()
-    batch = _batch(50)
+def _spy(monkeypatch):
+    """(grad enabled, positions) of every forward of the final hidden states, as they run."""
     seen = []
     final_hidden = streambp.final_hidden
 
@@ -76,6 +75,13 @@ def test_row_groups_never_run_more_positions_than_the_budget(tiny_qwen, monkeypa
         return final_hidden(m, ids)
 
     monkeypatch.setattr(streambp, "final_hidden", spy)
+    return seen
+
+
+def test_row_groups_never_run_more_positions_than_the_budget(tiny_qwen, monkeypatch):
+    model = tiny_qwen()
+    batch = _batch(50)
+    seen = _spy(monkeypatch)
     loss_and_backward(model, batch, lambda lp: lp.sum(), mode="chunked", chunk=4, max_tokens=20)
     assert any(grad for grad, _ in seen) and any(not grad for grad, _ in seen)  # no-grad pass, then the groups
     assert all(n <= 20 for _, n in seen)
@@ -118,18 +124,6 @@ def test_policy_hands_its_old_logprobs_only_under_the_same_weights(tiny_qwen, mo
 
 # ---- a row-separable loss (`streambp.logprobs.row_separable`): the same loss, log-probs and
 # gradients as full logits, with no no-grad pass before the groups ----------------------------
-
-
-def _spy(monkeypatch):
-    seen = []
-    final_hidden = streambp.final_hidden
-
-    def spy(m, ids):
-        seen.append((torch.is_grad_enabled(), ids.numel()))
-        return final_hidden(m, ids)
-
-    monkeypatch.setattr(streambp, "final_hidden", spy)
-    return seen
 
 
 @pytest.mark.parametrize("budget", [1, 14, 25])
